@@ -1,0 +1,289 @@
+//! The `crmcube` command line: one subcommand per user task, errors mapped to exit codes.
+//!
+//! Exit codes (also in the README): 0 ok · 1 failed (I/O, engine, internal) · 2 bad metadata,
+//! bad query or bad arguments · 3 input data over a reject threshold (nothing committed).
+
+pub mod output;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cube::CubeSet;
+use crate::error::{Error, Result};
+use crate::etl::{LoadReport, TransformSet};
+use crate::project::Project;
+use crate::query::CubeQuery;
+use crate::sample::SampleConfig;
+use crate::warehouse::Warehouse;
+use output::Format;
+
+#[derive(Debug, Parser)]
+#[command(name = "crmcube", version, about = "Analytical CRM data warehouse and OLAP engine")]
+pub struct Cli {
+    /// Project folder (holding crmcube.yaml); default: the current folder or a parent.
+    #[arg(long, global = true)]
+    pub project: Option<PathBuf>,
+    /// Warehouse folder; default: the project's `warehouse:` setting.
+    #[arg(long, global = true)]
+    pub warehouse: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a deterministic sample CRM export (dirty rows included).
+    Sample {
+        #[arg(long, default_value_t = 2500)]
+        customers: usize,
+        #[arg(long, default_value_t = 3)]
+        years: u32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Load the exports into the warehouse as one new snapshot.
+    Load {
+        /// Folder of the exports; default: the project's `sources:` setting.
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Print the run report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a cube: measures by levels, with filters, drill, trend, order and limit.
+    Query(QueryArgs),
+    /// Run SQL over the warehouse tables of the current snapshot.
+    Sql {
+        /// The SQL statement.
+        sql: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Print the DataFusion plan instead of the result.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Validate every transform and cube file.
+    Check,
+    /// Load the sample data and print three answers.
+    Demo,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Cube name, e.g. sales.
+    pub cube: String,
+    /// Measures, comma-separated: revenue,margin_pct.
+    #[arg(long, short, value_delimiter = ',', required = true)]
+    pub measures: Vec<String>,
+    /// Levels to group by, comma-separated: customer.region,time.year.
+    #[arg(long, short, value_delimiter = ',')]
+    pub by: Vec<String>,
+    /// Filter (repeatable): customer.region=East, time.year>=2025, channel.channel=online,store.
+    #[arg(long = "filter", short)]
+    pub filters: Vec<String>,
+    /// Drill into a member, grouping it by the next level: customer.region=East.
+    #[arg(long)]
+    pub drill: Option<String>,
+    /// Trend over a time level (adds previous period and change %): time.month.
+    #[arg(long)]
+    pub trend: Option<String>,
+    /// With --trend: show only the last N periods.
+    #[arg(long)]
+    pub last: Option<usize>,
+    /// Sort keys, comma-separated, each a measure or level with optional :desc.
+    #[arg(long, value_delimiter = ',')]
+    pub order: Vec<String>,
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Print the DataFusion plan instead of the result.
+    #[arg(long)]
+    pub explain: bool,
+}
+
+impl QueryArgs {
+    fn to_query(&self) -> CubeQuery {
+        CubeQuery {
+            cube: self.cube.clone(),
+            measures: self.measures.clone(),
+            by: self.by.clone(),
+            filters: self.filters.clone(),
+            drill: self.drill.clone(),
+            trend: self.trend.clone(),
+            last: self.last,
+            order: self.order.clone(),
+            limit: self.limit,
+        }
+    }
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.kind().exit_code()
+        }
+    }
+}
+
+fn project(cli: &Cli) -> Result<Project> {
+    match &cli.project {
+        Some(p) => Project::open(p),
+        None => Project::discover(&std::env::current_dir().map_err(|e| Error::io(".", e))?),
+    }
+}
+
+fn warehouse(cli: &Cli, project: &Project) -> Warehouse {
+    Warehouse::new(cli.warehouse.clone().unwrap_or_else(|| project.warehouse.clone()))
+}
+
+/// Runs one parsed command.
+pub async fn run(cli: Cli) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match &cli.command {
+        Command::Sample { customers, years, seed, out: dir } => {
+            let summary = crate::sample::generate(&SampleConfig { customers: *customers, years: *years, seed: *seed }, dir)?;
+            for (file, s) in &summary.files {
+                writeln!(out, "{file:<20} {:>9} rows", s.rows).map_err(|e| Error::io("<stdout>", e))?;
+            }
+            Ok(())
+        }
+        Command::Load { source, json } => {
+            let mut project = project(&cli)?;
+            if let Some(s) = source {
+                project.sources = s.clone();
+            }
+            let report = crate::etl::load(&project, &warehouse(&cli, &project)).await?;
+            if *json {
+                let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
+                writeln!(out, "{text}").map_err(|e| Error::io("<stdout>", e))
+            } else {
+                print_load(&mut out, &report)
+            }
+        }
+        Command::Query(args) => {
+            let project = project(&cli)?;
+            let transforms = TransformSet::load(&project)?;
+            let cubes = CubeSet::load(&project, &transforms)?;
+            let cube = cubes.get(&args.cube)?;
+            let ctx = warehouse(&cli, &project).session().await?;
+            let df = crate::query::plan(&ctx, cube, &args.to_query()).await?;
+            if args.explain {
+                let batches = df.explain(false, false)?.collect().await?;
+                return output::write(&mut out, &batches, Format::Table);
+            }
+            output::write(&mut out, &df.collect().await?, args.format)
+        }
+        Command::Sql { sql, format, explain } => {
+            let project = project(&cli)?;
+            let ctx = warehouse(&cli, &project).session().await?;
+            let df = ctx.sql(sql).await?;
+            if *explain {
+                let batches = df.explain(false, false)?.collect().await?;
+                return output::write(&mut out, &batches, Format::Table);
+            }
+            output::write(&mut out, &df.collect().await?, *format)
+        }
+        Command::Check => {
+            let project = project(&cli)?;
+            let transforms = TransformSet::load(&project)?;
+            let cubes = CubeSet::load(&project, &transforms)?;
+            writeln!(out, "ok: {} transforms, {} cubes", transforms.transforms.len(), cubes.cubes.len())
+                .map_err(|e| Error::io("<stdout>", e))
+        }
+        Command::Demo => demo(&cli, &mut out).await,
+    }
+}
+
+fn print_load(out: &mut dyn Write, report: &LoadReport) -> Result<()> {
+    let io = |e| Error::io("<stdout>", e);
+    writeln!(out, "{:<18} {:>8} {:>10} {:>8} {:>11} {:>11}", "table", "kind", "read", "loaded", "quarantined", "duplicates")
+        .map_err(io)?;
+    let mut read = 0;
+    for t in &report.tables {
+        if t.kind == "source" {
+            read += t.read;
+        }
+        writeln!(
+            out,
+            "{:<18} {:>8} {:>10} {:>8} {:>11} {:>11}",
+            t.table,
+            t.kind,
+            output::group_thousands(&t.read.to_string()),
+            output::group_thousands(&t.loaded.to_string()),
+            t.quarantined,
+            t.duplicates
+        )
+        .map_err(io)?;
+    }
+    writeln!(
+        out,
+        "snapshot {} committed: {} source rows in {:.2} s ({} rows/s)",
+        report.snapshot,
+        output::group_thousands(&read.to_string()),
+        report.seconds,
+        output::group_thousands(&format!("{:.0}", read as f64 / report.seconds.max(1e-9)))
+    )
+    .map_err(io)
+}
+
+/// The three answers of the demo, as cube queries (also used by the tests).
+pub fn demo_queries() -> [(&'static str, CubeQuery); 3] {
+    let q = |measures: &[&str]| CubeQuery {
+        cube: "sales".into(),
+        measures: measures.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    [
+        ("Revenue by region by year", CubeQuery { by: vec!["customer.region".into(), "time.year".into()], ..q(&["revenue"]) }),
+        (
+            "Top 10 customers by revenue",
+            CubeQuery {
+                by: vec!["customer.customer".into()],
+                order: vec!["revenue:desc".into()],
+                limit: Some(10),
+                ..q(&["revenue", "orders", "margin_pct"])
+            },
+        ),
+        (
+            "Monthly revenue, last 12 months, with month-over-month change",
+            CubeQuery { trend: Some("time.month".into()), last: Some(12), ..q(&["revenue"]) },
+        ),
+    ]
+}
+
+async fn demo(cli: &Cli, out: &mut dyn Write) -> Result<()> {
+    let io = |e| Error::io("<stdout>", e);
+    let project = project(cli)?;
+    let wh = warehouse(cli, &project);
+    writeln!(out, "Loading {} into {} …\n", project.display_path(&project.sources).display(), project.display_path(wh.root()).display())
+        .map_err(io)?;
+    let report = crate::etl::load(&project, &wh).await?;
+    print_load(out, &report)?;
+    let transforms = TransformSet::load(&project)?;
+    let cubes = CubeSet::load(&project, &transforms)?;
+    let ctx = wh.session().await?;
+    for (title, q) in demo_queries() {
+        let cube = cubes.get(&q.cube)?;
+        let batches = crate::query::plan(&ctx, cube, &q).await?.collect().await?;
+        writeln!(out, "\n{title}").map_err(io)?;
+        output::write(out, &batches, Format::Table)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Printing results: an aligned table for people, CSV and JSON for programs.
+
+use std::io::Write;
+
+use datafusion::arrow::array::{Array, RecordBatch};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+
+use unicode_width::UnicodeWidthStr;
+
+use crate::error::{Error, Result};
+
+/// Output formats of `query` and `sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns, numbers right-aligned with thousands separators.
+    Table,
+    Csv,
+    /// One JSON object per row, in an array.
+    Json,
+}
+
+/// Writes `batches` to `out` in `format`.
+pub fn write(out: &mut dyn Write, batches: &[RecordBatch], format: Format) -> Result<()> {
+    let io = |e| Error::io("<stdout>", e);
+    match format {
+        Format::Table => out.write_all(table(batches)?.as_bytes()).map_err(io),
+        Format::Csv => {
+            let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut *out);
+            for b in batches {
+                w.write(b)?;
+            }
+            Ok(())
+        }
+        Format::Json => {
+            let mut w = datafusion::arrow::json::ArrayWriter::new(&mut *out);
+            for b in batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+            drop(w);
+            out.write_all(b"\n").map_err(io)
+        }
+    }
+}
+
+/// Inserts thousands separators into the integer part of a formatted number.
+pub fn group_thousands(s: &str) -> String {
+    let (sign, rest) = s.strip_prefix('-').map(|r| ("-", r)).unwrap_or(("", s));
+    let (int, frac) = match rest.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (rest, None),
+    };
+    if !int.bytes().all(|b| b.is_ascii_digit()) {
+        return s.to_string();
+    }
+    let mut grouped = String::new();
+    for (i, ch) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(ch);
+    }
+    match frac {
+        Some(f) => format!("{sign}{grouped}.{f}"),
+        None => format!("{sign}{grouped}"),
+    }
+}
+
+/// Renders batches as an aligned text table.
+pub fn table(batches: &[RecordBatch]) -> Result<String> {
+    let Some(first) = batches.first() else {
+        return Ok("(no rows)\n".to_string());
+    };
+    let schema = first.schema();
+    let mut cells: Vec<Vec<String>> = vec![schema.fields().iter().map(|f| f.name().clone()).collect()];
+    let numeric: Vec<bool> = schema.fields().iter().map(|f| f.data_type().is_numeric()).collect();
+    let options = FormatOptions::default().with_null("");
+    for b in batches {
+        let formatters = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        for row in 0..b.num_rows() {
+            cells.push(
+                b.columns()
+                    .iter()
+                    .zip(&formatters)
+                    .map(|(c, f)| {
+                        if c.is_null(row) {
+                            String::new()
+                        } else if matches!(c.data_type(), DataType::Float32 | DataType::Float64) {
+                            let v: f64 = f.value(row).to_string().parse().unwrap_or(f64::NAN);
+                            group_thousands(&format!("{v:.2}"))
+                        } else if c.data_type().is_integer() {
+                            // Four-digit integers are left alone so that years read as years.
+                            let v = f.value(row).to_string();
+                            if v.trim_start_matches('-').len() > 4 { group_thousands(&v) } else { v }
+                        } else if c.data_type().is_numeric() {
+                            group_thousands(&f.value(row).to_string())
+                        } else {
+                            f.value(row).to_string()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    let widths: Vec<usize> = (0..numeric.len()).map(|i| cells.iter().map(|r| r[i].width()).max().unwrap_or(0)).collect();
+    // Pads by display width: a CJK character takes two terminal columns.
+    let pad = |c: &str, w: usize, right: bool| {
+        let fill = " ".repeat(w.saturating_sub(c.width()));
+        if right { format!("{fill}{c}") } else { format!("{c}{fill}") }
+    };
+    let mut out = String::new();
+    for (n, row) in cells.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| pad(c, widths[i], numeric[i] && n > 0))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+        if n == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "─".repeat(*w)).collect();
+            out.push_str(&rule.join("  "));
+            out.push('\n');
+        }
+    }
+    let rows = cells.len() - 1;
+    out.push_str(&format!("({rows} row{})\n", if rows == 1 { "" } else { "s" }));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_thousands;
+
+    #[test]
+    fn thousands_are_grouped_in_the_integer_part_only() {
+        assert_eq!(group_thousands("1234567.891"), "1,234,567.891");
+        assert_eq!(group_thousands("-1234"), "-1,234");
+        assert_eq!(group_thousands("123"), "123");
+        assert_eq!(group_thousands("2025-01"), "2025-01");
+    }
+}

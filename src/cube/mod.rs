@@ -1,0 +1,354 @@
+//! Cube models: `cubes/*.yaml` → validated [`Cube`]s with dimensions, hierarchies and measures.
+//!
+//! This module knows nothing of DataFusion: it resolves names and checks the model's own
+//! consistency (unique names, measures well-formed, tables known to the ETL). The
+//! [`crate::query`] module binds a cube to warehouse columns and plans queries over it.
+
+pub mod spec;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde_saphyr::Spanned;
+
+pub use spec::Aggregation;
+use spec::CubeSpec;
+
+use crate::error::{Diagnostic, Error, QueryError, Result, SpecErrors, valid_names_hint};
+use crate::etl::TransformSet;
+use crate::project::{Project, load_yaml, yaml_files};
+
+/// A validated cube.
+#[derive(Debug, Clone)]
+pub struct Cube {
+    pub name: String,
+    pub file: PathBuf,
+    pub description: Option<String>,
+    pub fact: String,
+    pub dimensions: Vec<Dimension>,
+    pub measures: Vec<Measure>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dimension {
+    pub name: String,
+    pub join: Option<DimensionJoin>,
+    /// Coarsest first.
+    pub levels: Vec<Level>,
+}
+
+/// How a dimension table joins the fact: `fact.foreign_key = table.key`.
+#[derive(Debug, Clone)]
+pub struct DimensionJoin {
+    pub table: String,
+    pub key: String,
+    pub foreign_key: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Level {
+    pub name: String,
+    pub column: String,
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Measure {
+    pub name: String,
+    pub description: Option<String>,
+    pub kind: MeasureKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum MeasureKind {
+    Base { agg: Aggregation, column: String },
+    /// A SQL expression over `inputs` (other measures), evaluated after aggregation.
+    Calculated { expr: String, inputs: Vec<String> },
+}
+
+/// A reference to one level: `dimension.level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LevelRef<'a> {
+    pub dimension: &'a Dimension,
+    pub index: usize,
+}
+
+impl LevelRef<'_> {
+    pub fn level(&self) -> &Level {
+        &self.dimension.levels[self.index]
+    }
+
+    /// Output column name: `customer_region`.
+    pub fn output_name(&self) -> String {
+        format!("{}_{}", self.dimension.name, self.level().name)
+    }
+
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.dimension.name, self.level().name)
+    }
+}
+
+impl PartialEq for Dimension {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+impl Eq for Dimension {}
+
+impl Cube {
+    pub fn measure(&self, name: &str) -> Result<&Measure, QueryError> {
+        self.measures.iter().find(|m| m.name == name).ok_or_else(|| {
+            QueryError::new(format!("cube '{}' has no measure '{name}'", self.name)).with_hint(Some(valid_names_hint(
+                "measures",
+                name,
+                self.measures.iter().map(|m| m.name.as_str()),
+            )))
+        })
+    }
+
+    /// Resolves `dimension.level` (or a bare level name when it is unambiguous).
+    pub fn level(&self, qualified: &str) -> Result<LevelRef<'_>, QueryError> {
+        let all: Vec<String> =
+            self.dimensions.iter().flat_map(|d| d.levels.iter().map(move |l| format!("{}.{}", d.name, l.name))).collect();
+        let not_found = || {
+            QueryError::new(format!("cube '{}' has no level '{qualified}'", self.name))
+                .with_hint(Some(valid_names_hint("levels", qualified, all.iter().map(String::as_str))))
+        };
+        let found: Vec<LevelRef<'_>> = match qualified.split_once('.') {
+            Some((d, l)) => self
+                .dimensions
+                .iter()
+                .filter(|dim| dim.name == d)
+                .flat_map(|dim| dim.levels.iter().position(|x| x.name == l).map(|index| LevelRef { dimension: dim, index }))
+                .collect(),
+            None => self
+                .dimensions
+                .iter()
+                .flat_map(|dim| dim.levels.iter().position(|x| x.name == qualified).map(|index| LevelRef { dimension: dim, index }))
+                .collect(),
+        };
+        match found.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(not_found()),
+            many => Err(QueryError::new(format!(
+                "level '{qualified}' is ambiguous: {}",
+                many.iter().map(|l| l.qualified()).collect::<Vec<_>>().join(", ")
+            ))
+            .with_hint(Some("name it with its dimension, e.g. customer.region".into()))),
+        }
+    }
+
+    /// Every measure needed to compute `name`, inputs before the measures that use them.
+    pub fn measure_closure(&self, names: &[String]) -> Result<Vec<&Measure>, QueryError> {
+        let mut out: Vec<&Measure> = Vec::new();
+        fn visit<'a>(cube: &'a Cube, name: &str, out: &mut Vec<&'a Measure>, depth: usize) -> Result<(), QueryError> {
+            if depth > 32 {
+                return Err(QueryError::new(format!("measure '{name}' refers to itself")));
+            }
+            let m = cube.measure(name)?;
+            if let MeasureKind::Calculated { inputs, .. } = &m.kind {
+                for i in inputs {
+                    visit(cube, i, out, depth + 1)?;
+                }
+            }
+            if !out.iter().any(|x| x.name == m.name) {
+                out.push(m);
+            }
+            Ok(())
+        }
+        for n in names {
+            visit(self, n, &mut out, 0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// All cubes of a project.
+#[derive(Debug, Clone)]
+pub struct CubeSet {
+    pub cubes: Vec<Cube>,
+}
+
+impl CubeSet {
+    /// Loads and validates every cube file; `transforms` names the tables cubes may use.
+    pub fn load(project: &Project, transforms: &TransformSet) -> Result<Self> {
+        let tables: Vec<&str> = transforms.transforms.iter().map(|t| t.name.as_str()).collect();
+        let mut cubes = Vec::new();
+        let mut errors = Vec::new();
+        for path in yaml_files(&project.cubes)? {
+            let shown = project.display_path(&path);
+            match load_yaml::<CubeSpec>(&path) {
+                Ok(spec) => cubes.push(resolve(&shown, &spec, &tables, &mut errors)),
+                Err(Error::Spec(SpecErrors(d))) => {
+                    errors.extend(d.into_iter().map(|mut x| {
+                        x.file = shown.clone();
+                        x
+                    }));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut names = BTreeSet::new();
+        for c in &cubes {
+            if !names.insert(c.name.clone()) {
+                errors.push(Diagnostic {
+                    file: c.file.clone(),
+                    line: 0,
+                    column: 0,
+                    key: format!("cube '{}'", c.name),
+                    message: "another cube file defines a cube with this name".into(),
+                    hint: None,
+                });
+            }
+        }
+        if errors.is_empty() { Ok(Self { cubes }) } else { Err(SpecErrors(errors).into()) }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Cube, QueryError> {
+        self.cubes.iter().find(|c| c.name == name).ok_or_else(|| {
+            QueryError::new(format!("no cube named '{name}'"))
+                .with_hint(Some(valid_names_hint("cubes", name, self.cubes.iter().map(|c| c.name.as_str()))))
+        })
+    }
+}
+
+fn diag(file: &Path, at: &Spanned<String>, key: String, message: String, hint: Option<String>) -> Diagnostic {
+    Diagnostic { file: file.to_path_buf(), line: at.referenced.line(), column: at.referenced.column(), key, message, hint }
+}
+
+/// Resolves one cube file, appending problems to `errors`.
+fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagnostic>) -> Cube {
+    let cube = spec.cube.value.clone();
+    if spec.version != 1 {
+        errors.push(Diagnostic {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+            key: "version".into(),
+            message: format!("unsupported version {}; this crmcube reads version 1", spec.version),
+            hint: None,
+        });
+    }
+    let check_table = |errors: &mut Vec<Diagnostic>, at: &Spanned<String>, key: String| {
+        if !tables.contains(&at.value.as_str()) {
+            errors.push(diag(
+                file,
+                at,
+                key,
+                format!("table '{}' is not a warehouse table", at.value),
+                Some(valid_names_hint("tables", &at.value, tables.iter().copied())),
+            ));
+        }
+    };
+    check_table(errors, &spec.fact, format!("cube '{cube}' › fact"));
+    let mut dimensions = Vec::new();
+    for d in &spec.dimensions {
+        let dkey = format!("cube '{cube}' › dimension '{}'", d.name.value);
+        let join = match (&d.table, &d.key, &d.foreign_key) {
+            (Some(t), Some(k), Some(fk)) => {
+                check_table(errors, t, format!("{dkey} › table"));
+                Some(DimensionJoin { table: t.value.clone(), key: k.value.clone(), foreign_key: fk.value.clone() })
+            }
+            (None, None, None) => None,
+            _ => {
+                errors.push(diag(
+                    file,
+                    &d.name,
+                    dkey.clone(),
+                    "a joined dimension needs `table`, `key` and `foreign_key` together".into(),
+                    Some("omit all three for a dimension whose levels are fact columns".into()),
+                ));
+                None
+            }
+        };
+        if d.levels.is_empty() {
+            errors.push(diag(file, &d.name, dkey.clone(), "a dimension needs at least one level".into(), None));
+        }
+        let levels = d
+            .levels
+            .iter()
+            .map(|l| Level {
+                name: l.name.value.clone(),
+                column: l.column.as_ref().map(|c| c.value.clone()).unwrap_or_else(|| l.name.value.clone()),
+                label: l.label.as_ref().map(|c| c.value.clone()),
+            })
+            .collect();
+        dimensions.push(Dimension { name: d.name.value.clone(), join, levels });
+    }
+    let measure_names: Vec<&str> = spec.measures.iter().map(|m| m.name.value.as_str()).collect();
+    let mut measures = Vec::new();
+    for m in &spec.measures {
+        let mkey = format!("cube '{cube}' › measure '{}'", m.name.value);
+        let kind = match (&m.agg, &m.column, &m.expr) {
+            (Some(agg), Some(column), None) => MeasureKind::Base { agg: *agg, column: column.value.clone() },
+            (None, None, Some(expr)) => {
+                let inputs: Vec<String> = identifiers(&expr.value)
+                    .into_iter()
+                    .filter(|w| measure_names.contains(&w.as_str()) && *w != m.name.value)
+                    .collect();
+                if inputs.is_empty() {
+                    errors.push(diag(
+                        file,
+                        expr,
+                        mkey.clone(),
+                        "a calculated measure must refer to at least one other measure".into(),
+                        Some(valid_names_hint("measures", &expr.value, measure_names.iter().copied())),
+                    ));
+                }
+                MeasureKind::Calculated { expr: expr.value.clone(), inputs }
+            }
+            _ => {
+                errors.push(diag(
+                    file,
+                    &m.name,
+                    mkey,
+                    "a measure needs either `agg` and `column`, or `expr`".into(),
+                    Some("e.g. `agg: sum, column: revenue` or `expr: revenue - cost`".into()),
+                ));
+                continue;
+            }
+        };
+        measures.push(Measure { name: m.name.value.clone(), description: m.description.clone(), kind });
+    }
+    let mut seen = BTreeSet::new();
+    for n in spec.dimensions.iter().map(|d| &d.name).chain(spec.measures.iter().map(|m| &m.name)) {
+        if !seen.insert(n.value.clone()) {
+            errors.push(diag(file, n, format!("cube '{cube}' › '{}'", n.value), "name is used twice".into(), None));
+        }
+    }
+    Cube { name: cube, file: file.to_path_buf(), description: spec.description.clone(), fact: spec.fact.value.clone(), dimensions, measures }
+}
+
+/// The identifiers appearing in an expression (for measure dependencies).
+fn identifiers(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_quote = false;
+    for ch in expr.chars().chain(std::iter::once(' ')) {
+        if ch == '\'' {
+            in_quote = !in_quote;
+            cur.clear();
+            continue;
+        }
+        if !in_quote && (ch.is_ascii_alphanumeric() || ch == '_') {
+            cur.push(ch);
+        } else {
+            if !cur.is_empty() && !cur.starts_with(|c: char| c.is_ascii_digit()) && !out.contains(&cur) {
+                out.push(cur.clone());
+            }
+            cur.clear();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identifiers;
+
+    #[test]
+    fn identifiers_skip_numbers_and_string_literals() {
+        assert_eq!(identifiers("round(100 * margin / NULLIF(revenue, 0), 2)"), ["round", "margin", "NULLIF", "revenue"]);
+        assert_eq!(identifiers("coalesce(x, 'revenue')"), ["coalesce", "x"]);
+    }
+}

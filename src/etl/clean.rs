@@ -1,0 +1,239 @@
+//! Clean: text → typed, validated, de-duplicated rows, as DataFusion plans.
+//!
+//! For each declared column the plan trims the text, blanks empty values, normalises case,
+//! parses the type ([`super::parse`]) and checks the rules (required, range, enum, pattern).
+//! A row with any failing column goes to quarantine with a reason naming each column and value;
+//! the rest are de-duplicated by key (latest `duplicates.latest_by` wins, then the later line)
+//! and checked against the tables they reference. Nothing is dropped without being counted.
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::{JoinType, ScalarValue};
+use datafusion::functions::expr_fn::{btrim, concat, concat_ws, lower, nullif, regexp_like, upper};
+use datafusion::functions_window::expr_fn::row_number;
+use datafusion::logical_expr::{ExprFunctionExt, SortExpr, case, when};
+use datafusion::prelude::*;
+
+use super::extract::{FILE_COL, LINE_COL, RAW_COL};
+use super::parse::{date_expr, decimal_expr, timestamp_expr};
+use super::spec::{Case, ColumnType};
+use super::validate::{Column, SourceTransform};
+use crate::error::Result;
+
+const REASON_COL: &str = "_reason";
+const COLUMN_COL: &str = "_column";
+const RN_COL: &str = "_rn";
+
+/// The outcome of cleaning one source table.
+#[derive(Debug)]
+pub struct Cleaned {
+    /// Typed rows that passed every rule (declared columns only).
+    pub rows: Vec<RecordBatch>,
+    /// Quarantine rows (see [`crate::etl::load::quarantine_schema`] for the columns).
+    pub rejected: Vec<RecordBatch>,
+    pub loaded: u64,
+    pub quarantined: u64,
+    pub duplicates: u64,
+}
+
+/// Runs the cleaning plan of one source over its extracted text.
+///
+/// Referenced tables must already be registered in `ctx` under their warehouse names.
+pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, raw: RecordBatch) -> Result<Cleaned> {
+    let typed = typed_with_reasons(ctx.read_batch(raw)?, spec)?;
+    // Materialise once: both the good and the rejected side read it.
+    let typed = materialize(ctx, typed).await?;
+
+    let mut rejected = vec![quarantine_rows(
+        typed.clone().filter(col(REASON_COL).is_not_null())?,
+        table,
+        col(COLUMN_COL),
+        col(REASON_COL),
+    )?];
+    let mut good = typed.filter(col(REASON_COL).is_null())?;
+    let mut duplicates = 0u64;
+
+    if !spec.key.is_empty() {
+        let ranked = materialize(ctx, rank_by_key(good, spec)?).await?;
+        let extra = ranked.clone().filter(col(RN_COL).gt(lit(1u64)))?;
+        match &spec.latest_by {
+            // Superseded rows are resolved duplicates: counted, not quarantined.
+            Some(_) => duplicates = extra.count().await? as u64,
+            None => rejected.push(quarantine_rows(
+                extra,
+                table,
+                lit(spec.key.join(",")),
+                concat(
+                    std::iter::once(lit(format!("duplicate key ({}) = ", spec.key.join(","))))
+                        .chain(spec.key.iter().map(|k| cast(col(k.as_str()), DataType::Utf8)))
+                        .chain(std::iter::once(lit("; the first row in file order was kept")))
+                        .collect(),
+                ),
+            )?),
+        }
+        good = ranked.filter(col(RN_COL).eq(lit(1u64)))?;
+    }
+
+    for r in &spec.references {
+        let parent = ctx
+            .table(r.table.as_str())
+            .await?
+            .select(vec![col(r.key.as_str()).alias("_ref_key")])?
+            .distinct()?;
+        let joined = good.join(parent, JoinType::Left, &[r.column.as_str()], &["_ref_key"], None)?;
+        let joined = materialize(ctx, joined).await?;
+        let orphan = col(r.column.as_str()).is_not_null().and(col("_ref_key").is_null());
+        rejected.push(quarantine_rows(
+            joined.clone().filter(orphan.clone())?,
+            table,
+            lit(r.column.as_str()),
+            concat(vec![
+                lit(format!("column '{}': '", r.column)),
+                cast(col(r.column.as_str()), DataType::Utf8),
+                lit(format!("' not found in {}.{}", r.table, r.key)),
+            ]),
+        )?);
+        good = joined.filter(orphan.not())?.drop_columns(&["_ref_key"])?;
+    }
+
+    let select: Vec<Expr> = spec.columns.iter().map(|c| col(c.name.as_str())).collect();
+    let rows = good.select(select)?.collect().await?;
+    let mut rejected_rows = Vec::new();
+    for r in rejected {
+        rejected_rows.extend(r.collect().await?);
+    }
+    Ok(Cleaned {
+        loaded: count_rows(&rows),
+        quarantined: count_rows(&rejected_rows),
+        rows,
+        rejected: rejected_rows,
+        duplicates,
+    })
+}
+
+/// Runs a plan to memory and returns a frame over the result (kept schema when empty).
+pub async fn materialize(ctx: &SessionContext, df: DataFrame) -> Result<DataFrame> {
+    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let mut batches = df.collect().await?;
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    Ok(ctx.read_batches(batches)?)
+}
+
+pub fn count_rows(batches: &[RecordBatch]) -> u64 {
+    batches.iter().map(|b| b.num_rows() as u64).sum()
+}
+
+/// Projects typed columns plus `_reason` (NULL when the row is valid) and `_column`.
+fn typed_with_reasons(raw: DataFrame, spec: &SourceTransform) -> Result<DataFrame> {
+    // Step 1: trimmed, blank-as-NULL, case-normalised text.
+    let mut trimmed: Vec<Expr> = spec
+        .columns
+        .iter()
+        .map(|c| {
+            let t = nullif(btrim(vec![col(c.name.as_str())]), lit(""));
+            let t = match c.case {
+                Some(Case::Lower) => lower(t),
+                Some(Case::Upper) => upper(t),
+                None => t,
+            };
+            t.alias(c.name.as_str())
+        })
+        .collect();
+    trimmed.extend([col(FILE_COL), col(LINE_COL), col(RAW_COL)]);
+    let text = raw.select(trimmed)?;
+
+    // Step 2: parse and check every column.
+    let mut exprs = Vec::new();
+    let mut errors = Vec::new();
+    for c in &spec.columns {
+        let parsed = parse(c);
+        errors.push((c.name.clone(), problem(c, parsed.clone())?));
+        exprs.push(parsed.alias(c.name.as_str()));
+    }
+    let reason = nullif(concat_ws(lit("; "), errors.iter().map(|(_, e)| e.clone()).collect()), lit(""));
+    let mut column = case(lit(true));
+    for (name, e) in &errors {
+        column = column.when(e.clone().is_not_null(), lit(name.as_str()));
+    }
+    exprs.push(reason.alias(REASON_COL));
+    exprs.push(column.otherwise(lit(ScalarValue::Utf8(None)))?.alias(COLUMN_COL));
+    exprs.extend([col(FILE_COL), col(LINE_COL), col(RAW_COL)]);
+    Ok(text.select(exprs)?)
+}
+
+/// The typed value of a column from its cleaned text (NULL where it does not parse).
+fn parse(c: &Column) -> Expr {
+    let text = col(c.name.as_str());
+    match c.ty {
+        ColumnType::String => text,
+        ColumnType::Integer => try_cast(text, DataType::Int64),
+        ColumnType::Float => try_cast(text, DataType::Float64),
+        ColumnType::Boolean => try_cast(text, DataType::Boolean),
+        ColumnType::Decimal => decimal_expr(text, c.scale),
+        ColumnType::Date => date_expr(text, &c.formats),
+        ColumnType::Timestamp => timestamp_expr(text, &c.formats),
+    }
+}
+
+/// A text expression describing what is wrong with the column's value, or NULL.
+fn problem(c: &Column, parsed: Expr) -> Result<Expr> {
+    let text = col(c.name.as_str());
+    let prefix = format!("column '{}': ", c.name);
+    let found = |what: String| concat(vec![lit(format!("{prefix}{what}, found '")), text.clone(), lit("'")]);
+    let mut rule = when(
+        text.clone().is_null(),
+        if c.nullable { lit(ScalarValue::Utf8(None)) } else { lit(format!("{prefix}a value is required but the field is blank")) },
+    );
+    let expected = match (c.ty, c.formats.is_empty()) {
+        (ColumnType::Date | ColumnType::Timestamp, false) => format!("expected {} in format {}", c.ty.describe(), c.formats.join(" or ")),
+        _ => format!("expected {}", c.ty.describe()),
+    };
+    rule = rule.when(parsed.clone().is_null(), found(expected));
+    if let Some(min) = c.min {
+        rule = rule.when(parsed.clone().lt(lit(min)), found(format!("expected a value of at least {min}")));
+    }
+    if let Some(max) = c.max {
+        rule = rule.when(parsed.clone().gt(lit(max)), found(format!("expected a value of at most {max}")));
+    }
+    if !c.allowed.is_empty() {
+        let allowed: Vec<Expr> = c.allowed.iter().map(|v| lit(v.as_str())).collect();
+        rule = rule.when(parsed.clone().in_list(allowed, true), found(format!("expected one of {}", c.allowed.join(", "))));
+    }
+    if let Some(p) = &c.pattern {
+        rule = rule.when(regexp_like(parsed, lit(p.as_str()), None).not(), found(format!("expected text matching {p}")));
+    }
+    Ok(rule.otherwise(lit(ScalarValue::Utf8(None)))?)
+}
+
+/// Numbers the rows of each key: 1 is the row that wins.
+fn rank_by_key(good: DataFrame, spec: &SourceTransform) -> Result<DataFrame> {
+    let mut order: Vec<SortExpr> = Vec::new();
+    let latest_first = spec.latest_by.is_some();
+    if let Some(latest) = &spec.latest_by {
+        order.push(col(latest.as_str()).sort(false, false));
+    }
+    // On a tie (or without a rule) file order decides: the later line wins a `latest_by` tie,
+    // the first line wins otherwise.
+    order.push(col(FILE_COL).sort(!latest_first, true));
+    order.push(col(LINE_COL).sort(!latest_first, true));
+    let rn = row_number()
+        .partition_by(spec.key.iter().map(|k| col(k.as_str())).collect())
+        .order_by(order)
+        .build()?
+        .alias(RN_COL);
+    Ok(good.window(vec![rn])?)
+}
+
+/// Shapes rejected rows as quarantine rows.
+fn quarantine_rows(df: DataFrame, table: &str, column: Expr, reason: Expr) -> Result<DataFrame> {
+    Ok(df.select(vec![
+        lit(table).alias("table_name"),
+        col(FILE_COL).alias("source_file"),
+        col(LINE_COL).alias("line"),
+        cast(column, DataType::Utf8).alias("column_name"),
+        cast(reason, DataType::Utf8).alias("reason"),
+        col(RAW_COL).alias("raw"),
+    ])?)
+}

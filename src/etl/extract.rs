@@ -1,0 +1,309 @@
+//! Extract: export files → one Arrow batch of text columns per source, plus rows rejected on read.
+//!
+//! Files are decoded (UTF-8 or GBK, BOM stripped), split into records (CSV or JSON lines) and
+//! kept as text: typing happens in the cleaning plan, so one place decides what a bad value is.
+//! Every record carries its file and line, and its raw text for quarantine. Records that cannot
+//! even be split (ragged CSV rows, invalid JSON) are rejected here with their reason. Several
+//! files of one source, and several sources, are read in parallel with rayon.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use rayon::prelude::*;
+
+use super::spec::{SourceEncoding, SourceFormat};
+use super::validate::SourceTransform;
+use crate::error::{DataError, Error, Result, nearest};
+
+/// Hidden columns every extracted batch carries.
+pub const FILE_COL: &str = "_file";
+pub const LINE_COL: &str = "_line";
+pub const RAW_COL: &str = "_raw";
+
+/// A row that did not make it into a table, and why. Becomes a row of the quarantine table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub table: String,
+    pub file: String,
+    pub line: i64,
+    pub column: Option<String>,
+    pub reason: String,
+    pub raw: String,
+}
+
+/// The text of one source, ready for cleaning.
+#[derive(Debug)]
+pub struct Extracted {
+    /// Declared columns as Utf8 (by their warehouse name), then `_file`, `_line`, `_raw`.
+    pub batch: RecordBatch,
+    pub rejects: Vec<Reject>,
+    /// Records read, including rejected ones (header lines excluded).
+    pub read: u64,
+    pub files: Vec<PathBuf>,
+}
+
+/// Reads every file matching the source's glob under `sources_dir`.
+pub fn extract(table: &str, spec: &SourceTransform, sources_dir: &Path, display_root: &Path) -> Result<Extracted> {
+    let pattern = sources_dir.join(&spec.source.path);
+    let pattern_text = pattern.to_string_lossy().to_string();
+    let mut files: Vec<PathBuf> = glob::glob(&pattern_text)
+        .map_err(|e| DataError::Input {
+            file: pattern.clone(),
+            line: None,
+            message: format!("invalid source path pattern: {e}"),
+        })?
+        .filter_map(|p| p.ok())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(DataError::Input {
+            file: pattern,
+            line: None,
+            message: format!("no export file matches the source path of table '{table}'; check `source.path` in its transform"),
+        }
+        .into());
+    }
+    let parts: Vec<FileRows> = files
+        .par_iter()
+        .map(|f| {
+            let shown = f.strip_prefix(display_root).unwrap_or(f).to_string_lossy().to_string();
+            read_file(table, spec, f, &shown)
+        })
+        .collect::<Result<_>>()?;
+    let mut all = FileRows::default();
+    for p in parts {
+        all.read += p.read;
+        all.rejects.extend(p.rejects);
+        for (i, col) in p.values.into_iter().enumerate() {
+            if all.values.len() <= i {
+                all.values.push(Vec::new());
+            }
+            all.values[i].extend(col);
+        }
+        all.files.extend(p.files);
+        all.lines.extend(p.lines);
+        all.raws.extend(p.raws);
+    }
+    let batch = to_batch(spec, all.values, all.files, all.lines, all.raws)?;
+    Ok(Extracted { batch, rejects: all.rejects, read: all.read, files })
+}
+
+/// The schema of an extracted batch.
+pub fn raw_schema(spec: &SourceTransform) -> SchemaRef {
+    let mut fields: Vec<Field> = spec.columns.iter().map(|c| Field::new(&c.name, DataType::Utf8, true)).collect();
+    fields.push(Field::new(FILE_COL, DataType::Utf8, false));
+    fields.push(Field::new(LINE_COL, DataType::Int64, false));
+    fields.push(Field::new(RAW_COL, DataType::Utf8, false));
+    Arc::new(Schema::new(fields))
+}
+
+fn to_batch(
+    spec: &SourceTransform,
+    values: Vec<Vec<Option<String>>>,
+    files: Vec<String>,
+    lines: Vec<i64>,
+    raws: Vec<String>,
+) -> Result<RecordBatch> {
+    let schema = raw_schema(spec);
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for i in 0..spec.columns.len() {
+        let col = values.get(i).map(|v| v.as_slice()).unwrap_or(&[]);
+        columns.push(Arc::new(StringArray::from_iter(col.iter().map(|v| v.as_deref()))));
+    }
+    columns.push(Arc::new(StringArray::from_iter_values(files)));
+    columns.push(Arc::new(Int64Array::from(lines)));
+    columns.push(Arc::new(StringArray::from_iter_values(raws)));
+    if spec.columns.is_empty() {
+        return Err(Error::Internal("a source without columns reached extraction".into()));
+    }
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// Column-major text of the records of one or more files.
+#[derive(Default)]
+struct FileRows {
+    values: Vec<Vec<Option<String>>>,
+    files: Vec<String>,
+    lines: Vec<i64>,
+    raws: Vec<String>,
+    rejects: Vec<Reject>,
+    read: u64,
+}
+
+impl FileRows {
+    fn new(ncols: usize) -> Self {
+        Self { values: vec![Vec::new(); ncols], ..Default::default() }
+    }
+
+    fn push(&mut self, file: &str, line: u64, raw: String, fields: Vec<Option<String>>) {
+        for (i, v) in fields.into_iter().enumerate() {
+            self.values[i].push(v);
+        }
+        self.files.push(file.to_string());
+        self.lines.push(line as i64);
+        self.raws.push(raw);
+    }
+
+    fn reject(&mut self, table: &str, file: &str, line: u64, reason: String, raw: String) {
+        self.rejects.push(Reject { table: table.into(), file: file.into(), line: line as i64, column: None, reason, raw });
+    }
+}
+
+/// Decodes a whole file to text, failing with the line of the first undecodable byte.
+pub fn decode(bytes: &[u8], encoding: SourceEncoding, file: &Path) -> Result<String> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
+    let decoded = match encoding {
+        SourceEncoding::Utf8 => std::str::from_utf8(bytes).map(str::to_string).map_err(|e| e.valid_up_to()),
+        SourceEncoding::Gbk => encoding_rs::GBK
+            .decode_without_bom_handling_and_without_replacement(bytes)
+            .map(|c| c.into_owned())
+            .ok_or_else(|| first_bad_gbk_byte(bytes)),
+    };
+    decoded.map_err(|offset| {
+        let line = bytes[..offset].iter().filter(|b| **b == b'\n').count() as u64 + 1;
+        let (name, other) = match encoding {
+            SourceEncoding::Utf8 => ("UTF-8", "gbk"),
+            SourceEncoding::Gbk => ("GBK", "utf8"),
+        };
+        DataError::Input {
+            file: file.to_path_buf(),
+            line: Some(line),
+            message: format!(
+                "byte {offset} is not valid {name}; if the export uses another encoding, set `source.encoding: {other}` in its transform"
+            ),
+        }
+        .into()
+    })
+}
+
+fn first_bad_gbk_byte(bytes: &[u8]) -> usize {
+    // Decode line by line to find the first line that fails; report its start.
+    let mut offset = 0;
+    for line in bytes.split_inclusive(|b| *b == b'\n') {
+        if encoding_rs::GBK.decode_without_bom_handling_and_without_replacement(line).is_none() {
+            return offset;
+        }
+        offset += line.len();
+    }
+    offset
+}
+
+fn read_file(table: &str, spec: &SourceTransform, path: &Path, shown: &str) -> Result<FileRows> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = decode(&bytes, spec.source.encoding, Path::new(shown))?;
+    match spec.source.format {
+        SourceFormat::Csv => read_csv(table, spec, &text, shown),
+        SourceFormat::Jsonl => read_jsonl(table, spec, &text, shown),
+    }
+}
+
+fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {
+    let mut rows = FileRows::new(spec.columns.len());
+    let delimiter = u8::try_from(spec.source.delimiter).map_err(|_| DataError::Input {
+        file: shown.into(),
+        line: None,
+        message: format!("delimiter '{}' is not a single-byte character", spec.source.delimiter),
+    })?;
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let mut records = reader.records();
+    // Map each declared column to its field index.
+    let (indices, width): (Vec<usize>, usize) = if spec.source.header {
+        let header = match records.next() {
+            Some(Ok(h)) => h,
+            Some(Err(e)) => {
+                return Err(DataError::Input { file: shown.into(), line: Some(1), message: format!("unreadable header: {e}") }.into());
+            }
+            None => return Ok(rows),
+        };
+        let names: Vec<String> = header.iter().map(|h| h.trim().to_string()).collect();
+        let mut indices = Vec::new();
+        let mut missing = Vec::new();
+        for c in &spec.columns {
+            match names.iter().position(|n| n.eq_ignore_ascii_case(&c.from)) {
+                Some(i) => indices.push(i),
+                None => {
+                    let hint = nearest(&c.from, names.iter().map(String::as_str))
+                        .map(|n| format!(" (the header has '{n}')"))
+                        .unwrap_or_default();
+                    missing.push(format!("'{}'{hint}", c.from));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Err(DataError::Input {
+                file: shown.into(),
+                line: Some(1),
+                message: format!(
+                    "header lacks column(s) {}; found {}. Fix the export or the `columns` (or `from:`) of table '{table}'",
+                    missing.join(", "),
+                    names.join(",")
+                ),
+            }
+            .into());
+        }
+        (indices, names.len())
+    } else {
+        ((0..spec.columns.len()).collect(), spec.columns.len())
+    };
+    for record in records {
+        match record {
+            Ok(r) => {
+                let line = r.position().map(|p| p.line()).unwrap_or(0);
+                let raw = r.iter().collect::<Vec<_>>().join(&spec.source.delimiter.to_string());
+                if r.len() == 1 && r.get(0).is_some_and(|f| f.trim().is_empty()) {
+                    continue; // a blank line is not a record
+                }
+                rows.read += 1;
+                if r.len() != width {
+                    rows.reject(table, shown, line, format!("expected {width} fields, found {}", r.len()), raw);
+                    continue;
+                }
+                let fields = indices.iter().map(|i| r.get(*i).map(str::to_string)).collect();
+                rows.push(shown, line, raw, fields);
+            }
+            Err(e) => {
+                let line = e.position().map(|p| p.line()).unwrap_or(0);
+                rows.read += 1;
+                rows.reject(table, shown, line, format!("unreadable CSV record: {e}"), String::new());
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn read_jsonl(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {
+    let mut rows = FileRows::new(spec.columns.len());
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i as u64 + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        rows.read += 1;
+        match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line) {
+            Ok(obj) => {
+                let fields = spec
+                    .columns
+                    .iter()
+                    .map(|c| match obj.get(&c.from) {
+                        None | Some(serde_json::Value::Null) => None,
+                        Some(serde_json::Value::String(s)) => Some(s.clone()),
+                        Some(other) => Some(other.to_string()),
+                    })
+                    .collect();
+                rows.push(shown, line_no, line.to_string(), fields);
+            }
+            Err(e) => {
+                let reason = format!("invalid JSON at character {}: {}", e.column(), e.to_string().split(" at line ").next().unwrap_or_default());
+                rows.reject(table, shown, line_no, reason, line.to_string())
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,18 @@
+//! ETL: turns CRM exports into clean warehouse tables, driven by `transforms/*.yaml`.
+//!
+//! Data flows through the submodules in this order:
+//! [`spec`] (the YAML as written) → [`validate`] (the resolved [`validate::Transform`] model) →
+//! [`extract`] (files → text batches, unreadable records rejected) → [`clean`] (typed, validated,
+//! de-duplicated, references checked; a DataFusion plan using [`parse`]) → [`load`] (derived
+//! tables by SQL, then one atomic warehouse snapshot). Every rejected row lands in the
+//! `quarantine` table with its file, line, column and reason.
+
+pub mod clean;
+pub mod extract;
+pub mod load;
+pub mod parse;
+pub mod spec;
+pub mod validate;
+
+pub use load::{LoadReport, QUARANTINE_TABLE, TableReport, load};
+pub use validate::TransformSet;

@@ -1,0 +1,165 @@
+//! The raw transform metadata, exactly as written in `transforms/*.yaml`.
+//!
+//! These types mirror the YAML and nothing more; [`super::validate`] resolves them into the
+//! [`super::validate::Transform`] model once every file is loaded. Names that other files refer
+//! to are `Spanned`, so a validation error can point at the line and column of the bad name.
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// One `transforms/*.yaml` file: a source table loaded from an export, or a derived table (SQL).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformSpec {
+    pub version: u32,
+    /// Warehouse table this transform writes.
+    pub table: Spanned<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Where the rows come from (source tables). Exactly one of `source` and `sql`.
+    #[serde(default)]
+    pub source: Option<SourceSpec>,
+    /// A SELECT over other warehouse tables (derived tables).
+    #[serde(default)]
+    pub sql: Option<String>,
+    #[serde(default)]
+    pub columns: Vec<ColumnSpec>,
+    /// Column(s) identifying a row; duplicates are resolved by `duplicates`.
+    #[serde(default)]
+    pub key: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub duplicates: Option<DuplicateSpec>,
+    #[serde(default)]
+    pub references: Vec<ReferenceSpec>,
+    /// Largest fraction of rows that may be quarantined before the load fails (default 0.05).
+    #[serde(default)]
+    pub reject_threshold: Option<f64>,
+}
+
+/// Where an export lives and how it is encoded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// File name or glob, relative to the project's sources folder.
+    pub path: String,
+    pub format: SourceFormat,
+    #[serde(default)]
+    pub encoding: SourceEncoding,
+    /// Field delimiter for CSV (one character).
+    #[serde(default = "default_delimiter")]
+    pub delimiter: char,
+    /// Whether the first CSV line names the columns (default true).
+    #[serde(default = "default_true")]
+    pub header: bool,
+}
+
+fn default_delimiter() -> char {
+    ','
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    Csv,
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceEncoding {
+    #[default]
+    #[serde(alias = "utf-8")]
+    Utf8,
+    Gbk,
+}
+
+/// One column of a source: its type, how to parse it, and what values are valid.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnSpec {
+    pub name: Spanned<String>,
+    #[serde(rename = "type")]
+    pub ty: ColumnType,
+    /// Header name (CSV) or key (JSON) in the export, when it differs from `name`.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default = "default_true")]
+    pub nullable: bool,
+    /// chrono formats tried in order for `date` and `timestamp` columns.
+    #[serde(default)]
+    pub formats: Vec<String>,
+    /// Digits after the decimal point for `decimal` columns (default 2).
+    #[serde(default)]
+    pub scale: Option<u8>,
+    /// Normalise the case of a text column before validation.
+    #[serde(default)]
+    pub case: Option<Case>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// Allowed values (after case normalisation).
+    #[serde(default, rename = "enum")]
+    pub allowed: Vec<String>,
+    /// A regular expression the value must match.
+    #[serde(default)]
+    pub pattern: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    String,
+    Integer,
+    Decimal,
+    Float,
+    Date,
+    Timestamp,
+    Boolean,
+}
+
+impl ColumnType {
+    /// How the type is described to users in error messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ColumnType::String => "text",
+            ColumnType::Integer => "an integer",
+            ColumnType::Decimal => "a decimal amount (e.g. 1234.50, 1,234.50 or ¥1,234)",
+            ColumnType::Float => "a number",
+            ColumnType::Date => "a date",
+            ColumnType::Timestamp => "a timestamp",
+            ColumnType::Boolean => "true or false",
+        }
+    }
+
+    pub fn is_numeric(self) -> bool {
+        matches!(self, ColumnType::Integer | ColumnType::Decimal | ColumnType::Float)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Case {
+    Lower,
+    Upper,
+}
+
+/// How rows with the same key resolve.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DuplicateSpec {
+    /// The row with the greatest value of this column wins; on a tie, the later line.
+    pub latest_by: Spanned<String>,
+}
+
+/// A foreign key: every non-null value of `column` must exist in `table`.`key`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceSpec {
+    pub column: Spanned<String>,
+    pub table: Spanned<String>,
+    pub key: Spanned<String>,
+}

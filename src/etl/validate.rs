@@ -1,0 +1,335 @@
+//! Resolves raw [`TransformSpec`]s into the validated [`Transform`] model.
+//!
+//! Every problem is collected (not just the first), with file, line, column, the key at fault and
+//! the nearest valid name. Cross-file checks (references to other tables, cycles) run once all
+//! files are loaded. After this step the loader never re-checks metadata.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde_saphyr::Spanned;
+
+use super::spec::{Case, ColumnType, SourceSpec, TransformSpec};
+use crate::error::{Diagnostic, Result, SpecErrors, valid_names_hint};
+use crate::project::{Project, load_yaml, yaml_files};
+
+/// Default share of rows that may be quarantined before a load fails.
+pub const DEFAULT_REJECT_THRESHOLD: f64 = 0.05;
+
+/// A validated transform: a source table or a derived table.
+#[derive(Debug, Clone)]
+pub struct Transform {
+    pub name: String,
+    /// The metadata file it came from, relative to the project (for messages).
+    pub file: PathBuf,
+    pub body: TransformBody,
+}
+
+#[derive(Debug, Clone)]
+pub enum TransformBody {
+    Source(SourceTransform),
+    /// A SELECT over other warehouse tables, run after its inputs are loaded.
+    Derived { sql: String },
+}
+
+/// A source table: where its export lives, its columns and rules.
+#[derive(Debug, Clone)]
+pub struct SourceTransform {
+    pub source: SourceSpec,
+    pub columns: Vec<Column>,
+    pub key: Vec<String>,
+    pub latest_by: Option<String>,
+    pub references: Vec<Reference>,
+    pub reject_threshold: f64,
+}
+
+/// A validated column with its parse and validation rules.
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    /// Name in the export (CSV header or JSON key).
+    pub from: String,
+    pub ty: ColumnType,
+    pub nullable: bool,
+    pub formats: Vec<String>,
+    pub scale: i8,
+    pub case: Option<Case>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub allowed: Vec<String>,
+    pub pattern: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Reference {
+    pub column: String,
+    pub table: String,
+    pub key: String,
+}
+
+/// All transforms of a project, sources in dependency order followed by derived tables.
+#[derive(Debug, Clone)]
+pub struct TransformSet {
+    pub transforms: Vec<Transform>,
+}
+
+impl TransformSet {
+    /// Loads and validates every file in the project's transforms folder.
+    pub fn load(project: &Project) -> Result<Self> {
+        let mut specs = Vec::new();
+        let mut errors = Vec::new();
+        for path in yaml_files(&project.transforms)? {
+            match load_yaml::<TransformSpec>(&path) {
+                Ok(spec) => specs.push((project.display_path(&path), spec)),
+                Err(crate::error::Error::Spec(SpecErrors(mut d))) => {
+                    for diag in &mut d {
+                        diag.file = project.display_path(&diag.file);
+                    }
+                    errors.extend(d)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let set = resolve(specs, &mut errors);
+        if errors.is_empty() { Ok(set) } else { Err(SpecErrors(errors).into()) }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Transform> {
+        self.transforms.iter().find(|t| t.name == name)
+    }
+}
+
+fn diag(file: &Path, at: &Spanned<impl Sized>, key: String, message: String, hint: Option<String>) -> Diagnostic {
+    Diagnostic {
+        file: file.to_path_buf(),
+        line: at.referenced.line(),
+        column: at.referenced.column(),
+        key,
+        message,
+        hint,
+    }
+}
+
+/// Resolves raw specs into the model, appending every problem to `errors`.
+pub fn resolve(specs: Vec<(PathBuf, TransformSpec)>, errors: &mut Vec<Diagnostic>) -> TransformSet {
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut transforms: Vec<Transform> =
+        specs.iter().map(|(file, spec)| resolve_one(file, spec, errors, &mut seen)).collect();
+    // Cross-file checks: every reference names a table, and a column of it when it is a source.
+    let names: Vec<&str> = transforms.iter().map(|t| t.name.as_str()).collect();
+    let columns_of = |table: &str| {
+        transforms.iter().find(|t| t.name == table).and_then(|t| match &t.body {
+            TransformBody::Source(s) => Some(s.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>()),
+            TransformBody::Derived { .. } => None,
+        })
+    };
+    let mut cross = Vec::new();
+    for (file, spec) in &specs {
+        for r in &spec.references {
+            let key = format!("table '{}' › references › '{}'", spec.table.value, r.column.value);
+            if !names.contains(&r.table.value.as_str()) {
+                let hint = valid_names_hint("tables", &r.table.value, names.iter().copied());
+                cross.push(diag(file, &r.table, key, format!("table '{}' not found", r.table.value), Some(hint)));
+            } else if let Some(cols) = columns_of(&r.table.value)
+                && !cols.contains(&r.key.value)
+            {
+                let hint = valid_names_hint("columns", &r.key.value, cols.iter().map(String::as_str));
+                cross.push(diag(
+                    file,
+                    &r.key,
+                    key,
+                    format!("column '{}' not found in table '{}'", r.key.value, r.table.value),
+                    Some(hint),
+                ));
+            }
+        }
+    }
+    errors.extend(cross);
+    order_sources(&mut transforms, errors);
+    TransformSet { transforms }
+}
+
+/// Validates one file on its own.
+fn resolve_one(
+    file: &Path,
+    spec: &TransformSpec,
+    errors: &mut Vec<Diagnostic>,
+    seen: &mut BTreeMap<String, PathBuf>,
+) -> Transform {
+    let table = spec.table.value.clone();
+    let at = |key: &str| format!("table '{table}' › {key}");
+    if spec.version != 1 {
+        errors.push(Diagnostic {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+            key: "version".into(),
+            message: format!("unsupported version {}; this crmcube reads version 1", spec.version),
+            hint: None,
+        });
+    }
+    if let Some(first) = seen.insert(table.clone(), file.to_path_buf()) {
+        errors.push(diag(
+            file,
+            &spec.table,
+            "table".into(),
+            format!("table '{table}' is already defined in {}", first.display()),
+            Some("each warehouse table has one transform file".into()),
+        ));
+    }
+    let body = match (&spec.source, &spec.sql) {
+        (Some(_), Some(_)) | (None, None) => {
+            errors.push(diag(
+                file,
+                &spec.table,
+                at("source/sql"),
+                "a transform needs exactly one of `source:` (an export) or `sql:` (a derived table)".into(),
+                None,
+            ));
+            TransformBody::Derived { sql: String::new() }
+        }
+        (None, Some(sql)) => TransformBody::Derived { sql: sql.clone() },
+        (Some(source), None) => TransformBody::Source(resolve_source(file, spec, source, errors)),
+    };
+    Transform { name: table, file: file.to_path_buf(), body }
+}
+
+fn resolve_source(file: &Path, spec: &TransformSpec, source: &SourceSpec, errors: &mut Vec<Diagnostic>) -> SourceTransform {
+    let table = &spec.table.value;
+    let mut columns = Vec::new();
+    let mut names = BTreeSet::new();
+    if spec.columns.is_empty() {
+        errors.push(diag(file, &spec.table, format!("table '{table}' › columns"), "a source needs at least one column".into(), None));
+    }
+    for c in &spec.columns {
+        let name = c.name.value.clone();
+        let key = format!("table '{table}' › column '{name}'");
+        if !names.insert(name.clone()) {
+            errors.push(diag(file, &c.name, key.clone(), "column is declared twice".into(), None));
+        }
+        if (c.min.is_some() || c.max.is_some()) && !c.ty.is_numeric() {
+            errors.push(diag(file, &c.name, key.clone(), "min/max apply only to integer, decimal and float columns".into(), None));
+        }
+        if (!c.allowed.is_empty() || c.pattern.is_some() || c.case.is_some()) && c.ty != ColumnType::String {
+            errors.push(diag(file, &c.name, key.clone(), "enum, pattern and case apply only to string columns".into(), None));
+        }
+        if !c.formats.is_empty() && !matches!(c.ty, ColumnType::Date | ColumnType::Timestamp) {
+            errors.push(diag(file, &c.name, key.clone(), "formats apply only to date and timestamp columns".into(), None));
+        }
+        if let Some(p) = &c.pattern
+            && let Err(e) = regex::Regex::new(p)
+        {
+            errors.push(diag(file, &c.name, key.clone(), format!("pattern is not a valid regular expression: {e}"), None));
+        }
+        let scale = c.scale.unwrap_or(2);
+        if scale > 10 {
+            errors.push(diag(file, &c.name, key.clone(), format!("scale {scale} is too large; at most 10"), None));
+        }
+        let formats = if !c.formats.is_empty() {
+            c.formats.clone()
+        } else {
+            match c.ty {
+                ColumnType::Date => vec!["%Y-%m-%d".into()],
+                ColumnType::Timestamp => vec!["%Y-%m-%d %H:%M:%S".into(), "%Y-%m-%dT%H:%M:%S".into()],
+                _ => vec![],
+            }
+        };
+        columns.push(Column {
+            from: c.from.clone().unwrap_or_else(|| name.clone()),
+            name,
+            ty: c.ty,
+            nullable: c.nullable,
+            formats,
+            scale: scale.min(10) as i8,
+            case: c.case,
+            min: c.min,
+            max: c.max,
+            allowed: c.allowed.clone(),
+            pattern: c.pattern.clone(),
+        });
+    }
+    let column_names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+    let mut check_column = |at: &Spanned<String>, what: &str| {
+        if !column_names.contains(&at.value.as_str()) {
+            errors.push(diag(
+                file,
+                at,
+                format!("table '{table}' › {what} '{}'", at.value),
+                "column not found".into(),
+                Some(valid_names_hint("columns", &at.value, column_names.iter().copied())),
+            ));
+        }
+    };
+    for k in &spec.key {
+        check_column(k, "key");
+    }
+    if let Some(d) = &spec.duplicates {
+        check_column(&d.latest_by, "duplicates › latest_by");
+    }
+    for r in &spec.references {
+        check_column(&r.column, "references › column");
+    }
+    let reject_threshold = spec.reject_threshold.unwrap_or(DEFAULT_REJECT_THRESHOLD);
+    if !(0.0..=1.0).contains(&reject_threshold) {
+        errors.push(diag(
+            file,
+            &spec.table,
+            format!("table '{table}' › reject_threshold"),
+            format!("{reject_threshold} is not a fraction between 0 and 1 (0.05 means 5 %)"),
+            None,
+        ));
+    }
+    if spec.duplicates.is_some() && spec.key.is_empty() {
+        errors.push(diag(file, &spec.table, format!("table '{table}' › duplicates"), "duplicates need a `key:`".into(), None));
+    }
+    SourceTransform {
+        source: source.clone(),
+        columns,
+        key: spec.key.iter().map(|k| k.value.clone()).collect(),
+        latest_by: spec.duplicates.as_ref().map(|d| d.latest_by.value.clone()),
+        references: spec
+            .references
+            .iter()
+            .map(|r| Reference { column: r.column.value.clone(), table: r.table.value.clone(), key: r.key.value.clone() })
+            .collect(),
+        reject_threshold,
+    }
+}
+
+/// Orders source tables so that a referenced table loads before the tables referring to it;
+/// derived tables keep their file order after the sources (the loader orders them by SQL).
+fn order_sources(transforms: &mut Vec<Transform>, errors: &mut Vec<Diagnostic>) {
+    let mut remaining: Vec<Transform> = std::mem::take(transforms);
+    let (mut sources, derived): (Vec<_>, Vec<_>) = remaining.drain(..).partition(|t| matches!(t.body, TransformBody::Source(_)));
+    let source_names: BTreeSet<String> = sources.iter().map(|t| t.name.clone()).collect();
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    while !sources.is_empty() {
+        let ready = sources.iter().position(|t| match &t.body {
+            TransformBody::Source(s) => s
+                .references
+                .iter()
+                .all(|r| r.table == t.name || done.contains(&r.table) || !source_names.contains(&r.table)),
+            TransformBody::Derived { .. } => true,
+        });
+        match ready {
+            Some(i) => {
+                let t = sources.remove(i);
+                done.insert(t.name.clone());
+                transforms.push(t);
+            }
+            None => {
+                let cycle: Vec<String> = sources.iter().map(|t| t.name.clone()).collect();
+                errors.push(Diagnostic {
+                    file: sources[0].file.clone(),
+                    line: 0,
+                    column: 0,
+                    key: "references".into(),
+                    message: format!("source tables reference each other in a cycle: {}", cycle.join(" → ")),
+                    hint: Some("a reference must point to a table that can load first".into()),
+                });
+                transforms.append(&mut sources);
+            }
+        }
+    }
+    transforms.extend(derived);
+}

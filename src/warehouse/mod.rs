@@ -1,0 +1,237 @@
+//! The warehouse on disk: Delta tables plus the snapshot manifests that tie them together.
+//!
+//! ```text
+//! warehouse/
+//!   tables/<name>/            one Delta table per warehouse table (Parquet + _delta_log/)
+//!   snapshots/000001.json     a manifest: each table's Delta version and row count
+//!   CURRENT                   the id of the snapshot readers open
+//! ```
+//! Delta commits are atomic per table, but a load writes many tables. A load therefore commits
+//! every table first and only then writes a new manifest and swaps `CURRENT` by an atomic rename.
+//! Readers open exactly the versions the current manifest names, so they see the previous load or
+//! the new one, never a mix; a load that fails or is killed before the rename leaves the previous
+//! snapshot in place.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::prelude::SessionContext;
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableBuilder};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+use crate::error::{DataError, Error, Result};
+
+/// One table in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableEntry {
+    /// The Delta version readers open.
+    pub version: u64,
+    pub rows: u64,
+}
+
+/// A consistent state of the whole warehouse: what one load produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: u64,
+    /// RFC 3339 time the snapshot was committed.
+    pub committed_at: String,
+    pub tables: BTreeMap<String, TableEntry>,
+}
+
+/// A warehouse folder.
+#[derive(Debug, Clone)]
+pub struct Warehouse {
+    root: PathBuf,
+}
+
+impl Warehouse {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Folder of a table's Delta log and Parquet files.
+    pub fn table_path(&self, name: &str) -> PathBuf {
+        self.root.join("tables").join(name)
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    fn table_url(&self, name: &str) -> Result<url::Url> {
+        let path = self.table_path(name);
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        let abs = path.canonicalize().map_err(|e| Error::io(&path, e))?;
+        url::Url::from_directory_path(&abs)
+            .map_err(|_| Error::Internal(format!("cannot turn {} into a URL", abs.display())))
+    }
+
+    /// Replaces a table's content with `batches` as a new Delta version; returns the version.
+    ///
+    /// The new version is invisible to readers until a snapshot naming it is committed.
+    pub async fn write_table(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<u64> {
+        let delta_err = |source| Error::Delta { table: name.to_string(), source };
+        let (schema, mut batches) = delta_compatible(schema, batches)?;
+        if batches.is_empty() {
+            batches.push(RecordBatch::new_empty(schema));
+        }
+        let table = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(delta_err)?;
+        let table = table
+            .write(batches)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+            .with_table_name(name)
+            .await
+            .map_err(delta_err)?;
+        table
+            .version()
+            .ok_or_else(|| Error::Internal(format!("table '{name}' has no version after a write")))
+    }
+
+    /// The snapshot readers currently see, if any load has committed.
+    pub fn current(&self) -> Result<Option<Snapshot>> {
+        let current = self.root.join("CURRENT");
+        let id = match std::fs::read_to_string(&current) {
+            Ok(text) => text.trim().parse::<u64>().map_err(|_| DataError::Input {
+                file: current.clone(),
+                line: Some(1),
+                message: format!("expected a snapshot id, found '{}'", text.trim()),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(current, e)),
+        };
+        self.snapshot(id).map(Some)
+    }
+
+    /// Reads one snapshot manifest.
+    pub fn snapshot(&self, id: u64) -> Result<Snapshot> {
+        let path = self.snapshots_dir().join(format!("{id:06}.json"));
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| DataError::Input { file: path, line: Some(e.line() as u64), message: e.to_string() }.into())
+    }
+
+    /// Makes `tables` the new current snapshot: manifest first, then an atomic swap of CURRENT.
+    pub fn commit(&self, tables: BTreeMap<String, TableEntry>) -> Result<Snapshot> {
+        let id = self.current()?.map(|s| s.id).unwrap_or(0) + 1;
+        let snapshot = Snapshot { id, committed_at: chrono::Utc::now().to_rfc3339(), tables };
+        let dir = self.snapshots_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let json = serde_json::to_vec_pretty(&snapshot).map_err(|e| Error::Internal(e.to_string()))?;
+        write_atomic(&dir.join(format!("{id:06}.json")), &json)?;
+        write_atomic(&self.root.join("CURRENT"), format!("{id}\n").as_bytes())?;
+        Ok(snapshot)
+    }
+
+    /// A query session over the current snapshot (an empty session before the first load).
+    pub async fn session(&self) -> Result<SessionContext> {
+        let ctx = SessionContext::new();
+        match self.current()? {
+            Some(s) => self.register(&ctx, &s).await?,
+            None => {
+                return Err(DataError::Input {
+                    file: self.root.clone(),
+                    line: None,
+                    message: "the warehouse has no snapshot yet; run `crmcube load` first".into(),
+                }
+                .into());
+            }
+        }
+        Ok(ctx)
+    }
+
+    /// Registers every table of `snapshot` in `ctx`, each at the Delta version it names.
+    pub async fn register(&self, ctx: &SessionContext, snapshot: &Snapshot) -> Result<()> {
+        for (name, entry) in &snapshot.tables {
+            let delta_err = |source| Error::Delta { table: name.to_string(), source };
+            let table = DeltaTableBuilder::from_url(self.table_url(name)?)
+                .map_err(delta_err)?
+                .with_version(entry.version)
+                .load()
+                .await
+                .map_err(delta_err)?;
+            table.update_datafusion_session(&ctx.state()).map_err(delta_err)?;
+            let provider = table.table_provider().await.map_err(|e| Error::Internal(e.to_string()))?;
+            ctx.register_table(name.as_str(), provider)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a file so that readers see either the old content or the new, never a part.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Delta has no view or unsigned types: store views as plain strings, unsigned as signed.
+fn delta_compatible(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let target = |dt: &DataType| match dt {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::UInt8 | DataType::UInt16 => DataType::Int32,
+        DataType::UInt32 | DataType::UInt64 => DataType::Int64,
+        other => other.clone(),
+    };
+    let fields: Vec<Field> =
+        schema.fields().iter().map(|f| Field::new(f.name(), target(f.data_type()), true)).collect();
+    let new_schema = Arc::new(Schema::new(fields));
+    let batches = batches
+        .into_iter()
+        .map(|b| {
+            let cols = b
+                .columns()
+                .iter()
+                .zip(new_schema.fields())
+                .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { cast(c, f.data_type()) })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(RecordBatch::try_new(new_schema.clone(), cols)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((new_schema, batches))
+}
+
+/// A content checksum of a table: SHA-256 over its rows in sorted order, independent of how
+/// the rows are split into files. Two loads of the same input give the same checksum.
+pub async fn content_checksum(ctx: &SessionContext, table: &str) -> Result<String> {
+    let df = ctx.table(table).await?;
+    let batches = df.collect().await?;
+    let mut rows: Vec<String> = Vec::new();
+    for b in &batches {
+        let formatters: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| datafusion::arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()))
+            .collect::<std::result::Result<_, _>>()?;
+        for i in 0..b.num_rows() {
+            let row: Vec<String> = formatters.iter().map(|f| f.value(i).to_string()).collect();
+            rows.push(row.join("\u{1f}"));
+        }
+    }
+    rows.sort();
+    let mut h = Sha256::new();
+    for r in rows {
+        h.update(r.as_bytes());
+        h.update(b"\n");
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
