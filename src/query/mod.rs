@@ -313,7 +313,10 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
         sorts.push(col(column.as_str()).sort(!desc, false));
     }
     sorts.extend(group.iter().map(|l| col(l.output_name().as_str()).sort(true, true)));
-    df = df.select(out)?.sort(sorts)?;
+    df = df.select(out)?;
+    if !sorts.is_empty() {
+        df = df.sort(sorts)?;
+    }
     if let Some(n) = q.limit {
         df = df.limit(0, Some(n))?;
     }

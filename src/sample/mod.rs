@@ -42,7 +42,8 @@
 //!   - `padded` 5% — name or city surrounded by spaces (`"  Hangzhou "`).
 //!   - `blank_optional` 3% — email empty.
 //!   - `mixed_case_enum` 10% — segment `Enterprise`, `SMB`, `cOnSuMeR`.
-//!   - `unparseable` 0.3% — credit_limit `n/a` or signup_date `2024-13-45`.
+//!   - `unparseable` 0.3% — an extra, garbled row right after the customer's clean row:
+//!     credit_limit `n/a` or signup_date `2024-13-45`.
 //! - **orders.csv**: `date_alt_format` 8% (order_date), `mixed_case_enum` 10% (channel),
 //!   `padded` 3% (customer_id), `orphan_customer` 0.5% (`C9xxxxx`, no such customer),
 //!   `unparseable` 0.2% (a ragged 4-field row, or order_date `not a date`).
@@ -54,7 +55,8 @@
 //!   `unparseable` 0.2% (amount `n/a`).
 //! - **payments.csv**: `amount_formatted` 5%, `date_alt_format` 8%, `mixed_case_enum` 10%
 //!   (method), `orphan_invoice` 0.3% (`INV9xxxxxx`), `unparseable` 0.2% (amount `n/a` or
-//!   payment_date `not a date`).
+//!   payment_date `not a date`), and `orphan_invoice_cascade` for every payment of an
+//!   unparseable invoice (the payment itself is clean).
 //! - **interactions.jsonl**: `mixed_case_enum` 10% (channel), `unparseable` 0.2% (a truncated
 //!   JSON line), `orphan_customer` 0.3%.
 //! - **sales_reps.csv**, **products.csv**: `padded` 5% (name).
@@ -140,6 +142,7 @@ const ORPHAN_CUSTOMER: &str = "orphan_customer";
 const ORPHAN_PRODUCT: &str = "orphan_product";
 const ORPHAN_INVOICE: &str = "orphan_invoice";
 const ORPHAN_ORDER_CASCADE: &str = "orphan_order_cascade";
+const ORPHAN_INVOICE_CASCADE: &str = "orphan_invoice_cascade";
 const NEGATIVE_QUANTITY: &str = "negative_quantity";
 
 /// `(kind, probability per clean row)`; kinds are mutually exclusive (one draw per row).
@@ -394,6 +397,8 @@ struct Gen {
     out: PathBuf,
     start: NaiveDate,
     end: NaiveDate,
+    /// Invoices written with an unparseable amount: their payments cascade to quarantine.
+    unparseable_invoices: std::collections::BTreeSet<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -407,7 +412,7 @@ pub fn generate(cfg: &SampleConfig, out: &Path) -> Result<SampleSummary, SampleE
     let end = NaiveDate::from_ymd_opt(2026, 10, 31).expect("valid date");
     let years = cfg.years.clamp(1, 50) as i32;
     let start = NaiveDate::from_ymd_opt(2026 - years, 11, 1).expect("valid date");
-    let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(cfg.seed), out: out.to_path_buf(), start, end };
+    let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(cfg.seed), out: out.to_path_buf(), start, end, unparseable_invoices: Default::default() };
 
     let reps = g.reps();
     let products = g.products();
@@ -760,12 +765,21 @@ impl Gen {
                 }
                 Some(BLANK_OPTIONAL) => f[7].clear(),
                 Some(MIXED_CASE_ENUM) => f[2] = mixed_case(rng, SEGMENTS[c.segment]),
-                Some(UNPARSEABLE) if rng.random_bool(0.5) => f[6] = "n/a".into(),
-                Some(UNPARSEABLE) => f[8] = "2024-13-45".into(),
+                Some(UNPARSEABLE) => {
+                    // A garbled re-export right after the clean row: quarantined, and the
+                    // customer still loads from its clean row (so no orders are orphaned).
+                    let mut extra = f.clone();
+                    if rng.random_bool(0.5) {
+                        extra[6] = "n/a".into();
+                    } else {
+                        extra[8] = "2024-13-45".into();
+                    }
+                    extras[i].push((extra, UNPARSEABLE));
+                }
                 _ => {}
             }
-            // The first row of a duplicated customer is clean; the extra row carries the kind.
-            let own = kind.filter(|k| *k != DUPLICATE_LATER && *k != DUPLICATE_EQUAL_TS);
+            // The first row of a customer with an extra row is clean; the extra row carries the kind.
+            let own = kind.filter(|k| ![DUPLICATE_LATER, DUPLICATE_EQUAL_TS, UNPARSEABLE].contains(k));
             t.row(&f, own)?;
             for (extra, k) in std::mem::take(&mut extras[i]) {
                 t.row(&extra, Some(k))?;
@@ -861,6 +875,9 @@ impl Gen {
                 Some(UNPARSEABLE) => f[5] = "n/a".into(),
                 _ => {}
             }
+            if dirt == Some(UNPARSEABLE) {
+                self.unparseable_invoices.insert(ii);
+            }
             t.row(&f, dirt)?;
         }
         t.finish()
@@ -869,9 +886,14 @@ impl Gen {
     fn write_payments(&mut self, payments: &[Payment]) -> Result<Output, SampleError> {
         let header = "payment_id,invoice_id,payment_date,amount,method";
         let mut t = Table::new(&self.out, "payments.csv", header, PAYMENT_DIRT)?;
+        t.summary.dirt.insert(ORPHAN_INVOICE_CASCADE.into(), 0);
         let rng = &mut self.rng;
         for (pi, p) in payments.iter().enumerate() {
-            let dirt = pick_dirt(rng, PAYMENT_DIRT);
+            let drawn = pick_dirt(rng, PAYMENT_DIRT);
+            // A payment of an invoice that is itself quarantined cannot load: it is clean, but
+            // counted as a cascade rather than under the kind drawn for it.
+            let cascade = self.unparseable_invoices.contains(&p.invoice);
+            let dirt = if cascade { Some(ORPHAN_INVOICE_CASCADE) } else { drawn };
             let mut f = [
                 format!("PAY{:07}", pi + 1),
                 invoice_id(p.invoice),
@@ -1222,7 +1244,10 @@ mod tests {
         let ids: BTreeSet<&str> = customers.iter().map(|r| &r[0]).collect();
         assert_eq!(ids.len(), 400);
         let extra = (customers.len() - ids.len()) as u64;
-        assert_eq!(extra, kind("customers.csv", DUPLICATE_LATER) + kind("customers.csv", DUPLICATE_EQUAL_TS));
+        assert_eq!(
+            extra,
+            kind("customers.csv", DUPLICATE_LATER) + kind("customers.csv", DUPLICATE_EQUAL_TS) + kind("customers.csv", UNPARSEABLE)
+        );
         assert!(extra > 0);
 
         // Lines of interactions.jsonl that are not JSON.

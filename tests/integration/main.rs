@@ -1,0 +1,8 @@
+//! Integration tests, one binary (one link): end-to-end loads of the committed sample export,
+//! cube query results checked against independent computations, reloads, and metadata errors.
+
+mod common;
+mod cube_queries;
+mod load_sample;
+mod metadata_errors;
+mod reload;

@@ -1,0 +1,82 @@
+//! Broken metadata files: errors name file, line, column and key, suggest the nearest valid
+//! name, and never panic.
+
+use std::process::Command;
+
+use crmcube::cube::CubeSet;
+use crmcube::etl::TransformSet;
+
+use crate::common::test_project;
+
+/// Replaces `from` by `to` in a project file; returns the 1-based line where `to` now stands.
+fn break_file(path: &std::path::Path, from: &str, to: &str) -> usize {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from} not in {}", path.display());
+    let text = text.replacen(from, to, 1);
+    std::fs::write(path, &text).unwrap();
+    text.lines().position(|l| l.contains(to)).unwrap() + 1
+}
+
+fn errors(t: &crate::common::TestProject) -> String {
+    match TransformSet::load(&t.project) {
+        Err(e) => e.to_string(),
+        Ok(set) => CubeSet::load(&t.project, &set).map(|_| String::new()).unwrap_or_else(|e| e.to_string()),
+    }
+}
+
+#[test]
+fn misspelled_reference_table_names_file_line_key_and_nearest_table() {
+    let t = test_project();
+    let line = break_file(&t.project.transforms.join("orders.yaml"), "table: dim_customer,", "table: dim_custmer,");
+    let err = errors(&t);
+    assert!(err.contains(&format!("orders.yaml:{line}:")), "{err}");
+    assert!(err.contains("references › 'customer_id'") && err.contains("table 'dim_custmer' not found"), "{err}");
+    assert!(err.contains("did you mean 'dim_customer'?"), "{err}");
+}
+
+#[test]
+fn misspelled_key_column_suggests_the_declared_column() {
+    let t = test_project();
+    let line = break_file(&t.project.transforms.join("orders.yaml"), "key: [order_id]", "key: [orderid]");
+    let err = errors(&t);
+    assert!(err.contains(&format!("orders.yaml:{line}:")) && err.contains("key 'orderid'"), "{err}");
+    assert!(err.contains("did you mean 'order_id'?"), "{err}");
+}
+
+#[test]
+fn unknown_yaml_key_in_a_cube_is_named_with_its_line() {
+    let t = test_project();
+    let line = break_file(&t.project.cubes.join("sales.yaml"), "foreign_key: order_date", "foreign_kye: order_date");
+    let err = errors(&t);
+    assert!(err.contains(&format!("sales.yaml:{line}:")), "{err}");
+    assert!(err.contains("foreign_kye"), "{err}");
+}
+
+#[test]
+fn misspelled_fact_table_suggests_the_warehouse_table() {
+    let t = test_project();
+    let line = break_file(&t.project.cubes.join("sales.yaml"), "fact: fact_sales", "fact: fact_sale");
+    let err = errors(&t);
+    assert!(err.contains(&format!("sales.yaml:{line}:")) && err.contains("cube 'sales' › fact"), "{err}");
+    assert!(err.contains("did you mean 'fact_sales'?"), "{err}");
+}
+
+#[test]
+fn wrong_value_type_is_reported_not_panicked_on() {
+    let t = test_project();
+    let line = break_file(&t.project.transforms.join("fact_invoice.yaml"), "reject_threshold: 0.02", "reject_threshold: lots");
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).arg("check").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("fact_invoice.yaml:{line}:")), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let t = test_project();
+    break_file(&t.project.transforms.join("orders.yaml"), "key: [order_id]", "key: [orderid]");
+    break_file(&t.project.transforms.join("fact_payment.yaml"), "table: fact_invoice,", "table: fact_invoices,");
+    let err = errors(&t);
+    assert!(err.contains("orders.yaml") && err.contains("fact_payment.yaml"), "{err}");
+}

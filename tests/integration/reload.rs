@@ -1,0 +1,99 @@
+//! Re-running loads, failed loads, and reading the warehouse with another engine.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use crmcube::ErrorKind;
+use crmcube::etl::load;
+use crmcube::warehouse::content_checksum;
+
+use crate::common::{block_on, loaded, test_project};
+
+async fn checksums(w: &crmcube::warehouse::Warehouse) -> BTreeMap<String, (u64, String)> {
+    let ctx = w.session().await.unwrap();
+    let snapshot = w.current().unwrap().unwrap();
+    let mut out = BTreeMap::new();
+    for (name, entry) in &snapshot.tables {
+        out.insert(name.clone(), (entry.rows, content_checksum(&ctx, name).await.unwrap()));
+    }
+    out
+}
+
+#[test]
+fn loading_the_same_exports_twice_leaves_identical_tables() {
+    let t = test_project();
+    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    block_on(async move {
+        let first = load(&p, &w).await.unwrap();
+        let before = checksums(&w).await;
+        let second = load(&p, &w).await.unwrap();
+        let after = checksums(&w).await;
+        assert_eq!((first.snapshot, second.snapshot), (1, 2));
+        assert_eq!(before.len(), 12, "eleven tables and the quarantine");
+        assert_eq!(before, after, "row counts and content checksums of every table");
+        assert_eq!(first.tables, second.tables, "per-table read/loaded/quarantined/duplicates");
+    });
+}
+
+#[test]
+fn a_load_over_its_reject_threshold_commits_nothing_and_exits_3() {
+    let t = test_project();
+    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    let before = block_on(async move {
+        load(&p, &w).await.unwrap();
+        checksums(&w).await
+    });
+    // Tighten one threshold below the sample's dirt rate: the next load must fail whole.
+    let spec = t.project.transforms.join("order_lines.yaml");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("reject_threshold: 0.03", "reject_threshold: 0.001");
+    std::fs::write(&spec, text).unwrap();
+    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    let err = block_on(async move { load(&p, &w).await.unwrap_err() });
+    assert_eq!(err.kind(), ErrorKind::Data);
+    let msg = err.to_string();
+    assert!(msg.contains("table 'order_lines'") && msg.contains("reject threshold") && msg.contains("order_lines.yaml"), "{msg}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).arg("load").output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let w = t.warehouse.clone();
+    let after = block_on(async move {
+        assert_eq!(w.current().unwrap().unwrap().id, 1, "CURRENT still names the first snapshot");
+        checksums(&w).await
+    });
+    assert_eq!(before, after, "readers see the previous snapshot unchanged");
+}
+
+/// The Python of the test environment (`.ci/run` makes `.venv` with duckdb).
+fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("CRMCUBE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::common::repo().join(".venv/bin/python"));
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must provide {} with duckdb (see .ci/run)", p.display());
+    eprintln!("skipping: {} not found; run `bash .ci/run` or make the venv as the README says", p.display());
+    None
+}
+
+#[test]
+fn duckdb_reads_warehouse_tables_with_the_same_row_counts() {
+    let Some(python) = python() else { return };
+    let l = loaded();
+    let snapshot = l.test.warehouse.current().unwrap().unwrap();
+    for table in ["fact_sales", "dim_customer", "quarantine"] {
+        let entry = &snapshot.tables[table];
+        let out = Command::new(&python)
+            .arg(crate::common::repo().join("tests/duckdb_count.py"))
+            .arg(l.test.warehouse.table_path(table))
+            .arg(entry.version.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let count: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(count, entry.rows, "{table}: DuckDB count vs snapshot");
+        assert_eq!(count, l.report.table(table).map(|t| t.loaded).unwrap_or(count));
+    }
+}
