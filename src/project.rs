@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde_saphyr::Spanned;
 
 use crate::error::{Diagnostic, Error, Result, SpecErrors};
 
@@ -81,16 +82,10 @@ impl Project {
     /// Loads the project whose root folder is `root`.
     pub fn open(root: &Path) -> Result<Self> {
         let spec: ProjectSpec = load_yaml(&root.join(PROJECT_FILE))?;
-        if spec.version != 1 {
-            return Err(SpecErrors(vec![Diagnostic {
-                file: root.join(PROJECT_FILE),
-                line: 1,
-                column: 1,
-                key: "version".into(),
-                message: format!("unsupported version {}; this crmcube reads version 1", spec.version),
-                hint: None,
-            }])
-            .into());
+        let mut errors = Vec::new();
+        check_version(&root.join(PROJECT_FILE), spec.version, &mut errors);
+        if !errors.is_empty() {
+            return Err(SpecErrors(errors).into());
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -152,9 +147,46 @@ pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Converts a YAML span into (line, column).
-pub fn position(loc: &serde_saphyr::Location) -> (u64, u64) {
-    (loc.line(), loc.column())
+/// Loads every YAML file of a metadata folder; files that do not parse become diagnostics
+/// (paths shown relative to the project) so that one run reports every broken file.
+pub fn load_folder<T: DeserializeOwned>(project: &Project, dir: &Path) -> Result<(Vec<(PathBuf, T)>, Vec<Diagnostic>)> {
+    let mut specs = Vec::new();
+    let mut errors = Vec::new();
+    for path in yaml_files(dir)? {
+        let shown = project.display_path(&path);
+        match load_yaml::<T>(&path) {
+            Ok(spec) => specs.push((shown, spec)),
+            Err(Error::Spec(SpecErrors(d))) => errors.extend(d.into_iter().map(|x| Diagnostic { file: shown.clone(), ..x })),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((specs, errors))
+}
+
+/// A diagnostic at the position of a YAML value.
+pub fn diagnostic_at<T>(file: &Path, at: &Spanned<T>, key: String, message: String, hint: Option<String>) -> Diagnostic {
+    Diagnostic {
+        file: file.to_path_buf(),
+        line: at.referenced.line(),
+        column: at.referenced.column(),
+        key,
+        message,
+        hint,
+    }
+}
+
+/// Every metadata file starts with `version: 1`.
+pub fn check_version(file: &Path, version: u32, errors: &mut Vec<Diagnostic>) {
+    if version != 1 {
+        errors.push(Diagnostic {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+            key: "version".into(),
+            message: format!("unsupported version {version}; this crmcube reads version 1"),
+            hint: Some("write `version: 1`".into()),
+        });
+    }
 }
 
 #[cfg(test)]

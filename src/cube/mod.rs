@@ -14,9 +14,9 @@ use serde_saphyr::Spanned;
 pub use spec::Aggregation;
 use spec::CubeSpec;
 
-use crate::error::{Diagnostic, Error, QueryError, Result, SpecErrors, valid_names_hint};
+use crate::error::{Diagnostic, QueryError, Result, SpecErrors, valid_names_hint};
 use crate::etl::TransformSet;
-use crate::project::{Project, load_yaml, yaml_files};
+use crate::project::{Project, check_version, diagnostic_at as diag, load_folder};
 
 /// A validated cube.
 #[derive(Debug, Clone)]
@@ -173,21 +173,8 @@ impl CubeSet {
     /// Loads and validates every cube file; `transforms` names the tables cubes may use.
     pub fn load(project: &Project, transforms: &TransformSet) -> Result<Self> {
         let tables: Vec<&str> = transforms.transforms.iter().map(|t| t.name.as_str()).collect();
-        let mut cubes = Vec::new();
-        let mut errors = Vec::new();
-        for path in yaml_files(&project.cubes)? {
-            let shown = project.display_path(&path);
-            match load_yaml::<CubeSpec>(&path) {
-                Ok(spec) => cubes.push(resolve(&shown, &spec, &tables, &mut errors)),
-                Err(Error::Spec(SpecErrors(d))) => {
-                    errors.extend(d.into_iter().map(|mut x| {
-                        x.file = shown.clone();
-                        x
-                    }));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let (specs, mut errors) = load_folder::<CubeSpec>(project, &project.cubes)?;
+        let cubes: Vec<Cube> = specs.iter().map(|(file, spec)| resolve(file, spec, &tables, &mut errors)).collect();
         let mut names = BTreeSet::new();
         for c in &cubes {
             if !names.insert(c.name.clone()) {
@@ -212,23 +199,10 @@ impl CubeSet {
     }
 }
 
-fn diag(file: &Path, at: &Spanned<String>, key: String, message: String, hint: Option<String>) -> Diagnostic {
-    Diagnostic { file: file.to_path_buf(), line: at.referenced.line(), column: at.referenced.column(), key, message, hint }
-}
-
 /// Resolves one cube file, appending problems to `errors`.
 fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagnostic>) -> Cube {
     let cube = spec.cube.value.clone();
-    if spec.version != 1 {
-        errors.push(Diagnostic {
-            file: file.to_path_buf(),
-            line: 1,
-            column: 1,
-            key: "version".into(),
-            message: format!("unsupported version {}; this crmcube reads version 1", spec.version),
-            hint: None,
-        });
-    }
+    check_version(file, spec.version, errors);
     let check_table = |errors: &mut Vec<Diagnostic>, at: &Spanned<String>, key: String| {
         if !tables.contains(&at.value.as_str()) {
             errors.push(diag(

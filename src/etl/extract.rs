@@ -73,19 +73,9 @@ pub fn extract(table: &str, spec: &SourceTransform, sources_dir: &Path, display_
             read_file(table, spec, f, &shown)
         })
         .collect::<Result<_>>()?;
-    let mut all = FileRows::default();
+    let mut all = FileRows::new(spec.columns.len());
     for p in parts {
-        all.read += p.read;
-        all.rejects.extend(p.rejects);
-        for (i, col) in p.values.into_iter().enumerate() {
-            if all.values.len() <= i {
-                all.values.push(Vec::new());
-            }
-            all.values[i].extend(col);
-        }
-        all.files.extend(p.files);
-        all.lines.extend(p.lines);
-        all.raws.extend(p.raws);
+        all.append(p);
     }
     let batch = to_batch(spec, all.values, all.files, all.lines, all.raws)?;
     Ok(Extracted { batch, rejects: all.rejects, read: all.read, files })
@@ -108,17 +98,11 @@ fn to_batch(
     raws: Vec<String>,
 ) -> Result<RecordBatch> {
     let schema = raw_schema(spec);
-    let mut columns: Vec<ArrayRef> = Vec::new();
-    for i in 0..spec.columns.len() {
-        let col = values.get(i).map(|v| v.as_slice()).unwrap_or(&[]);
-        columns.push(Arc::new(StringArray::from_iter(col.iter().map(|v| v.as_deref()))));
-    }
+    let mut columns: Vec<ArrayRef> =
+        values.iter().map(|v| Arc::new(StringArray::from_iter(v.iter().map(|x| x.as_deref()))) as ArrayRef).collect();
     columns.push(Arc::new(StringArray::from_iter_values(files)));
     columns.push(Arc::new(Int64Array::from(lines)));
     columns.push(Arc::new(StringArray::from_iter_values(raws)));
-    if spec.columns.is_empty() {
-        return Err(Error::Internal("a source without columns reached extraction".into()));
-    }
     Ok(RecordBatch::try_new(schema, columns)?)
 }
 
@@ -145,6 +129,17 @@ impl FileRows {
         self.files.push(file.to_string());
         self.lines.push(line as i64);
         self.raws.push(raw);
+    }
+
+    fn append(&mut self, other: FileRows) {
+        for (mine, theirs) in self.values.iter_mut().zip(other.values) {
+            mine.extend(theirs);
+        }
+        self.files.extend(other.files);
+        self.lines.extend(other.lines);
+        self.raws.extend(other.raws);
+        self.rejects.extend(other.rejects);
+        self.read += other.read;
     }
 
     fn reject(&mut self, table: &str, file: &str, line: u64, reason: String, raw: String) {

@@ -11,7 +11,7 @@ use serde_saphyr::Spanned;
 
 use super::spec::{Case, ColumnType, SourceSpec, TransformSpec};
 use crate::error::{Diagnostic, Result, SpecErrors, valid_names_hint};
-use crate::project::{Project, load_yaml, yaml_files};
+use crate::project::{Project, check_version, diagnostic_at as diag, load_folder};
 
 /// Default share of rows that may be quarantined before a load fails.
 pub const DEFAULT_REJECT_THRESHOLD: f64 = 0.05;
@@ -76,37 +76,13 @@ pub struct TransformSet {
 impl TransformSet {
     /// Loads and validates every file in the project's transforms folder.
     pub fn load(project: &Project) -> Result<Self> {
-        let mut specs = Vec::new();
-        let mut errors = Vec::new();
-        for path in yaml_files(&project.transforms)? {
-            match load_yaml::<TransformSpec>(&path) {
-                Ok(spec) => specs.push((project.display_path(&path), spec)),
-                Err(crate::error::Error::Spec(SpecErrors(mut d))) => {
-                    for diag in &mut d {
-                        diag.file = project.display_path(&diag.file);
-                    }
-                    errors.extend(d)
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let (specs, mut errors) = load_folder::<TransformSpec>(project, &project.transforms)?;
         let set = resolve(specs, &mut errors);
         if errors.is_empty() { Ok(set) } else { Err(SpecErrors(errors).into()) }
     }
 
     pub fn get(&self, name: &str) -> Option<&Transform> {
         self.transforms.iter().find(|t| t.name == name)
-    }
-}
-
-fn diag(file: &Path, at: &Spanned<impl Sized>, key: String, message: String, hint: Option<String>) -> Diagnostic {
-    Diagnostic {
-        file: file.to_path_buf(),
-        line: at.referenced.line(),
-        column: at.referenced.column(),
-        key,
-        message,
-        hint,
     }
 }
 
@@ -158,16 +134,7 @@ fn resolve_one(
 ) -> Transform {
     let table = spec.table.value.clone();
     let at = |key: &str| format!("table '{table}' › {key}");
-    if spec.version != 1 {
-        errors.push(Diagnostic {
-            file: file.to_path_buf(),
-            line: 1,
-            column: 1,
-            key: "version".into(),
-            message: format!("unsupported version {}; this crmcube reads version 1", spec.version),
-            hint: None,
-        });
-    }
+    check_version(file, spec.version, errors);
     if let Some(first) = seen.insert(table.clone(), file.to_path_buf()) {
         errors.push(diag(
             file,
