@@ -30,6 +30,7 @@
 //! - [`cli`]: the `crmcube` commands and output formatting.
 //! - [`error`]: error kinds shared by all of the above, mapped to exit codes.
 
+pub mod analytics;
 pub mod cli;
 pub mod cube;
 pub mod error;

@@ -31,6 +31,9 @@ pub struct ProjectSpec {
     pub cubes: PathBuf,
     #[serde(default = "default_warehouse")]
     pub warehouse: PathBuf,
+    /// Saved cube queries (`crmcube query -f NAME`).
+    #[serde(default = "default_queries")]
+    pub queries: PathBuf,
 }
 
 fn default_sources() -> PathBuf {
@@ -45,6 +48,9 @@ fn default_cubes() -> PathBuf {
 fn default_warehouse() -> PathBuf {
     "warehouse".into()
 }
+fn default_queries() -> PathBuf {
+    "queries".into()
+}
 
 /// A located project: its root folder and the resolved folders.
 #[derive(Debug, Clone)]
@@ -55,6 +61,7 @@ pub struct Project {
     pub transforms: PathBuf,
     pub cubes: PathBuf,
     pub warehouse: PathBuf,
+    pub queries: PathBuf,
 }
 
 impl Project {
@@ -94,6 +101,7 @@ impl Project {
             transforms: root.join(spec.transforms),
             cubes: root.join(spec.cubes),
             warehouse: root.join(spec.warehouse),
+            queries: root.join(spec.queries),
         })
     }
 

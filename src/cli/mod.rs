@@ -74,26 +74,58 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct QueryArgs {
-    /// Cube name, e.g. sales.
-    pub cube: String,
+    /// Cube name, e.g. sales (or given by --file).
+    pub cube: Option<String>,
+    /// A query file (YAML or JSON with the keys of a query), or the name of one in queries/.
+    #[arg(long, short = 'f')]
+    pub file: Option<String>,
     /// Measures, comma-separated: revenue,margin_pct.
-    #[arg(long, short, value_delimiter = ',', required = true)]
+    #[arg(long, short, value_delimiter = ',')]
     pub measures: Vec<String>,
     /// Levels to group by, comma-separated: customer.region,time.year.
     #[arg(long, short, value_delimiter = ',')]
     pub by: Vec<String>,
-    /// Filter (repeatable): customer.region=East, time.year>=2025, channel.channel=online,store.
-    #[arg(long = "filter", short)]
+    /// Filter (repeatable): customer.region=East, time.year>=2025, channel.channel=online,store,
+    /// channel.channel!=store, customer.city~Hang%.
+    #[arg(long = "filter", short = 'w')]
     pub filters: Vec<String>,
-    /// Drill into a member, grouping it by the next level: customer.region=East.
+    /// Drill into a member, grouping it by the next level (repeat to go deeper):
+    /// --drill customer.region=East --drill customer.province=Zhejiang.
     #[arg(long)]
-    pub drill: Option<String>,
+    pub drill: Vec<String>,
     /// Trend over a time level (adds previous period and change %): time.month.
     #[arg(long)]
     pub trend: Option<String>,
     /// With --trend: show only the last N periods.
     #[arg(long)]
     pub last: Option<usize>,
+    /// With --trend: moving average over N periods.
+    #[arg(long, value_name = "N")]
+    pub moving_average: Option<usize>,
+    /// With --trend: running total.
+    #[arg(long)]
+    pub running_total: bool,
+    /// With --trend: year-to-date total.
+    #[arg(long)]
+    pub ytd: bool,
+    /// With --trend: same period last year and the change in %.
+    #[arg(long)]
+    pub yoy: bool,
+    /// With --trend: forecast the next K periods (Holt-Winters, 95% interval).
+    #[arg(long, value_name = "K")]
+    pub forecast: Option<usize>,
+    /// Spread a level's members across columns: time.year.
+    #[arg(long)]
+    pub pivot: Option<String>,
+    /// Two members side by side with the change: time.year=2025:2024.
+    #[arg(long)]
+    pub compare: Option<String>,
+    /// With --limit: add an (others) row for everything past the limit.
+    #[arg(long)]
+    pub others: bool,
+    /// Drill-through: list the fact rows behind the result (at most --limit, default 1000).
+    #[arg(long)]
+    pub detail: bool,
     /// Sort keys, comma-separated, each a measure or level with optional :desc.
     #[arg(long, value_delimiter = ',')]
     pub order: Vec<String>,
@@ -101,24 +133,52 @@ pub struct QueryArgs {
     pub limit: Option<usize>,
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
+    /// Write the result to a file; the format follows the extension
+    /// (.csv, .json, .parquet, .arrow).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
     /// Print the DataFusion plan instead of the result.
     #[arg(long)]
     pub explain: bool,
 }
 
 impl QueryArgs {
-    fn to_query(&self) -> CubeQuery {
-        CubeQuery {
-            cube: self.cube.clone(),
-            measures: self.measures.clone(),
-            by: self.by.clone(),
-            filters: self.filters.clone(),
-            drill: self.drill.clone(),
-            trend: self.trend.clone(),
-            last: self.last,
-            order: self.order.clone(),
-            limit: self.limit,
+    /// The query: from --file when given, with the command-line options added on top.
+    fn to_query(&self, project: &Project) -> Result<CubeQuery> {
+        let mut q = match &self.file {
+            Some(f) => {
+                let path = PathBuf::from(f);
+                let path = if path.exists() { path } else { project.queries.join(format!("{f}.yaml")) };
+                CubeQuery::from_file(&path)?
+            }
+            None => CubeQuery::default(),
+        };
+        if let Some(c) = &self.cube {
+            q.cube = c.clone();
         }
+        if q.cube.is_empty() {
+            return Err(crate::error::QueryError::new("name a cube, e.g. `crmcube query sales -m revenue`, or pass --file").into());
+        }
+        if !self.measures.is_empty() {
+            q.measures = self.measures.clone();
+        }
+        q.by.extend(self.by.iter().cloned());
+        q.filters.extend(self.filters.iter().cloned());
+        q.drill.extend(self.drill.iter().cloned());
+        q.order.extend(self.order.iter().cloned());
+        q.trend = self.trend.clone().or(q.trend);
+        q.last = self.last.or(q.last);
+        q.moving_average = self.moving_average.or(q.moving_average);
+        q.running_total |= self.running_total;
+        q.year_to_date |= self.ytd;
+        q.year_over_year |= self.yoy;
+        q.forecast = self.forecast.or(q.forecast);
+        q.pivot = self.pivot.clone().or(q.pivot);
+        q.compare = self.compare.clone().or(q.compare);
+        q.others |= self.others;
+        q.detail |= self.detail;
+        q.limit = self.limit.or(q.limit);
+        Ok(q)
     }
 }
 
@@ -181,14 +241,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             let project = project(&cli)?;
             let transforms = TransformSet::load(&project)?;
             let cubes = CubeSet::load(&project, &transforms)?;
-            let cube = cubes.get(&args.cube)?;
+            let query = args.to_query(&project)?;
+            let cube = cubes.get(&query.cube)?;
             let ctx = warehouse(&cli, &project).session().await?;
-            let df = crate::query::plan(&ctx, cube, &args.to_query()).await?;
             if args.explain {
+                let df = crate::query::plan(&ctx, cube, &query).await?;
                 let batches = df.explain(false, false)?.collect().await?;
                 return output::write(&mut out, &batches, Format::Table);
             }
-            output::write(&mut out, &df.collect().await?, args.format)
+            let batches = crate::query::run(&ctx, cube, &query).await?;
+            match &args.output {
+                Some(path) => output::write_file(path, &batches),
+                None => output::write(&mut out, &batches, args.format),
+            }
         }
         Command::Sql { sql, format, explain } => {
             let project = project(&cli)?;
@@ -281,7 +346,7 @@ async fn demo(cli: &Cli, out: &mut dyn Write) -> Result<()> {
     let ctx = wh.session().await?;
     for (title, q) in demo_queries() {
         let cube = cubes.get(&q.cube)?;
-        let batches = crate::query::plan(&ctx, cube, &q).await?.collect().await?;
+        let batches = crate::query::run(&ctx, cube, &q).await?;
         writeln!(out, "\n{title}").map_err(io)?;
         output::write(out, &batches, Format::Table)?;
     }

@@ -44,6 +44,40 @@ pub fn write(out: &mut dyn Write, batches: &[RecordBatch], format: Format) -> Re
     }
 }
 
+/// Writes `batches` to a file whose extension names the format: csv, json, parquet, arrow.
+pub fn write_file(path: &std::path::Path, batches: &[RecordBatch]) -> Result<()> {
+    let io = |e| Error::io(path, e);
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let file = std::fs::File::create(path).map_err(io)?;
+    let schema = match batches.first() {
+        Some(b) => b.schema(),
+        None => std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+    };
+    match ext.as_str() {
+        "csv" => write(&mut std::io::BufWriter::new(file), batches, Format::Csv),
+        "json" => write(&mut std::io::BufWriter::new(file), batches, Format::Json),
+        "parquet" => {
+            let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(|e| Error::Internal(e.to_string()))?;
+            for b in batches {
+                w.write(b).map_err(|e| Error::Internal(e.to_string()))?;
+            }
+            w.close().map_err(|e| Error::Internal(e.to_string()))?;
+            Ok(())
+        }
+        "arrow" | "ipc" | "feather" => {
+            let mut w = datafusion::arrow::ipc::writer::FileWriter::try_new(file, &schema)?;
+            for b in batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+            Ok(())
+        }
+        other => Err(crate::error::QueryError::new(format!("cannot write '.{other}' files"))
+            .with_hint(Some("use .csv, .json, .parquet or .arrow".into()))
+            .into()),
+    }
+}
+
 /// Inserts thousands separators into the integer part of a formatted number.
 pub fn group_thousands(s: &str) -> String {
     let (sign, rest) = s.strip_prefix('-').map(|r| ("-", r)).unwrap_or(("", s));

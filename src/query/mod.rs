@@ -6,15 +6,16 @@
 //! over the aggregates (ratios of sums at every level) → trend windows (previous period, change
 //! in %) → order and limit.
 
+use datafusion::arrow::array::{Array, RecordBatch};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{JoinType, ScalarValue};
 use datafusion::functions_aggregate::expr_fn::{avg, count, count_distinct, max, min, sum};
 use datafusion::functions_window::expr_fn::{dense_rank, lag};
-use datafusion::logical_expr::{ExprFunctionExt, SortExpr};
+use datafusion::logical_expr::{ExprFunctionExt, SortExpr, WindowFrame, WindowFrameBound, WindowFrameUnits};
 use datafusion::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cube::{Aggregation, Cube, LevelRef, MeasureKind};
+use crate::cube::{Aggregation, Cube, LevelRef, Measure, MeasureKind};
 use crate::error::{QueryError, Result};
 
 /// A question to a cube, as the CLI or a query file states it.
@@ -30,15 +31,44 @@ pub struct CubeQuery {
     /// `customer.region=East,North` (any of).
     #[serde(default)]
     pub filters: Vec<String>,
-    /// Drill into a member: `customer.region=East` groups East by the next level (province).
+    /// A drill path: each `dimension.level=member` keeps that member and groups it by the next
+    /// level down; `customer.region=East`, then `customer.province=Zhejiang` gives its cities.
     #[serde(default)]
-    pub drill: Option<String>,
+    pub drill: Vec<String>,
     /// A time level to trend over (`time.month`): adds `<measure>_prev` and `<measure>_change_pct`.
     #[serde(default)]
     pub trend: Option<String>,
     /// With `trend`: keep only the last N periods (changes are computed before the cut).
     #[serde(default)]
     pub last: Option<usize>,
+    /// With `trend`: moving average over this many periods (`<measure>_ma<N>`).
+    #[serde(default)]
+    pub moving_average: Option<usize>,
+    /// With `trend`: running total since the first period (`<measure>_running`).
+    #[serde(default)]
+    pub running_total: bool,
+    /// With `trend`: year-to-date total (`<measure>_ytd`).
+    #[serde(default)]
+    pub year_to_date: bool,
+    /// With `trend`: the same period one year earlier and the change in % (`<measure>_last_year`,
+    /// `<measure>_yoy_pct`).
+    #[serde(default)]
+    pub year_over_year: bool,
+    /// With `trend`: forecast this many periods ahead (Holt-Winters, see [`crate::analytics`]).
+    #[serde(default)]
+    pub forecast: Option<usize>,
+    /// A level whose members become columns.
+    #[serde(default)]
+    pub pivot: Option<String>,
+    /// Two members of one level side by side with the change: `time.year=2025:2024`.
+    #[serde(default)]
+    pub compare: Option<String>,
+    /// With `limit`: one more row, `(others)`, aggregating every member past the limit.
+    #[serde(default)]
+    pub others: bool,
+    /// Drill-through: the fact rows behind the cell(s) instead of aggregates (use `limit`).
+    #[serde(default)]
+    pub detail: bool,
     /// Sort keys: a measure or level, optionally `:desc`.
     #[serde(default)]
     pub order: Vec<String>,
@@ -97,14 +127,41 @@ impl Filter {
     }
 }
 
+impl CubeQuery {
+    /// Reads a query file (YAML or JSON, which YAML includes) with the same keys as this struct.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        crate::project::load_yaml(path)
+    }
+}
+
 /// The output column name of a level's label.
 fn label_name(l: &LevelRef<'_>) -> String {
     format!("{}_name", l.output_name())
 }
 
-/// Plans a cube query over the tables registered in `ctx`.
-pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<DataFrame> {
-    if q.measures.is_empty() {
+fn push<'a>(l: LevelRef<'a>, group: &mut Vec<LevelRef<'a>>) {
+    if !group.contains(&l) {
+        group.push(l);
+    }
+}
+
+/// A query with every name resolved against its cube.
+struct Bound<'c> {
+    cube: &'c Cube,
+    /// Requested measures and the measures they are computed from, inputs first.
+    closure: Vec<&'c Measure>,
+    /// Output group levels, in output order.
+    group: Vec<LevelRef<'c>>,
+    filters: Vec<(LevelRef<'c>, Filter)>,
+    trend: Option<LevelRef<'c>>,
+    /// The year level of the trend's dimension, when year-to-date or year-over-year need it.
+    year: Option<LevelRef<'c>>,
+    /// Pivot or compare level with its members (compare: exactly two, given).
+    across: Option<(LevelRef<'c>, Vec<String>)>,
+}
+
+fn bind<'c>(cube: &'c Cube, q: &CubeQuery) -> Result<Bound<'c>> {
+    if q.measures.is_empty() && !q.detail {
         return Err(QueryError::new("name at least one measure")
             .with_hint(Some(format!(
                 "measures of '{}' are {}",
@@ -114,14 +171,7 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
             .into());
     }
     let closure = cube.measure_closure(&q.measures)?;
-
-    // Group-by levels: trend level first, then `by`, then the drill's member and next level.
     let mut group: Vec<LevelRef<'_>> = Vec::new();
-    fn push<'a>(l: LevelRef<'a>, group: &mut Vec<LevelRef<'a>>) {
-        if !group.contains(&l) {
-            group.push(l);
-        }
-    }
     let trend = q.trend.as_deref().map(|t| cube.level(t)).transpose()?;
     if let Some(t) = trend {
         push(t, &mut group);
@@ -134,10 +184,10 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
         let f = Filter::parse(f)?;
         filters.push((cube.level(&f.level)?, f));
     }
-    if let Some(d) = &q.drill {
+    for d in &q.drill {
         let f = Filter::parse(d)?;
         let l = cube.level(&f.level)?;
-        if f.op != FilterOp::Eq {
+        if f.op != FilterOp::Eq || f.values.len() != 1 {
             return Err(QueryError::new(format!("drill '{d}' must name one member with '='"))
                 .with_hint(Some("e.g. --drill customer.region=East".into()))
                 .into());
@@ -150,10 +200,52 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
         push(LevelRef { dimension: l.dimension, index: next }, &mut group);
         filters.push((l, f));
     }
+    let trend_needed = |what: &str| -> Result<LevelRef<'c>> {
+        trend.ok_or_else(|| QueryError::new(format!("{what} needs --trend LEVEL, e.g. --trend time.month")).into())
+    };
+    if q.moving_average.is_some() || q.running_total || q.year_to_date || q.year_over_year || q.last.is_some() || q.forecast.is_some() {
+        trend_needed("--last, --moving-average, --running-total, --ytd, --yoy and --forecast")?;
+    }
+    let year = if q.year_to_date || q.year_over_year {
+        let t = trend_needed("year-to-date and year-over-year")?;
+        let index = t.dimension.levels.iter().position(|l| l.name == "year").ok_or_else(|| {
+            QueryError::new(format!("dimension '{}' has no 'year' level, which year-to-date and year-over-year need", t.dimension.name))
+        })?;
+        Some(LevelRef { dimension: t.dimension, index })
+    } else {
+        None
+    };
+    let across = match (&q.pivot, &q.compare) {
+        (Some(_), Some(_)) => return Err(QueryError::new("--pivot and --compare cannot be combined").into()),
+        (Some(p), None) => Some((cube.level(p)?, Vec::new())),
+        (None, Some(c)) => {
+            let f = Filter::parse(c)?;
+            let members: Vec<String> = f.values.first().map(|v| v.split(':').map(|m| m.trim().to_string()).collect()).unwrap_or_default();
+            if f.op != FilterOp::Eq || members.len() != 2 {
+                return Err(QueryError::new(format!("compare '{c}' must name two members of one level"))
+                    .with_hint(Some("e.g. --compare time.year=2025:2024".into()))
+                    .into());
+            }
+            Some((cube.level(&f.level)?, members))
+        }
+        (None, None) => None,
+    };
+    if across.is_some() && trend.is_some() {
+        return Err(QueryError::new("--pivot/--compare cannot be combined with --trend").with_hint(Some("pivot the trend level instead: --pivot time.year".into())).into());
+    }
+    if let Some((l, _)) = &across
+        && group.contains(l)
+    {
+        return Err(QueryError::new(format!("level '{}' cannot be both a row and a column", l.qualified())).into());
+    }
+    Ok(Bound { cube, closure, group, filters, trend, year, across })
+}
 
-    // Join the dimension tables the query touches, each once.
-    let mut df = ctx.table(cube.fact.as_str()).await?;
-    let used: Vec<LevelRef<'_>> = group.iter().copied().chain(filters.iter().map(|(l, _)| *l)).collect();
+/// The fact joined to the dimension tables that `levels` and the filters need, filtered.
+/// Each level appears as a column named [`LevelRef::output_name`] (and its label, if any).
+async fn detail_frame(ctx: &SessionContext, b: &Bound<'_>, levels: &[LevelRef<'_>]) -> Result<DataFrame> {
+    let mut df = ctx.table(b.cube.fact.as_str()).await?;
+    let used: Vec<LevelRef<'_>> = levels.iter().copied().chain(b.filters.iter().map(|(l, _)| *l)).collect();
     let mut joined: Vec<&str> = Vec::new();
     for l in &used {
         let dim = l.dimension;
@@ -161,65 +253,72 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
             continue;
         }
         joined.push(&dim.name);
-        let levels: Vec<LevelRef<'_>> = used.iter().filter(|x| x.dimension == dim).copied().collect();
-        let mut cols: Vec<Expr> = Vec::new();
-        for x in &levels {
+        let mut cols: Vec<(String, Expr)> = Vec::new();
+        for x in used.iter().filter(|x| x.dimension == dim) {
             let name = x.output_name();
-            if !cols.iter().any(|c| c.schema_name().to_string() == name) {
-                cols.push(col(x.level().column.as_str()).alias(name));
+            if !cols.iter().any(|(n, _)| *n == name) {
+                cols.push((name, col(x.level().column.as_str())));
                 if let Some(label) = &x.level().label {
-                    cols.push(col(label.as_str()).alias(label_name(x)));
+                    cols.push((label_name(x), col(label.as_str())));
                 }
             }
         }
         match &dim.join {
             Some(j) => {
                 let key = format!("__key_{}", dim.name);
-                cols.push(col(j.key.as_str()).alias(key.as_str()));
-                let dim_df = ctx.table(j.table.as_str()).await?.select(cols)?;
+                let mut select: Vec<Expr> = cols.into_iter().map(|(n, e)| e.alias(n)).collect();
+                select.push(col(j.key.as_str()).alias(key.as_str()));
+                let dim_df = ctx.table(j.table.as_str()).await?.select(select)?;
                 df = df.join(dim_df, JoinType::Left, &[j.foreign_key.as_str()], &[key.as_str()], None)?;
             }
             None => {
-                for c in cols {
-                    let name = c.schema_name().to_string();
-                    let expr = match c {
-                        Expr::Alias(a) => *a.expr,
-                        other => other,
-                    };
+                for (name, expr) in cols {
                     df = df.with_column(&name, expr)?;
                 }
             }
         }
     }
-
-    for (l, f) in &filters {
-        let name = l.output_name();
-        let dt = df.schema().field_with_unqualified_name(&name)?.data_type().clone();
-        let values: Vec<Expr> = f.values.iter().map(|v| typed_literal(v, &dt, l)).collect::<Result<_, _>>()?;
-        let c = col(name.as_str());
-        let pred = match f.op {
-            FilterOp::Eq if values.len() == 1 => c.eq(values[0].clone()),
-            FilterOp::Eq => c.in_list(values, false),
-            FilterOp::NotEq if values.len() == 1 => c.not_eq(values[0].clone()),
-            FilterOp::NotEq => c.in_list(values, true),
-            FilterOp::Lt => c.lt(values[0].clone()),
-            FilterOp::LtEq => c.lt_eq(values[0].clone()),
-            FilterOp::Gt => c.gt(values[0].clone()),
-            FilterOp::GtEq => c.gt_eq(values[0].clone()),
-            FilterOp::Like => cast(c, DataType::Utf8).like(lit(f.values[0].as_str())),
-        };
-        df = df.filter(pred)?;
+    for (l, f) in &b.filters {
+        let predicate = filter_expr(&df, l, f)?;
+        df = df.filter(predicate)?;
     }
+    Ok(df)
+}
 
-    // Aggregate base measures by the group levels (and their labels).
-    let mut group_cols: Vec<String> = Vec::new();
-    for l in &group {
-        group_cols.push(l.output_name());
+fn filter_expr(df: &DataFrame, l: &LevelRef<'_>, f: &Filter) -> Result<Expr> {
+    let name = l.output_name();
+    let dt = df.schema().field_with_unqualified_name(&name)?.data_type().clone();
+    let values: Vec<Expr> = f.values.iter().map(|v| typed_literal(v, &dt, l)).collect::<Result<_, _>>()?;
+    let c = col(name.as_str());
+    Ok(match f.op {
+        FilterOp::Eq if values.len() == 1 => c.eq(values[0].clone()),
+        FilterOp::Eq => c.in_list(values, false),
+        FilterOp::NotEq if values.len() == 1 => c.not_eq(values[0].clone()),
+        FilterOp::NotEq => c.in_list(values, true),
+        FilterOp::Lt => c.lt(values[0].clone()),
+        FilterOp::LtEq => c.lt_eq(values[0].clone()),
+        FilterOp::Gt => c.gt(values[0].clone()),
+        FilterOp::GtEq => c.gt_eq(values[0].clone()),
+        FilterOp::Like => cast(c, DataType::Utf8).like(lit(f.values[0].as_str())),
+    })
+}
+
+/// Output column names of levels, each followed by its label when it has one.
+fn level_columns(levels: &[LevelRef<'_>]) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in levels {
+        out.push(l.output_name());
         if l.level().label.is_some() {
-            group_cols.push(label_name(l));
+            out.push(label_name(l));
         }
     }
-    let aggs: Vec<Expr> = closure
+    out
+}
+
+/// Groups by `group_cols` with the base measures, then adds the calculated measures.
+fn aggregate(mut df: DataFrame, group_cols: &[String], b: &Bound<'_>) -> Result<DataFrame> {
+    let aggs: Vec<Expr> = b
+        .closure
         .iter()
         .filter_map(|m| match &m.kind {
             MeasureKind::Base { agg, column } => {
@@ -238,57 +337,183 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
         })
         .collect();
     df = df.aggregate(group_cols.iter().map(|c| col(c.as_str())).collect(), aggs)?;
-    for m in &closure {
+    for m in &b.closure {
         if let MeasureKind::Calculated { expr, .. } = &m.kind {
             let e = df.parse_sql_expr(expr).map_err(|e| {
-                QueryError::new(format!("measure '{}' of cube '{}' has an invalid expression '{expr}': {e}", m.name, cube.name))
-                    .with_hint(Some(format!("fix it in {}", cube.file.display())))
+                QueryError::new(format!("measure '{}' of cube '{}' has an invalid expression '{expr}': {e}", m.name, b.cube.name))
+                    .with_hint(Some(format!("fix it in {}", b.cube.file.display())))
             })?;
             df = df.with_column(&m.name, e)?;
         }
     }
+    Ok(df)
+}
 
-    // Output columns; a trend adds the previous period and the change in %.
-    let mut out: Vec<Expr> = group_cols.iter().map(|c| col(c.as_str())).collect();
+/// Plans a cube query as one DataFusion plan over the tables registered in `ctx`.
+///
+/// Operations that need a first result before they can be planned (pivot, compare, others,
+/// forecast) run through [`run`]; this function plans their first step.
+pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<DataFrame> {
+    let b = bind(cube, q)?;
+    if q.detail {
+        return detail_rows(ctx, &b, q).await;
+    }
+    let mut levels = b.group.clone();
+    if let Some(y) = b.year {
+        push(y, &mut levels);
+    }
+    if let Some((l, _)) = &b.across {
+        push(*l, &mut levels);
+    }
+    let group_cols = level_columns(&levels);
+    let mut df = aggregate(detail_frame(ctx, &b, &levels).await?, &group_cols, &b)?;
+
+    let mut out: Vec<Expr> = level_columns(&b.group).iter().map(|c| col(c.as_str())).collect();
+    if let Some((l, _)) = &b.across {
+        out.extend(level_columns(&[*l]).iter().map(|c| col(c.as_str())));
+    }
     out.extend(q.measures.iter().map(|m| col(m.as_str())));
-    if let Some(t) = trend {
-        let period = t.output_name();
-        let others: Vec<Expr> =
-            group_cols.iter().filter(|c| **c != period && **c != format!("{period}_name")).map(|c| col(c.as_str())).collect();
-        let mut windows = Vec::new();
+    if let Some(t) = b.trend {
+        df = trend_windows(df, &b, t, q, &mut out)?;
+    }
+    df = df.select(out)?;
+    let sorts = sort_keys(&b, q)?;
+    if !sorts.is_empty() {
+        df = df.sort(sorts)?;
+    }
+    if let Some(n) = q.limit
+        && b.across.is_none()
+    {
+        df = df.limit(0, Some(n))?;
+    }
+    Ok(df)
+}
+
+/// Previous period, change, moving average, running total, year-to-date and year-over-year.
+fn trend_windows(mut df: DataFrame, b: &Bound<'_>, t: LevelRef<'_>, q: &CubeQuery, out: &mut Vec<Expr>) -> Result<DataFrame> {
+    let period = t.output_name();
+    let others: Vec<Expr> = level_columns(&b.group)
+        .into_iter()
+        .filter(|c| *c != period && *c != label_name(&t))
+        .map(|c| col(c.as_str()))
+        .collect();
+    let by_period = || vec![col(period.as_str()).sort(true, true)];
+    let pct = |now: Expr, before: Expr| {
+        round(vec![
+            (cast(now, DataType::Float64) - cast(before.clone(), DataType::Float64)) * lit(100.0)
+                / nullif(cast(before, DataType::Float64), lit(0.0)),
+            lit(1),
+        ])
+    };
+    // Each window specification is its own node: DataFusion plans one sort order per node.
+    let mut prev = Vec::new();
+    for m in &q.measures {
+        let w = lag(col(m.as_str()), Some(1), None).partition_by(others.clone()).order_by(by_period()).build()?;
+        prev.push(w.alias(format!("{m}_prev")));
+    }
+    df = df.window(prev)?;
+    for m in &q.measures {
+        df = df.with_column(&format!("{m}_change_pct"), pct(col(m.as_str()), col(format!("{m}_prev").as_str())))?;
+        out.push(col(format!("{m}_prev").as_str()));
+        out.push(col(format!("{m}_change_pct").as_str()));
+    }
+    if let Some(n) = q.moving_average {
+        let n = n.max(1) as u64;
+        let frame = WindowFrame::new_bounds(
+            WindowFrameUnits::Rows,
+            WindowFrameBound::Preceding(ScalarValue::UInt64(Some(n - 1))),
+            WindowFrameBound::CurrentRow,
+        );
+        let mut ws = Vec::new();
         for m in &q.measures {
-            let prev = format!("{m}_prev");
-            windows.push(
-                lag(col(m.as_str()), Some(1), None)
-                    .partition_by(others.clone())
-                    .order_by(vec![col(period.as_str()).sort(true, true)])
-                    .build()?
-                    .alias(prev.as_str()),
-            );
+            let w = over_rows(datafusion::functions_aggregate::average::avg_udaf(), cast(col(m.as_str()), DataType::Float64))
+                .partition_by(others.clone())
+                .order_by(by_period())
+                .window_frame(frame.clone())
+                .build()?;
+            ws.push(w.alias(format!("__{m}_ma")));
+            out.push(col(format!("{m}_ma{n}").as_str()));
         }
-        df = df.window(windows)?;
-        if q.last.is_some() {
-            // A separate window node: DataFusion plans one sort order per window node.
-            let rank = dense_rank().order_by(vec![col(period.as_str()).sort(false, true)]).build()?;
-            df = df.window(vec![rank.alias("__period_rank")])?;
-        }
+        df = df.window(ws)?;
         for m in &q.measures {
-            let prev = col(format!("{m}_prev").as_str());
-            let change = round(vec![
-                (cast(col(m.as_str()), DataType::Float64) - cast(prev.clone(), DataType::Float64)) * lit(100.0)
-                    / nullif(cast(prev, DataType::Float64), lit(0.0)),
-                lit(1),
-            ]);
-            df = df.with_column(&format!("{m}_change_pct"), change)?;
-            out.push(col(format!("{m}_prev").as_str()));
-            out.push(col(format!("{m}_change_pct").as_str()));
-        }
-        if let Some(n) = q.last {
-            df = df.filter(col("__period_rank").lt_eq(lit(n as u64)))?;
+            df = df.with_column(&format!("{m}_ma{n}"), round(vec![col(format!("__{m}_ma").as_str()), lit(2)]))?;
         }
     }
+    let cumulative = |partition: Vec<Expr>, m: &str| -> Result<Expr> {
+        Ok(over_rows(datafusion::functions_aggregate::sum::sum_udaf(), col(m))
+            .partition_by(partition)
+            .order_by(by_period())
+            .window_frame(WindowFrame::new_bounds(WindowFrameUnits::Rows, WindowFrameBound::Preceding(ScalarValue::Null), WindowFrameBound::CurrentRow))
+            .build()?)
+    };
+    if q.running_total {
+        let ws = q.measures.iter().map(|m| Ok(cumulative(others.clone(), m)?.alias(format!("{m}_running")))).collect::<Result<Vec<_>>>()?;
+        df = df.window(ws)?;
+        out.extend(q.measures.iter().map(|m| col(format!("{m}_running").as_str())));
+    }
+    let year = b.year.map(|y| y.output_name());
+    if q.year_to_date
+        && let Some(year) = &year
+    {
+        let mut partition = others.clone();
+        partition.push(col(year.as_str()));
+        let ws = q.measures.iter().map(|m| Ok(cumulative(partition.clone(), m)?.alias(format!("{m}_ytd")))).collect::<Result<Vec<_>>>()?;
+        df = df.window(ws)?;
+        out.extend(q.measures.iter().map(|m| col(format!("{m}_ytd").as_str())));
+    }
+    if q.year_over_year
+        && let Some(year) = &year
+    {
+        // The same period one year earlier: the previous row among rows with the same period
+        // within the year (month 07, quarter Q3, day 03-14), if it is exactly one year earlier.
+        let mut partition = others.clone();
+        if let Some(k) = within_year(&t) {
+            df = df.with_column("__within_year", k)?;
+            partition.push(col("__within_year"));
+        }
+        let over = |e: Expr| lag(e, Some(1), None).partition_by(partition.clone()).order_by(vec![col(year.as_str()).sort(true, true)]).build();
+        let mut ws = vec![over(col(year.as_str()))?.alias("__prev_year")];
+        for m in &q.measures {
+            ws.push(over(col(m.as_str()))?.alias(format!("__{m}_prev_year_value")));
+        }
+        df = df.window(ws)?;
+        for m in &q.measures {
+            let last_year = when(
+                col("__prev_year").eq(cast(col(year.as_str()), DataType::Int64) - lit(1i64)),
+                col(format!("__{m}_prev_year_value").as_str()),
+            )
+            .end()?;
+            df = df.with_column(&format!("{m}_last_year"), last_year)?;
+            df = df.with_column(&format!("{m}_yoy_pct"), pct(col(m.as_str()), col(format!("{m}_last_year").as_str())))?;
+            out.push(col(format!("{m}_last_year").as_str()));
+            out.push(col(format!("{m}_yoy_pct").as_str()));
+        }
+    }
+    if let Some(n) = q.last {
+        let rank = dense_rank().order_by(vec![col(period.as_str()).sort(false, true)]).build()?;
+        df = df.window(vec![rank.alias("__period_rank")])?.filter(col("__period_rank").lt_eq(lit(n as u64)))?;
+    }
+    Ok(df)
+}
 
-    // Order: explicit keys, else the group levels in order.
+/// An aggregate function used as a window function (to be given its partition, order, frame).
+fn over_rows(udaf: std::sync::Arc<datafusion::logical_expr::AggregateUDF>, arg: Expr) -> Expr {
+    Expr::from(datafusion::logical_expr::expr::WindowFunction::new(udaf, vec![arg]))
+}
+
+/// The position of a period within its year, by the time dimension's conventions:
+/// `2025-Q3` → `Q3`, `2025-07` → `07`, a day → `MM-DD`; none for years.
+fn within_year(t: &LevelRef<'_>) -> Option<Expr> {
+    let c = col(t.output_name().as_str());
+    match t.level().name.as_str() {
+        "quarter" | "month" => Some(substr(cast(c, DataType::Utf8), lit(6i64))),
+        "day" => Some(to_char(c, lit("%m-%d"))),
+        _ => None,
+    }
+}
+
+/// Sort keys: explicit ones, then the group levels in order.
+fn sort_keys(b: &Bound<'_>, q: &CubeQuery) -> Result<Vec<SortExpr>> {
     let mut sorts: Vec<SortExpr> = Vec::new();
     for o in &q.order {
         let (name, desc) = match o.rsplit_once(':') {
@@ -296,14 +521,14 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
             Some((n, "asc")) => (n, false),
             _ => (o.as_str(), false),
         };
-        let column = if q.measures.iter().any(|m| m == name) {
+        let column = if q.measures.iter().any(|m| m == name) && b.across.is_none() {
             name.to_string()
         } else {
-            match cube.level(name) {
-                Ok(l) if group.contains(&l) => l.output_name(),
+            match b.cube.level(name) {
+                Ok(l) if b.group.contains(&l) => l.output_name(),
                 _ => {
-                    let mut valid: Vec<String> = q.measures.clone();
-                    valid.extend(group.iter().map(|l| l.qualified()));
+                    let mut valid: Vec<String> = if b.across.is_none() { q.measures.clone() } else { Vec::new() };
+                    valid.extend(b.group.iter().map(|l| l.qualified()));
                     return Err(QueryError::new(format!("cannot order by '{name}': it is not a measure or level of this query"))
                         .with_hint(Some(crate::error::valid_names_hint("sort keys", name, valid.iter().map(String::as_str))))
                         .into());
@@ -312,15 +537,219 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
         };
         sorts.push(col(column.as_str()).sort(!desc, false));
     }
-    sorts.extend(group.iter().map(|l| col(l.output_name().as_str()).sort(true, true)));
-    df = df.select(out)?;
+    sorts.extend(b.group.iter().map(|l| col(l.output_name().as_str()).sort(true, true)));
+    Ok(sorts)
+}
+
+/// Drill-through: the fact rows behind the selected cells, with the levels asked for.
+async fn detail_rows(ctx: &SessionContext, b: &Bound<'_>, q: &CubeQuery) -> Result<DataFrame> {
+    let df = detail_frame(ctx, b, &b.group).await?;
+    let fact_cols: Vec<String> = ctx.table(b.cube.fact.as_str()).await?.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let mut out: Vec<Expr> = level_columns(&b.group).iter().map(|c| col(c.as_str())).collect();
+    out.extend(fact_cols.iter().map(|c| col(c.as_str())));
+    let mut df = df.select(out)?;
+    let mut sorts = sort_keys(b, q)?;
+    sorts.extend(fact_cols.iter().take(2).map(|c| col(c.as_str()).sort(true, true)));
+    df = df.sort(sorts)?;
+    Ok(df.limit(0, Some(q.limit.unwrap_or(DETAIL_ROW_LIMIT)))?)
+}
+
+/// Rows returned by a drill-through without an explicit limit.
+pub const DETAIL_ROW_LIMIT: usize = 1000;
+
+/// Runs a cube query to completion, including the operations that take two steps.
+pub async fn run(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Vec<RecordBatch>> {
+    let b = bind(cube, q)?;
+    let first = plan(ctx, cube, q).await?;
+    if let Some((l, members)) = &b.across {
+        return across(ctx, &b, q, first, *l, members).await;
+    }
+    if let Some(k) = q.forecast {
+        return forecast(ctx, &b, q, first, k).await;
+    }
+    let batches = first.collect().await?;
+    if q.others && q.limit.is_some() && !b.group.is_empty() && !q.detail {
+        return with_others(ctx, &b, q, batches).await;
+    }
+    Ok(batches)
+}
+
+/// Pivot (members across columns) or compare (two members and their change).
+async fn across(
+    ctx: &SessionContext,
+    b: &Bound<'_>,
+    q: &CubeQuery,
+    first: DataFrame,
+    level: LevelRef<'_>,
+    given: &[String],
+) -> Result<Vec<RecordBatch>> {
+    let name = level.output_name();
+    let aggregated = ctx.read_batches(materialize(first).await?)?;
+    let dt = aggregated.schema().field_with_unqualified_name(&name)?.data_type().clone();
+    let members: Vec<ScalarValue> = if given.is_empty() {
+        let distinct = aggregated.clone().select(vec![col(name.as_str())])?.distinct()?.sort(vec![col(name.as_str()).sort(true, true)])?;
+        let mut values = Vec::new();
+        for batch in distinct.collect().await? {
+            for i in 0..batch.num_rows() {
+                values.push(ScalarValue::try_from_array(batch.column(0), i)?);
+            }
+        }
+        if values.len() > MAX_PIVOT_COLUMNS {
+            return Err(QueryError::new(format!("pivot on '{}' would make {} columns", level.qualified(), values.len()))
+                .with_hint(Some(format!("filter it to at most {MAX_PIVOT_COLUMNS} members, or pivot a coarser level")))
+                .into());
+        }
+        values
+    } else {
+        given.iter().map(|v| ScalarValue::try_from_string(v.clone(), &dt).map_err(|_| QueryError::new(format!("'{v}' is not a valid value for level '{}'", level.qualified())))).collect::<Result<_, _>>()?
+    };
+    let row_cols = level_columns(&b.group);
+    let mut aggs = Vec::new();
+    let mut names = Vec::new();
+    for m in &q.measures {
+        for v in &members {
+            let label = if q.measures.len() == 1 && given.is_empty() { v.to_string() } else { format!("{m} {v}") };
+            aggs.push(max(when(col(name.as_str()).eq(lit(v.clone())), col(m.as_str())).end()?).alias(label.as_str()));
+            names.push(label);
+        }
+    }
+    let mut df = aggregated.aggregate(row_cols.iter().map(|c| col(c.as_str())).collect(), aggs)?;
+    if !given.is_empty() {
+        for m in &q.measures {
+            let (a, bb) = (col(format!("{m} {}", members[0]).as_str()), col(format!("{m} {}", members[1]).as_str()));
+            df = df.with_column(&format!("{m} change"), cast(a.clone(), DataType::Float64) - cast(bb.clone(), DataType::Float64))?;
+            df = df.with_column(
+                &format!("{m} change %"),
+                round(vec![
+                    (cast(a, DataType::Float64) - cast(bb.clone(), DataType::Float64)) * lit(100.0) / nullif(cast(bb, DataType::Float64), lit(0.0)),
+                    lit(1),
+                ]),
+            )?;
+        }
+    }
+    let sorts = sort_keys(b, q)?;
     if !sorts.is_empty() {
         df = df.sort(sorts)?;
     }
     if let Some(n) = q.limit {
         df = df.limit(0, Some(n))?;
     }
-    Ok(df)
+    Ok(df.collect().await?)
+}
+
+/// Most members a pivot spreads across columns.
+pub const MAX_PIVOT_COLUMNS: usize = 100;
+
+/// Top/bottom N plus one `(others)` row aggregating everything past the limit, computed from
+/// the fact rows (so distinct counts and ratios stay exact), not by adding up rows.
+async fn with_others(ctx: &SessionContext, b: &Bound<'_>, q: &CubeQuery, top: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    let cols = level_columns(&b.group);
+    let mut keep: Vec<Expr> = Vec::new();
+    for batch in &top {
+        for i in 0..batch.num_rows() {
+            let mut row = lit(true);
+            for l in &b.group {
+                let name = l.output_name();
+                let v = ScalarValue::try_from_array(batch.column_by_name(&name).expect("group column in result"), i)?;
+                row = row.and(if v.is_null() { col(name.as_str()).is_null() } else { col(name.as_str()).eq(lit(v)) });
+            }
+            keep.push(row);
+        }
+    }
+    let mut df = detail_frame(ctx, b, &b.group).await?;
+    if let Some(any) = keep.into_iter().reduce(Expr::or) {
+        df = df.filter(any.not())?;
+    }
+    let rest = aggregate(df, &[], b)?;
+    let mut select: Vec<Expr> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| if i == 0 { lit("(others)").alias(c.as_str()) } else { lit(ScalarValue::Utf8(None)).alias(c.as_str()) })
+        .collect();
+    select.extend(q.measures.iter().map(|m| col(m.as_str())));
+    let rest = rest.select(select)?;
+    // Row labels become text so that "(others)" fits under any level type.
+    let text_labels = |df: DataFrame| -> Result<DataFrame> {
+        let mut exprs: Vec<Expr> = cols.iter().map(|c| cast(col(c.as_str()), DataType::Utf8).alias(c.as_str())).collect();
+        exprs.extend(q.measures.iter().map(|m| col(m.as_str())));
+        Ok(df.select(exprs)?)
+    };
+    let rest = text_labels(rest)?.collect().await?;
+    if top.is_empty() {
+        return Ok(top);
+    }
+    let top = text_labels(ctx.read_batches(top)?)?.collect().await?;
+    let mut out = top;
+    if rest.iter().any(|b| b.num_rows() > 0 && b.columns().iter().skip(cols.len()).any(|c| c.null_count() < c.len())) {
+        out.extend(rest);
+    }
+    Ok(out)
+}
+
+/// Forecasts the next `k` periods of a single-series trend with Holt-Winters.
+async fn forecast(_ctx: &SessionContext, b: &Bound<'_>, q: &CubeQuery, first: DataFrame, k: usize) -> Result<Vec<RecordBatch>> {
+    let t = b.trend.expect("bind checks that forecast has a trend");
+    if b.group.len() > 1 || q.measures.len() != 1 || q.last.is_some() {
+        return Err(QueryError::new("--forecast needs one measure over the trend level alone")
+            .with_hint(Some("e.g. crmcube query sales -m revenue --trend time.month --forecast 6".into()))
+            .into());
+    }
+    let m = &q.measures[0];
+    let period = t.output_name();
+    let series = first.select(vec![cast(col(period.as_str()), DataType::Utf8).alias("period"), cast(col(m.as_str()), DataType::Float64).alias("value")])?;
+    let mut periods = Vec::new();
+    let mut values = Vec::new();
+    for batch in series.collect().await? {
+        let p = batch.column(0).as_any().downcast_ref::<datafusion::arrow::array::StringArray>().expect("text periods");
+        let v = batch.column(1).as_any().downcast_ref::<datafusion::arrow::array::Float64Array>().expect("float values");
+        for i in 0..batch.num_rows() {
+            periods.push(p.value(i).to_string());
+            values.push(if v.is_null(i) { 0.0 } else { v.value(i) });
+        }
+    }
+    let season = crate::analytics::season_length(&t.level().name);
+    let fc = crate::analytics::holt_winters(&values, season, k).map_err(|e| QueryError::new(format!("cannot forecast '{m}': {e}")))?;
+    let mut next = periods.last().cloned().unwrap_or_default();
+    let mut rows_period = periods.clone();
+    let mut kind = vec!["actual"; periods.len()];
+    let mut value: Vec<Option<f64>> = values.iter().map(|v| Some(*v)).collect();
+    let mut lower: Vec<Option<f64>> = vec![None; periods.len()];
+    let mut upper: Vec<Option<f64>> = vec![None; periods.len()];
+    for p in &fc.points {
+        next = crate::analytics::next_period(&t.level().name, &next).map_err(QueryError::new)?;
+        rows_period.push(next.clone());
+        kind.push("forecast");
+        value.push(Some((p.value * 100.0).round() / 100.0));
+        lower.push(Some((p.lower * 100.0).round() / 100.0));
+        upper.push(Some((p.upper * 100.0).round() / 100.0));
+    }
+    use datafusion::arrow::array::{Float64Array, StringArray};
+    let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+        datafusion::arrow::datatypes::Field::new(period.as_str(), DataType::Utf8, false),
+        datafusion::arrow::datatypes::Field::new("kind", DataType::Utf8, false),
+        datafusion::arrow::datatypes::Field::new(m.as_str(), DataType::Float64, true),
+        datafusion::arrow::datatypes::Field::new(format!("{m}_lower_95"), DataType::Float64, true),
+        datafusion::arrow::datatypes::Field::new(format!("{m}_upper_95"), DataType::Float64, true),
+    ]));
+    Ok(vec![RecordBatch::try_new(
+        schema,
+        vec![
+            std::sync::Arc::new(StringArray::from(rows_period)),
+            std::sync::Arc::new(StringArray::from(kind)),
+            std::sync::Arc::new(Float64Array::from(value)),
+            std::sync::Arc::new(Float64Array::from(lower)),
+            std::sync::Arc::new(Float64Array::from(upper)),
+        ],
+    )?])
+}
+
+async fn materialize(df: DataFrame) -> Result<Vec<RecordBatch>> {
+    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let mut batches = df.collect().await?;
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    Ok(batches)
 }
 
 /// A filter value as a literal of the level column's type, or a clear error.
