@@ -104,7 +104,7 @@ async fn drill_down_into_a_region_lists_its_provinces() {
     for l in lines.iter().filter(|l| l.region == "East") {
         *expected.entry(l.province.clone()).or_default() += l.revenue;
     }
-    let rows = run(CubeQuery { drill: Some("customer.region=East".into()), ..query(&["revenue"]) }).await;
+    let rows = run(CubeQuery { drill: vec!["customer.region=East".into()], ..query(&["revenue"]) }).await;
     let got: BTreeMap<String, i128> = rows
         .iter()
         .map(|r| {

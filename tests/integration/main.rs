@@ -5,4 +5,5 @@ mod common;
 mod cube_queries;
 mod load_sample;
 mod metadata_errors;
+mod olap_ops;
 mod reload;
