@@ -143,6 +143,8 @@ pub enum Error {
     Engine(#[from] DataFusionError),
     #[error("{0}")]
     Arrow(#[from] datafusion::arrow::error::ArrowError),
+    #[error("{0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
     #[error("warehouse table '{table}': {source}")]
     Delta { table: String, #[source] source: DeltaTableError },
     #[error(transparent)]
@@ -173,6 +175,7 @@ impl Error {
                 _ => ErrorKind::Internal,
             },
             Error::Arrow(_) | Error::Internal(_) => ErrorKind::Internal,
+            Error::Parquet(_) => ErrorKind::Io,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! Exit codes (also in the README): 0 ok · 1 failed (I/O, engine, internal) · 2 bad metadata,
 //! bad query or bad arguments · 3 input data over a reject threshold (nothing committed).
 
+pub mod chart;
 pub mod output;
 
 use std::io::Write;
@@ -137,6 +138,9 @@ pub struct QueryArgs {
     /// (.csv, .json, .parquet, .arrow).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Also draw the result: a line chart for trends, bars otherwise (.svg or .png).
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
     /// Print the DataFusion plan instead of the result.
     #[arg(long)]
     pub explain: bool,
@@ -250,6 +254,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 return output::write(&mut out, &batches, Format::Table);
             }
             let batches = crate::query::run(&ctx, cube, &query).await?;
+            if let Some(path) = &args.chart {
+                let title = format!("{} by {}", query.measures.join(", "), query.trend.iter().chain(&query.by).cloned().collect::<Vec<_>>().join(", "));
+                // Draw the measures themselves (and a forecast's interval), not derived columns.
+                let mut series = query.measures.clone();
+                if query.forecast.is_some() {
+                    series.extend(query.measures.iter().flat_map(|m| [format!("{m}_lower_95"), format!("{m}_upper_95")]));
+                }
+                let across = query.pivot.is_some() || query.compare.is_some();
+                chart::write_chart(path, &batches, &title, (!across).then_some(series.as_slice()))?;
+            }
             match &args.output {
                 Some(path) => output::write_file(path, &batches),
                 None => output::write(&mut out, &batches, args.format),

@@ -57,11 +57,11 @@ pub fn write_file(path: &std::path::Path, batches: &[RecordBatch]) -> Result<()>
         "csv" => write(&mut std::io::BufWriter::new(file), batches, Format::Csv),
         "json" => write(&mut std::io::BufWriter::new(file), batches, Format::Json),
         "parquet" => {
-            let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None).map_err(|e| Error::Internal(e.to_string()))?;
+            let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None)?;
             for b in batches {
-                w.write(b).map_err(|e| Error::Internal(e.to_string()))?;
+                w.write(b)?;
             }
-            w.close().map_err(|e| Error::Internal(e.to_string()))?;
+            w.close()?;
             Ok(())
         }
         "arrow" | "ipc" | "feather" => {

@@ -213,3 +213,31 @@ fn a_query_file_and_an_output_file_work_from_the_command_line() {
     });
     assert_eq!(rows, expected);
 }
+
+#[test]
+fn charts_are_valid_svg_and_png_files() {
+    let l = loaded();
+    let dir = l.test.dir.path();
+    for (file, args) in [("trend.svg", vec!["--trend", "time.month", "--forecast", "3"]), ("regions.png", vec!["-b", "customer.region"])] {
+        let path = dir.join(file);
+        let out = Command::new(env!("CARGO_BIN_EXE_crmcube"))
+            .arg("--project")
+            .arg(dir)
+            .args(["query", "sales", "-m", "revenue"])
+            .args(args)
+            .arg("--chart")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let bytes = std::fs::read(&path).unwrap();
+        if file.ends_with(".png") {
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+            assert!(bytes.len() > 5_000, "a drawn picture, not an empty one");
+        } else {
+            let text = String::from_utf8(bytes).unwrap();
+            assert!(text.contains("<svg") && text.contains("</svg>") && text.contains("<polyline"), "an SVG with a line");
+            assert!(text.contains("revenue") && text.contains("2026-10"), "legend and period labels");
+        }
+    }
+}
