@@ -271,8 +271,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Sql { sql, format, explain } => {
             let project = project(&cli)?;
+            let transforms = TransformSet::load(&project)?;
+            let cubes = CubeSet::load(&project, &transforms)?;
             let ctx = warehouse(&cli, &project).session().await?;
-            let df = ctx.sql(sql).await?;
+            crate::query::sql::register_cubes(&ctx, &cubes).await?;
+            let df = crate::query::sql::sql(&ctx, &cubes, sql).await?;
             if *explain {
                 let batches = df.explain(false, false)?.collect().await?;
                 return output::write(&mut out, &batches, Format::Table);

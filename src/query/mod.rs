@@ -15,6 +15,8 @@ use datafusion::logical_expr::{ExprFunctionExt, SortExpr, WindowFrame, WindowFra
 use datafusion::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub mod sql;
+
 use crate::cube::{Aggregation, Cube, LevelRef, Measure, MeasureKind};
 use crate::error::{QueryError, Result};
 
@@ -22,7 +24,10 @@ use crate::error::{QueryError, Result};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CubeQuery {
+    /// The cube asked (a query file may leave it to the command line).
+    #[serde(default)]
     pub cube: String,
+    #[serde(default)]
     pub measures: Vec<String>,
     /// Levels to group by, as `dimension.level`.
     #[serde(default)]
@@ -552,6 +557,25 @@ async fn detail_rows(ctx: &SessionContext, b: &Bound<'_>, q: &CubeQuery) -> Resu
     sorts.extend(fact_cols.iter().take(2).map(|c| col(c.as_str()).sort(true, true)));
     df = df.sort(sorts)?;
     Ok(df.limit(0, Some(q.limit.unwrap_or(DETAIL_ROW_LIMIT)))?)
+}
+
+/// The cube as one wide table: every level (and label) column and, per base measure, the
+/// values it aggregates under the measure's name. Registered as `cubes.<name>` for SQL.
+pub async fn cube_view(ctx: &SessionContext, cube: &Cube) -> Result<DataFrame> {
+    let levels: Vec<LevelRef<'_>> = cube
+        .dimensions
+        .iter()
+        .flat_map(|d| (0..d.levels.len()).map(move |index| LevelRef { dimension: d, index }))
+        .collect();
+    let b = Bound { cube, closure: Vec::new(), group: levels.clone(), filters: Vec::new(), trend: None, year: None, across: None };
+    let df = detail_frame(ctx, &b, &levels).await?;
+    let mut select: Vec<Expr> = level_columns(&levels).iter().map(|c| col(c.as_str())).collect();
+    for m in &cube.measures {
+        if let MeasureKind::Base { column, .. } = &m.kind {
+            select.push(col(column.as_str()).alias(m.name.as_str()));
+        }
+    }
+    Ok(df.select(select)?)
 }
 
 /// Rows returned by a drill-through without an explicit limit.

@@ -6,4 +6,5 @@ mod cube_queries;
 mod load_sample;
 mod metadata_errors;
 mod olap_ops;
+mod query_suite;
 mod reload;

@@ -1,0 +1,251 @@
+//! Cubes in SQL: a table `cubes.<cube>` per cube, with measure semantics.
+//!
+//! `cubes.sales` has one column per level (`customer_region`, `time_month`, …, labels as
+//! `customer_customer_name`) and one per base measure holding the values that measure
+//! aggregates (`revenue`, `orders` = order ids, …). In a SELECT over a cube table that groups
+//! (`GROUP BY`), names a calculated measure, or selects only measures, a measure written bare is
+//! the measure itself:
+//!
+//! ```sql
+//! SELECT customer_region, revenue, margin_pct FROM cubes.sales WHERE time_year = 2025 GROUP BY 1
+//! ```
+//!
+//! becomes `SUM(revenue) AS revenue, round(100 * CAST(SUM(revenue) - SUM(cost) …) AS margin_pct`
+//! before DataFusion plans it — so ratios are ratios of sums and distinct counts stay distinct at
+//! any grouping, exactly as `crmcube query` computes them (both use the measure definitions of
+//! the cube model). A measure inside an aggregate call (`SUM(revenue)`) is the raw column, as BI
+//! tools expect. WHERE clauses filter rows, so measures there are raw values too.
+
+use std::ops::ControlFlow;
+
+use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, GroupByExpr, Ident, Query, SelectItem, SetExpr, Statement, TableFactor, VisitMut, VisitorMut,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+
+use crate::cube::{Aggregation, Cube, CubeSet, MeasureKind};
+use crate::error::{QueryError, Result};
+
+/// The schema holding one table per cube.
+pub const CUBES_SCHEMA: &str = "cubes";
+
+/// Registers `cubes.<name>` for every cube of `cubes` in `ctx`.
+pub async fn register_cubes(ctx: &SessionContext, cubes: &CubeSet) -> Result<()> {
+    let catalog = ctx.catalog("datafusion").ok_or_else(|| crate::error::Error::Internal("no default catalog".into()))?;
+    if catalog.schema(CUBES_SCHEMA).is_none() {
+        catalog.register_schema(CUBES_SCHEMA, std::sync::Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
+    }
+    for cube in &cubes.cubes {
+        let view = super::cube_view(ctx, cube).await?;
+        ctx.register_table(datafusion::common::TableReference::partial(CUBES_SCHEMA, cube.name.as_str()), view.into_view())?;
+    }
+    Ok(())
+}
+
+/// Plans one SQL statement, giving measures of cube tables their cube semantics.
+pub async fn sql(ctx: &SessionContext, cubes: &CubeSet, text: &str) -> Result<DataFrame> {
+    let mut statements = Parser::parse_sql(&GenericDialect {}, text).map_err(|e| QueryError::new(format!("SQL does not parse: {e}")))?;
+    if statements.len() != 1 {
+        return Err(QueryError::new(format!("expected one SQL statement, found {}", statements.len())).into());
+    }
+    let mut statement: Statement = statements.remove(0);
+    let mut rewriter = CubeRewriter { cubes, error: None };
+    let _ = statement.visit(&mut rewriter);
+    if let Some(e) = rewriter.error {
+        return Err(e.into());
+    }
+    let state = ctx.state();
+    let plan = state.statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(statement))).await?;
+    Ok(DataFrame::new(state, plan))
+}
+
+/// Finds SELECTs over cube tables and rewrites their measure references.
+struct CubeRewriter<'a> {
+    cubes: &'a CubeSet,
+    error: Option<QueryError>,
+}
+
+impl VisitorMut for CubeRewriter<'_> {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
+        let SetExpr::Select(select) = query.body.as_mut() else { return ControlFlow::Continue(()) };
+        let Some(cube) = select.from.iter().flat_map(|t| std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation))).find_map(|r| self.cube_of(r)) else {
+            return ControlFlow::Continue(());
+        };
+        let grouped = match &select.group_by {
+            GroupByExpr::All(_) => true,
+            GroupByExpr::Expressions(e, _) => !e.is_empty(),
+        };
+        let names_calculated = select.projection.iter().any(|item| match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                measure_name(e).is_some_and(|m| cube.measure(m).is_ok_and(|m| matches!(m.kind, MeasureKind::Calculated { .. })))
+            }
+            _ => false,
+        });
+        let only_measures = select.projection.iter().all(|item| match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                measure_name(e).is_some_and(|m| cube.measure(m).is_ok()) || is_aggregate(e)
+            }
+            _ => false,
+        });
+        if !grouped && !names_calculated && !only_measures {
+            return ControlFlow::Continue(());
+        }
+        // Bare measures in the projection keep their name as the output column.
+        for item in select.projection.iter_mut() {
+            if let SelectItem::UnnamedExpr(e) = item
+                && let Some(m) = measure_name(e).filter(|m| cube.measure(m).is_ok()).map(str::to_string)
+            {
+                *item = SelectItem::ExprWithAlias { expr: e.clone(), alias: Ident::new(m) };
+            }
+        }
+        // ORDER BY a projected measure's name means the output column, as SQL resolves aliases.
+        let outputs: Vec<String> = select
+            .projection
+            .iter()
+            .filter_map(|item| match item {
+                SelectItem::ExprWithAlias { alias, .. } => Some(alias.value.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut refs = MeasureRefs { cube, depth: 0, error: None, keep: Vec::new() };
+        let _ = select.projection.visit(&mut refs);
+        let _ = select.having.visit(&mut refs);
+        refs.keep = outputs;
+        let _ = query.order_by.visit(&mut refs);
+        if let Some(e) = refs.error {
+            self.error = Some(e);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl<'a> CubeRewriter<'a> {
+    fn cube_of(&self, relation: &TableFactor) -> Option<&'a Cube> {
+        let TableFactor::Table { name, .. } = relation else { return None };
+        let parts: Vec<String> = name.0.iter().map(|p| p.to_string().trim_matches('"').to_string()).collect();
+        match parts.as_slice() {
+            [.., schema, table] if schema == CUBES_SCHEMA => self.cubes.cubes.iter().find(|c| c.name == *table),
+            _ => None,
+        }
+    }
+}
+
+/// The measure a bare (or table-qualified) column reference names, if any.
+fn measure_name(e: &SqlExpr) -> Option<&str> {
+    match e {
+        SqlExpr::Identifier(i) => Some(i.value.as_str()),
+        SqlExpr::CompoundIdentifier(parts) => parts.last().map(|i| i.value.as_str()),
+        _ => None,
+    }
+}
+
+/// Aggregate functions inside which a measure name is its raw column.
+const AGGREGATES: [&str; 9] = ["sum", "count", "avg", "min", "max", "mean", "median", "approx_distinct", "array_agg"];
+
+/// Replaces measure references outside aggregate calls with the measures' aggregate expressions.
+struct MeasureRefs<'a> {
+    cube: &'a Cube,
+    depth: usize,
+    error: Option<QueryError>,
+    /// Names left alone (output columns).
+    keep: Vec<String>,
+}
+
+fn is_aggregate(e: &SqlExpr) -> bool {
+    matches!(e, SqlExpr::Function(f) if AGGREGATES.contains(&f.name.to_string().to_ascii_lowercase().as_str()))
+}
+
+impl VisitorMut for MeasureRefs<'_> {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &mut SqlExpr) -> ControlFlow<()> {
+        if is_aggregate(e) {
+            self.depth += 1;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_expr(&mut self, e: &mut SqlExpr) -> ControlFlow<()> {
+        if is_aggregate(e) {
+            self.depth -= 1;
+        } else if self.depth == 0
+            && let Some(name) = measure_name(e)
+            && self.cube.measure(name).is_ok()
+            && !(matches!(e, SqlExpr::Identifier(_)) && self.keep.iter().any(|k| k == name))
+        {
+            match measure_expr(self.cube, name, 0) {
+                Ok(x) => *e = x,
+                Err(err) => {
+                    self.error = Some(err);
+                    return ControlFlow::Break(());
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The SQL expression of a measure over the cube table's columns.
+fn measure_expr(cube: &Cube, name: &str, depth: usize) -> Result<SqlExpr, QueryError> {
+    if depth > 16 {
+        return Err(QueryError::new(format!("measure '{name}' of cube '{}' refers to itself", cube.name)));
+    }
+    let m = cube.measure(name)?;
+    let text = match &m.kind {
+        MeasureKind::Base { agg, .. } => {
+            let column = format!("\"{}\"", m.name.replace('"', "\"\""));
+            match agg {
+                Aggregation::Sum => format!("SUM({column})"),
+                Aggregation::Count => format!("COUNT({column})"),
+                Aggregation::CountDistinct => format!("COUNT(DISTINCT {column})"),
+                Aggregation::Min => format!("MIN({column})"),
+                Aggregation::Max => format!("MAX({column})"),
+                Aggregation::Avg => format!("AVG({column})"),
+            }
+        }
+        MeasureKind::Calculated { expr, .. } => expr.clone(),
+    };
+    let mut parsed = Parser::new(&GenericDialect {})
+        .try_with_sql(&text)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| QueryError::new(format!("measure '{name}' of cube '{}' does not parse: {e}", cube.name)))?;
+    if let MeasureKind::Calculated { .. } = &m.kind {
+        let mut inner = Nested { cube, depth: depth + 1, error: None };
+        let _ = parsed.visit(&mut inner);
+        if let Some(e) = inner.error {
+            return Err(e);
+        }
+    }
+    Ok(SqlExpr::Nested(Box::new(parsed)))
+}
+
+/// Expands the measures a calculated measure refers to.
+struct Nested<'a> {
+    cube: &'a Cube,
+    depth: usize,
+    error: Option<QueryError>,
+}
+
+impl VisitorMut for Nested<'_> {
+    type Break = ();
+
+    fn post_visit_expr(&mut self, e: &mut SqlExpr) -> ControlFlow<()> {
+        if let Some(name) = measure_name(e)
+            && self.cube.measure(name).is_ok()
+        {
+            match measure_expr(self.cube, name, self.depth) {
+                Ok(x) => *e = x,
+                Err(err) => {
+                    self.error = Some(err);
+                    return ControlFlow::Break(());
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
