@@ -5,7 +5,8 @@
 //! squared one-step-ahead errors. A series shorter than two seasons falls back to Holt's linear
 //! method (no season). The 95 % prediction interval uses the additive Holt-Winters forecast
 //! variance σ²·(1 + Σⱼ₌₁..ₕ₋₁ (α(1 + jβ) + γ·[j mod m = 0])²) (Hyndman et al., *Forecasting with
-//! Exponential Smoothing*, class 1 models), with σ² the mean squared one-step error.
+//! Exponential Smoothing*, class 1 models), with σ² the sum of squared one-step errors over
+//! (n − 3), n the number of one-step forecasts and 3 the fitted parameters.
 
 /// One forecast period.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,9 +47,14 @@ struct Fit {
 
 fn fit(y: &[f64], m: usize, alpha: f64, beta: f64, gamma: f64) -> Fit {
     let (mut level, mut trend, mut seasonal, start) = if m > 1 {
+        // The first season's mean sits at its middle; the level starts at its end, and the
+        // seasonal terms are the first season's deviations from the detrended line.
         let first: f64 = y[..m].iter().sum::<f64>() / m as f64;
         let second: f64 = y[m..2 * m].iter().sum::<f64>() / m as f64;
-        (first, (second - first) / m as f64, y[..m].iter().map(|v| v - first).collect::<Vec<_>>(), m)
+        let trend = (second - first) / m as f64;
+        let middle = (m as f64 - 1.0) / 2.0;
+        let seasonal = y[..m].iter().enumerate().map(|(i, v)| v - (first + trend * (i as f64 - middle))).collect::<Vec<_>>();
+        (first + trend * middle, trend, seasonal, m)
     } else {
         (y[0], y[1] - y[0], vec![0.0], 1)
     };
@@ -92,7 +98,8 @@ pub fn holt_winters(y: &[f64], season: usize, horizon: usize) -> Result<Forecast
         }
     }
     let (alpha, beta, gamma, f) = best.expect("the grid is not empty");
-    let sigma2 = f.sse / f.n.max(1) as f64;
+    // Mean squared one-step error, corrected for the three fitted parameters.
+    let sigma2 = f.sse / (f.n.saturating_sub(3).max(1)) as f64;
     let n = y.len();
     let points = (1..=horizon)
         .map(|h| {

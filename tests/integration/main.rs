@@ -2,6 +2,7 @@
 //! cube query results checked against independent computations, reloads, and metadata errors.
 
 mod common;
+mod cli_output;
 mod cube_queries;
 mod load_sample;
 mod metadata_errors;

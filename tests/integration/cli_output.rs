@@ -1,0 +1,54 @@
+//! What a person sees: table output and error messages of the command line, as insta snapshots.
+//! (The numbers in them are checked against independent computations in the other modules;
+//! these snapshots pin the layout and the wording.)
+
+use std::process::Command;
+
+use crate::common::loaded;
+
+fn crmcube(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(loaded().test.dir.path()).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn table_output_aligns_columns_and_groups_thousands() {
+    let (code, out, _) = crmcube(&["query", "sales", "-m", "revenue,margin_pct,orders", "-b", "customer.region", "-w", "time.year=2025", "--order", "revenue:desc"]);
+    assert_eq!(code, Some(0));
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn trend_output_shows_previous_period_and_change() {
+    let (code, out, _) = crmcube(&["query", "sales", "-m", "revenue", "--trend", "time.quarter", "--last", "4"]);
+    assert_eq!(code, Some(0));
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn labels_with_chinese_names_stay_aligned() {
+    let (code, out, _) = crmcube(&["query", "sales", "-m", "revenue", "-b", "customer.customer", "--order", "revenue:desc", "--limit", "3", "--others"]);
+    assert_eq!(code, Some(0));
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn unknown_measure_error_lists_valid_names_and_exits_2() {
+    let (code, out, err) = crmcube(&["query", "sales", "-m", "revenu"]);
+    assert_eq!(code, Some(2));
+    assert!(out.is_empty());
+    insta::assert_snapshot!(err);
+}
+
+#[test]
+fn unknown_level_and_bad_value_errors() {
+    let (code, _, err) = crmcube(&["query", "sales", "-m", "revenue", "-b", "customer.regoin"]);
+    assert_eq!(code, Some(2));
+    insta::assert_snapshot!("unknown_level", err);
+    let (code, _, err) = crmcube(&["query", "sales", "-m", "revenue", "-w", "time.year=twenty"]);
+    assert_eq!(code, Some(2));
+    insta::assert_snapshot!("bad_filter_value", err);
+    let (code, _, err) = crmcube(&["query", "sale", "-m", "revenue"]);
+    assert_eq!(code, Some(2));
+    insta::assert_snapshot!("unknown_cube", err);
+}
