@@ -266,6 +266,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             match &args.output {
                 Some(path) => output::write_file(path, &batches),
+                None if args.format == Format::Table => {
+                    let totals = crate::query::totals(&ctx, cube, &query).await?;
+                    output::write_with_totals(&mut out, &batches, totals.as_deref(), Format::Table)
+                }
                 None => output::write(&mut out, &batches, args.format),
             }
         }

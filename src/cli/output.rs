@@ -22,9 +22,15 @@ pub enum Format {
 
 /// Writes `batches` to `out` in `format`.
 pub fn write(out: &mut dyn Write, batches: &[RecordBatch], format: Format) -> Result<()> {
+    write_with_totals(out, batches, None, format)
+}
+
+/// Writes `batches`; a table also gets a `Total` row from `totals` (one row of the measures,
+/// which are the last columns of `batches`).
+pub fn write_with_totals(out: &mut dyn Write, batches: &[RecordBatch], totals: Option<&[RecordBatch]>, format: Format) -> Result<()> {
     let io = |e| Error::io("<stdout>", e);
     match format {
-        Format::Table => out.write_all(table(batches)?.as_bytes()).map_err(io),
+        Format::Table => out.write_all(table_with_totals(batches, totals)?.as_bytes()).map_err(io),
         Format::Csv => {
             let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut *out);
             for b in batches {
@@ -72,10 +78,59 @@ pub fn write_file(path: &std::path::Path, batches: &[RecordBatch]) -> Result<()>
             w.finish()?;
             Ok(())
         }
+        "xlsx" => write_xlsx(path, batches),
         other => Err(crate::error::QueryError::new(format!("cannot write '.{other}' files"))
-            .with_hint(Some("use .csv, .json, .parquet or .arrow".into()))
+            .with_hint(Some("use .csv, .json, .parquet, .arrow or .xlsx".into()))
             .into()),
     }
+}
+
+/// An Excel workbook with one sheet: a bold header, numbers as numbers (thousands separators,
+/// two decimals for amounts), everything else as text.
+fn write_xlsx(path: &std::path::Path, batches: &[RecordBatch]) -> Result<()> {
+    use rust_xlsxwriter::{Format as XlsxFormat, Workbook};
+    let failed = |e: rust_xlsxwriter::XlsxError| Error::Internal(format!("writing {}: {e}", path.display()));
+    let mut workbook = Workbook::new();
+    let sheet = workbook.add_worksheet();
+    let bold = XlsxFormat::new().set_bold();
+    let amount = XlsxFormat::new().set_num_format("#,##0.00");
+    let whole = XlsxFormat::new().set_num_format("0");
+    let Some(first) = batches.first() else {
+        workbook.save(path).map_err(failed)?;
+        return Ok(());
+    };
+    let schema = first.schema();
+    for (c, f) in schema.fields().iter().enumerate() {
+        sheet.write_string_with_format(0, c as u16, f.name(), &bold).map_err(failed)?;
+    }
+    let options = FormatOptions::default();
+    let mut row = 1u32;
+    for b in batches {
+        for (c, column) in b.columns().iter().enumerate() {
+            let dt = column.data_type();
+            if dt.is_numeric() {
+                let values = datafusion::arrow::compute::cast(column, &DataType::Float64)?;
+                let values = values.as_any().downcast_ref::<datafusion::arrow::array::Float64Array>().expect("cast to Float64");
+                let format = if dt.is_integer() { &whole } else { &amount };
+                for i in 0..values.len() {
+                    if !values.is_null(i) {
+                        sheet.write_number_with_format(row + i as u32, c as u16, values.value(i), format).map_err(failed)?;
+                    }
+                }
+            } else {
+                let text = ArrayFormatter::try_new(column.as_ref(), &options)?;
+                for i in 0..column.len() {
+                    if !column.is_null(i) {
+                        sheet.write_string(row + i as u32, c as u16, text.value(i).to_string()).map_err(failed)?;
+                    }
+                }
+            }
+        }
+        row += b.num_rows() as u32;
+    }
+    sheet.autofit();
+    workbook.save(path).map_err(failed)?;
+    Ok(())
 }
 
 /// Inserts thousands separators into the integer part of a formatted number.
@@ -103,6 +158,29 @@ pub fn group_thousands(s: &str) -> String {
 
 /// Renders batches as an aligned text table.
 pub fn table(batches: &[RecordBatch]) -> Result<String> {
+    table_with_totals(batches, None)
+}
+
+/// Formats one cell for people: numbers with thousands separators, floats to two places.
+fn cell(c: &dyn Array, f: &ArrayFormatter<'_>, row: usize) -> String {
+    if c.is_null(row) {
+        String::new()
+    } else if matches!(c.data_type(), DataType::Float32 | DataType::Float64) {
+        let v: f64 = f.value(row).to_string().parse().unwrap_or(f64::NAN);
+        group_thousands(&format!("{v:.2}"))
+    } else if c.data_type().is_integer() {
+        // Four-digit integers are left alone so that years read as years.
+        let v = f.value(row).to_string();
+        if v.trim_start_matches('-').len() > 4 { group_thousands(&v) } else { v }
+    } else if c.data_type().is_numeric() {
+        group_thousands(&f.value(row).to_string())
+    } else {
+        f.value(row).to_string()
+    }
+}
+
+/// Renders batches as an aligned text table, with a totals row when `totals` is given.
+pub fn table_with_totals(batches: &[RecordBatch], totals: Option<&[RecordBatch]>) -> Result<String> {
     let Some(first) = batches.first() else {
         return Ok("(no rows)\n".to_string());
     };
@@ -117,29 +195,23 @@ pub fn table(batches: &[RecordBatch]) -> Result<String> {
             .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         for row in 0..b.num_rows() {
-            cells.push(
-                b.columns()
-                    .iter()
-                    .zip(&formatters)
-                    .map(|(c, f)| {
-                        if c.is_null(row) {
-                            String::new()
-                        } else if matches!(c.data_type(), DataType::Float32 | DataType::Float64) {
-                            let v: f64 = f.value(row).to_string().parse().unwrap_or(f64::NAN);
-                            group_thousands(&format!("{v:.2}"))
-                        } else if c.data_type().is_integer() {
-                            // Four-digit integers are left alone so that years read as years.
-                            let v = f.value(row).to_string();
-                            if v.trim_start_matches('-').len() > 4 { group_thousands(&v) } else { v }
-                        } else if c.data_type().is_numeric() {
-                            group_thousands(&f.value(row).to_string())
-                        } else {
-                            f.value(row).to_string()
-                        }
-                    })
-                    .collect(),
-            );
+            cells.push(b.columns().iter().zip(&formatters).map(|(c, f)| cell(c.as_ref(), f, row)).collect());
         }
+    }
+    let rows = cells.len() - 1;
+    let mut total_row: Option<Vec<String>> = None;
+    if let Some(t) = totals.and_then(|t| t.iter().find(|b| b.num_rows() == 1)) {
+        let n = numeric.len();
+        let k = t.num_columns().min(n.saturating_sub(1));
+        let mut row = vec![String::new(); n];
+        row[0] = "Total".to_string();
+        for j in 0..k {
+            let c = t.column(t.num_columns() - k + j);
+            let f = ArrayFormatter::try_new(c.as_ref(), &options)?;
+            row[n - k + j] = cell(c.as_ref(), &f, 0);
+        }
+        cells.push(row.clone());
+        total_row = Some(row);
     }
     let widths: Vec<usize> = (0..numeric.len()).map(|i| cells.iter().map(|r| r[i].width()).max().unwrap_or(0)).collect();
     // Pads by display width: a CJK character takes two terminal columns.
@@ -148,7 +220,13 @@ pub fn table(batches: &[RecordBatch]) -> Result<String> {
         if right { format!("{fill}{c}") } else { format!("{c}{fill}") }
     };
     let mut out = String::new();
+    let rule: Vec<String> = widths.iter().map(|w| "─".repeat(*w)).collect();
+    let rule = rule.join("  ");
     for (n, row) in cells.iter().enumerate() {
+        if n == rows + 1 && total_row.is_some() {
+            out.push_str(&rule);
+            out.push('\n');
+        }
         let line: Vec<String> = row
             .iter()
             .enumerate()
@@ -157,12 +235,10 @@ pub fn table(batches: &[RecordBatch]) -> Result<String> {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
         if n == 0 {
-            let rule: Vec<String> = widths.iter().map(|w| "─".repeat(*w)).collect();
-            out.push_str(&rule.join("  "));
+            out.push_str(&rule);
             out.push('\n');
         }
     }
-    let rows = cells.len() - 1;
     out.push_str(&format!("({rows} row{})\n", if rows == 1 { "" } else { "s" }));
     Ok(out)
 }

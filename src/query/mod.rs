@@ -598,6 +598,21 @@ pub async fn run(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Vec
     Ok(batches)
 }
 
+/// The grand total of a grouped query's measures (same filters and drill members, no groups),
+/// for the totals row of a table. `None` where a total row would not mean anything.
+pub async fn totals(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Option<Vec<RecordBatch>>> {
+    if q.detail || q.trend.is_some() || q.pivot.is_some() || q.compare.is_some() || (q.by.is_empty() && q.drill.is_empty()) {
+        return Ok(None);
+    }
+    let total = CubeQuery {
+        cube: q.cube.clone(),
+        measures: q.measures.clone(),
+        filters: q.filters.iter().chain(&q.drill).cloned().collect(),
+        ..Default::default()
+    };
+    Ok(Some(plan(ctx, cube, &total).await?.collect().await?))
+}
+
 /// Pivot (members across columns) or compare (two members and their change).
 async fn across(
     ctx: &SessionContext,

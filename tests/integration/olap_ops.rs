@@ -241,3 +241,28 @@ fn charts_are_valid_svg_and_png_files() {
         }
     }
 }
+
+#[test]
+fn excel_output_holds_numbers_as_numbers() {
+    let l = loaded();
+    let dir = l.test.dir.path();
+    let path = dir.join("regions.xlsx");
+    let status = Command::new(env!("CARGO_BIN_EXE_crmcube"))
+        .arg("--project")
+        .arg(dir)
+        .args(["query", "sales", "-m", "revenue,orders", "-b", "customer.region", "-w", "time.year=2025", "--output"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // An .xlsx is a zip of XML parts; Python's standard library reads the sheet.
+    let script = r#"import sys, zipfile, re
+z = zipfile.ZipFile(sys.argv[1])
+sheet = z.read('xl/worksheets/sheet1.xml').decode()
+print(len(re.findall(r'<c (?![^>]*t="s")[^>]*><v>', sheet)))"#;
+    let python = std::env::var("CRMCUBE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python).args(["-c", script]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let numeric_cells: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert_eq!(numeric_cells, 5 * 2, "five regions, two numeric measures each");
+}
