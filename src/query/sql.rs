@@ -156,8 +156,10 @@ struct MeasureRefs<'a> {
     keep: Vec<String>,
 }
 
+/// An aggregate call (not a window: `SUM(revenue) OVER (...)` over a grouped cube query sums
+/// the measure across groups, so its argument is the measure).
 fn is_aggregate(e: &SqlExpr) -> bool {
-    matches!(e, SqlExpr::Function(f) if AGGREGATES.contains(&f.name.to_string().to_ascii_lowercase().as_str()))
+    matches!(e, SqlExpr::Function(f) if f.over.is_none() && AGGREGATES.contains(&f.name.to_string().to_ascii_lowercase().as_str()))
 }
 
 impl VisitorMut for MeasureRefs<'_> {
