@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Data,
     /// Reading or writing a file or table failed.
     Io,
+    /// Another load holds the warehouse lock.
+    Locked,
     /// A bug in crmcube.
     Internal,
 }
@@ -35,6 +37,7 @@ impl ErrorKind {
             ErrorKind::Internal | ErrorKind::Io => 1,
             ErrorKind::Spec | ErrorKind::Query => 2,
             ErrorKind::Data => 3,
+            ErrorKind::Locked => 4,
         }
     }
 }
@@ -149,6 +152,8 @@ pub enum Error {
     Delta { table: String, #[source] source: DeltaTableError },
     #[error(transparent)]
     Sample(#[from] crate::sample::SampleError),
+    #[error("another load is running (process {pid} holds {}); try again when it has finished", path.display())]
+    Locked { path: PathBuf, pid: u32 },
     #[error("internal error (this is a bug in crmcube, please report it): {0}")]
     Internal(String),
 }
@@ -174,6 +179,7 @@ impl Error {
                 DataFusionError::ResourcesExhausted(_) => ErrorKind::Data,
                 _ => ErrorKind::Internal,
             },
+            Error::Locked { .. } => ErrorKind::Locked,
             Error::Arrow(_) | Error::Internal(_) => ErrorKind::Internal,
             Error::Parquet(_) => ErrorKind::Io,
         }

@@ -29,6 +29,9 @@ pub struct Cli {
     /// Warehouse folder; default: the project's `warehouse:` setting.
     #[arg(long, global = true)]
     pub warehouse: Option<PathBuf>,
+    /// Read an earlier snapshot (see `crmcube history`) instead of the current one.
+    #[arg(long, global = true, value_name = "SNAPSHOT")]
+    pub as_of: Option<u64>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -69,6 +72,8 @@ pub enum Command {
     },
     /// Validate every transform and cube file.
     Check,
+    /// List the warehouse's snapshots (id, time, rows), oldest first.
+    History,
     /// Load the sample data and print three answers.
     Demo,
 }
@@ -247,7 +252,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let cubes = CubeSet::load(&project, &transforms)?;
             let query = args.to_query(&project)?;
             let cube = cubes.get(&query.cube)?;
-            let ctx = warehouse(&cli, &project).session().await?;
+            let ctx = warehouse(&cli, &project).session_at(cli.as_of).await?;
             if args.explain {
                 let df = crate::query::plan(&ctx, cube, &query).await?;
                 let batches = df.explain(false, false)?.collect().await?;
@@ -277,7 +282,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let project = project(&cli)?;
             let transforms = TransformSet::load(&project)?;
             let cubes = CubeSet::load(&project, &transforms)?;
-            let ctx = warehouse(&cli, &project).session().await?;
+            let ctx = warehouse(&cli, &project).session_at(cli.as_of).await?;
             crate::query::sql::register_cubes(&ctx, &cubes).await?;
             let df = crate::query::sql::sql(&ctx, &cubes, sql).await?;
             if *explain {
@@ -292,6 +297,27 @@ pub async fn run(cli: Cli) -> Result<()> {
             let cubes = CubeSet::load(&project, &transforms)?;
             writeln!(out, "ok: {} transforms, {} cubes", transforms.transforms.len(), cubes.cubes.len())
                 .map_err(|e| Error::io("<stdout>", e))
+        }
+        Command::History => {
+            let project = project(&cli)?;
+            let snapshots = warehouse(&cli, &project).snapshots()?;
+            let io = |e| Error::io("<stdout>", e);
+            writeln!(out, "{:>8}  {:<32}  {:>6}  {:>12}  {:>11}", "snapshot", "committed at", "tables", "rows", "quarantined").map_err(io)?;
+            for s in &snapshots {
+                let rows: u64 = s.tables.iter().filter(|(n, _)| *n != crate::etl::QUARANTINE_TABLE).map(|(_, t)| t.rows).sum();
+                let quarantined = s.tables.get(crate::etl::QUARANTINE_TABLE).map(|t| t.rows).unwrap_or(0);
+                writeln!(
+                    out,
+                    "{:>8}  {:<32}  {:>6}  {:>12}  {:>11}",
+                    s.id,
+                    s.committed_at,
+                    s.tables.len(),
+                    output::group_thousands(&rows.to_string()),
+                    output::group_thousands(&quarantined.to_string())
+                )
+                .map_err(io)?;
+            }
+            Ok(())
         }
         Command::Demo => demo(&cli, &mut out).await,
     }

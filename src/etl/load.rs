@@ -69,6 +69,7 @@ pub fn quarantine_schema() -> SchemaRef {
 pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport> {
     let started = Instant::now();
     let set = TransformSet::load(project)?;
+    let _lock = warehouse.lock()?;
     let ctx = SessionContext::new();
 
     // Extract every source in parallel: decoding and splitting is CPU work outside DataFusion.

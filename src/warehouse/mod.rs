@@ -134,21 +134,72 @@ impl Warehouse {
         Ok(snapshot)
     }
 
-    /// A query session over the current snapshot (an empty session before the first load).
+    /// A query session over the current snapshot.
     pub async fn session(&self) -> Result<SessionContext> {
+        self.session_at(None).await
+    }
+
+    /// A query session over snapshot `id`, or the current one. An older snapshot stays readable
+    /// as long as the Delta versions it names are kept.
+    pub async fn session_at(&self, id: Option<u64>) -> Result<SessionContext> {
+        let snapshot = match id {
+            Some(id) => self.snapshot(id)?,
+            None => self.current()?.ok_or_else(|| DataError::Input {
+                file: self.root.clone(),
+                line: None,
+                message: "the warehouse has no snapshot yet; run `crmcube load` first".into(),
+            })?,
+        };
         let ctx = SessionContext::new();
-        match self.current()? {
-            Some(s) => self.register(&ctx, &s).await?,
-            None => {
-                return Err(DataError::Input {
-                    file: self.root.clone(),
-                    line: None,
-                    message: "the warehouse has no snapshot yet; run `crmcube load` first".into(),
+        self.register(&ctx, &snapshot).await?;
+        Ok(ctx)
+    }
+
+    /// Every committed snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let dir = self.snapshots_dir();
+        let mut ids: Vec<u64> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::io(dir, e)),
+        };
+        ids.sort();
+        ids.into_iter().map(|id| self.snapshot(id)).collect()
+    }
+
+    /// Takes the load lock (`warehouse/LOCK`, holding the owner's pid). A lock left by a process
+    /// that no longer runs is taken over with a warning; a live one is an error.
+    pub fn lock(&self) -> Result<LoadLock> {
+        std::fs::create_dir_all(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        let path = self.root.join("LOCK");
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    let _ = writeln!(f, "{}", std::process::id());
+                    let _ = f.sync_all();
+                    return Ok(LoadLock { path });
                 }
-                .into());
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(&path).unwrap_or_default().trim().parse::<u32>().ok();
+                    match owner {
+                        Some(pid) if process_alive(pid) => return Err(Error::Locked { path, pid }),
+                        _ => {
+                            eprintln!(
+                                "warning: taking over the stale load lock {} (its process {} no longer runs)",
+                                path.display(),
+                                owner.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+                            );
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+                Err(e) => return Err(Error::io(path, e)),
             }
         }
-        Ok(ctx)
+        Err(Error::Locked { path, pid: 0 })
     }
 
     /// Registers every table of `snapshot` in `ctx`, each at the Delta version it names.
@@ -167,6 +218,23 @@ impl Warehouse {
         }
         Ok(())
     }
+}
+
+/// The load lock; released when dropped (and taken over if its process dies).
+#[derive(Debug)]
+pub struct LoadLock {
+    path: PathBuf,
+}
+
+impl Drop for LoadLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether a process runs (Linux: it has a /proc entry).
+fn process_alive(pid: u32) -> bool {
+    pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Writes a file so that readers see either the old content or the new, never a part.

@@ -97,3 +97,58 @@ fn duckdb_reads_warehouse_tables_with_the_same_row_counts() {
         assert_eq!(count, l.report.table(table).map(|t| t.loaded).unwrap_or(count));
     }
 }
+
+#[test]
+fn a_live_lock_refuses_a_second_load_and_a_stale_one_is_taken_over() {
+    let t = test_project();
+    std::fs::create_dir_all(&t.project.warehouse).unwrap();
+    let lock = t.project.warehouse.join("LOCK");
+    // A running process holds the lock: the load stops with exit code 4 and writes nothing.
+    let mut holder = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(&lock, holder.id().to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).arg("load").output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another load is running"));
+    assert!(!t.project.warehouse.join("CURRENT").exists());
+    // Its process dies without releasing the lock (SIGKILL): the next load takes it over.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).arg("load").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("taking over the stale load lock"));
+    assert!(!lock.exists(), "a finished load releases the lock");
+}
+
+#[test]
+fn history_lists_snapshots_and_as_of_reads_an_older_one() {
+    let t = test_project();
+    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    block_on(async move {
+        load(&p, &w).await.unwrap();
+    });
+    // The second night drops one export row: the second snapshot has fewer order lines.
+    let sources = t.dir.path().join("exports");
+    crate::common::copy_dir(&crate::common::repo().join("sample-data"), &sources);
+    let lines = std::fs::read_to_string(sources.join("order_lines.csv")).unwrap();
+    let kept: Vec<&str> = lines.lines().take(1001).collect();
+    std::fs::write(sources.join("order_lines.csv"), kept.join("\n") + "\n").unwrap();
+    let crmcube = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    crmcube(&["load", "--source", sources.to_str().unwrap()]);
+    let history = crmcube(&["history"]);
+    assert_eq!(history.lines().count(), 3, "{history}");
+    let count = |as_of: Option<&str>| {
+        let mut args = vec!["sql", "SELECT count(*) AS n FROM order_lines", "--format", "csv"];
+        if let Some(a) = as_of {
+            args.extend(["--as-of", a]);
+        }
+        crmcube(&args).lines().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let (first, second) = (count(Some("1")), count(None));
+    assert!(first > 60_000, "{first}");
+    assert!(second <= 1000, "{second}");
+    assert_eq!(count(Some("2")), second);
+}
