@@ -29,12 +29,14 @@
 //! - [`query`]: cube queries planned as DataFusion DataFrames.
 //! - [`cli`]: the `crmcube` commands and output formatting.
 //! - [`error`]: error kinds shared by all of the above, mapped to exit codes.
+//! - [`fault`]: fault points where crash tests kill a load.
 
 pub mod analytics;
 pub mod cli;
 pub mod cube;
 pub mod error;
 pub mod etl;
+pub mod fault;
 pub mod project;
 pub mod query;
 pub mod sample;

@@ -85,12 +85,16 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
         .par_iter()
         .map(|(t, s)| extract(&t.name, s, &project.sources, &project.root))
         .collect::<Result<_>>()?;
+    for (t, _) in &sources {
+        crate::fault::point(&format!("extracted {}", t.name));
+    }
 
     let mut reports = Vec::new();
     let mut outputs: Vec<(String, SchemaRef, Vec<RecordBatch>)> = Vec::new();
     let mut quarantine: Vec<RecordBatch> = Vec::new();
     for ((t, spec), ex) in sources.iter().zip(extracted) {
         let cleaned = clean(&ctx, &t.name, spec, ex.batch).await?;
+        crate::fault::point(&format!("cleaned {}", t.name));
         let quarantined = cleaned.quarantined + ex.rejects.len() as u64;
         let report = TableReport {
             table: t.name.clone(),
@@ -150,6 +154,7 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
             let schema = Arc::new(df.schema().as_arrow().clone());
             let rows = df.collect().await.map_err(|e| derived_error(&set, name, e))?;
             ctx.register_batch(name.as_str(), datafusion::arrow::compute::concat_batches(&schema, &rows)?)?;
+            crate::fault::point(&format!("derived {name}"));
             let n = count_rows(&rows);
             reports.push(TableReport { table: name.clone(), kind: "derived", read: n, loaded: n, quarantined: 0, duplicates: 0 });
             outputs.push((name.clone(), schema, rows));
@@ -174,6 +179,7 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
     for (name, schema, rows) in outputs {
         let n = count_rows(&rows);
         let version = warehouse.write_table(&name, schema, rows).await?;
+        crate::fault::point(&format!("wrote {name}"));
         entries.insert(name, TableEntry { version, rows: n });
     }
     let snapshot: Snapshot = warehouse.commit(entries)?;

@@ -129,7 +129,9 @@ impl Warehouse {
         let dir = self.snapshots_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let json = serde_json::to_vec_pretty(&snapshot).map_err(|e| Error::Internal(e.to_string()))?;
+        crate::fault::point("before the snapshot manifest");
         write_atomic(&dir.join(format!("{id:06}.json")), &json)?;
+        crate::fault::point("between the manifest and CURRENT");
         write_atomic(&self.root.join("CURRENT"), format!("{id}\n").as_bytes())?;
         Ok(snapshot)
     }

@@ -3,6 +3,7 @@
 
 mod common;
 mod cli_output;
+mod crash;
 mod cube_queries;
 mod load_sample;
 mod metadata_errors;
