@@ -61,7 +61,12 @@ pub struct Measure {
 
 #[derive(Debug, Clone)]
 pub enum MeasureKind {
-    Base { agg: Aggregation, column: String },
+    Base {
+        agg: Aggregation,
+        column: String,
+        /// The time dimension over which this measure is not additive (takes the last date).
+        semi_additive: Option<String>,
+    },
     /// A SQL expression over `inputs` (other measures), evaluated after aggregation.
     Calculated { expr: String, inputs: Vec<String> },
 }
@@ -254,8 +259,37 @@ fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagn
     for m in &spec.measures {
         let mkey = format!("cube '{cube}' › measure '{}'", m.name.value);
         let kind = match (&m.agg, &m.column, &m.expr) {
-            (Some(agg), Some(column), None) => MeasureKind::Base { agg: *agg, column: column.value.clone() },
-            (None, None, Some(expr)) => {
+            (Some(agg), Some(column), None) => {
+                if let Some(dim) = &m.semi_additive {
+                    let joined_time = spec.dimensions.iter().find(|d| d.name.value == dim.value).map(|d| d.table.is_some());
+                    match joined_time {
+                        None => errors.push(diag(
+                            file,
+                            dim,
+                            mkey.clone(),
+                            format!("semi_additive names dimension '{}', which this cube does not have", dim.value),
+                            Some(valid_names_hint("dimensions", &dim.value, spec.dimensions.iter().map(|d| d.name.value.as_str()))),
+                        )),
+                        Some(false) => errors.push(diag(
+                            file,
+                            dim,
+                            mkey.clone(),
+                            format!("semi_additive needs a joined time dimension (with table, key and foreign_key); '{}' has none", dim.value),
+                            None,
+                        )),
+                        Some(true) if *agg != Aggregation::Sum => errors.push(diag(
+                            file,
+                            dim,
+                            mkey.clone(),
+                            "a semi-additive measure sums across the other dimensions: use `agg: sum`".into(),
+                            None,
+                        )),
+                        Some(true) => {}
+                    }
+                }
+                MeasureKind::Base { agg: *agg, column: column.value.clone(), semi_additive: m.semi_additive.as_ref().map(|d| d.value.clone()) }
+            }
+            (None, None, Some(expr)) if m.semi_additive.is_none() => {
                 let inputs: Vec<String> = identifiers(&expr.value)
                     .into_iter()
                     .filter(|w| measure_names.contains(&w.as_str()) && *w != m.name.value)

@@ -65,6 +65,10 @@ pub struct MeasureSpec {
     /// that ratios are ratios of sums at every level.
     #[serde(default)]
     pub expr: Option<Spanned<String>>,
+    /// A balance: aggregated over every dimension but this one (a time dimension), over which it
+    /// takes the value at the last date of each period (e.g. the month-end balance of a year).
+    #[serde(default)]
+    pub semi_additive: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

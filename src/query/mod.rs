@@ -321,12 +321,16 @@ fn level_columns(levels: &[LevelRef<'_>]) -> Vec<String> {
 }
 
 /// Groups by `group_cols` with the base measures, then adds the calculated measures.
-fn aggregate(mut df: DataFrame, group_cols: &[String], b: &Bound<'_>) -> Result<DataFrame> {
+///
+/// A semi-additive measure (a balance) is summed per date of its time dimension first; each
+/// group then keeps the last date of its period (the last date of the whole slice when no level
+/// of that dimension is grouped), so a year shows its last month-end balance, not twelve summed.
+fn aggregate(df: DataFrame, group_cols: &[String], b: &Bound<'_>) -> Result<DataFrame> {
     let aggs: Vec<Expr> = b
         .closure
         .iter()
         .filter_map(|m| match &m.kind {
-            MeasureKind::Base { agg, column } => {
+            MeasureKind::Base { agg, column, semi_additive: None } => {
                 let c = col(column.as_str());
                 let e = match agg {
                     Aggregation::Sum => sum(c),
@@ -338,20 +342,65 @@ fn aggregate(mut df: DataFrame, group_cols: &[String], b: &Bound<'_>) -> Result<
                 };
                 Some(e.alias(m.name.as_str()))
             }
-            MeasureKind::Calculated { .. } => None,
+            _ => None,
         })
         .collect();
-    df = df.aggregate(group_cols.iter().map(|c| col(c.as_str())).collect(), aggs)?;
+    let mut aggs = aggs;
+    if aggs.is_empty() {
+        // Only semi-additive measures: a row count keeps the grouping valid (dropped later).
+        aggs.push(count(lit(1)).alias("__rows"));
+    }
+    let group: Vec<Expr> = group_cols.iter().map(|c| col(c.as_str())).collect();
+    let mut out = df.clone().aggregate(group, aggs)?;
+    for m in &b.closure {
+        if let MeasureKind::Base { column, semi_additive: Some(dim), .. } = &m.kind {
+            out = join_semi_additive(out, df.clone(), group_cols, b, &m.name, column, dim)?;
+        }
+    }
     for m in &b.closure {
         if let MeasureKind::Calculated { expr, .. } = &m.kind {
-            let e = df.parse_sql_expr(expr).map_err(|e| {
+            let e = out.parse_sql_expr(expr).map_err(|e| {
                 QueryError::new(format!("measure '{}' of cube '{}' has an invalid expression '{expr}': {e}", m.name, b.cube.name))
                     .with_hint(Some(format!("fix it in {}", b.cube.file.display())))
             })?;
-            df = df.with_column(&m.name, e)?;
+            out = out.with_column(&m.name, e)?;
         }
     }
-    Ok(df)
+    Ok(out)
+}
+
+/// Adds one semi-additive measure to `main` (already grouped by `group_cols`).
+fn join_semi_additive(
+    main: DataFrame,
+    detail: DataFrame,
+    group_cols: &[String],
+    b: &Bound<'_>,
+    name: &str,
+    column: &str,
+    dim: &str,
+) -> Result<DataFrame> {
+    let dimension = b.cube.dimensions.iter().find(|d| d.name == dim).ok_or_else(|| QueryError::new(format!("no dimension '{dim}'")))?;
+    let join = dimension.join.as_ref().ok_or_else(|| QueryError::new(format!("dimension '{dim}' is not joined")))?;
+    let prefix = format!("{dim}_");
+    let time_cols: Vec<Expr> = group_cols.iter().filter(|c| c.starts_with(&prefix)).map(|c| col(c.as_str())).collect();
+    let mut by_date: Vec<Expr> = group_cols.iter().map(|c| col(c.as_str())).collect();
+    by_date.push(col(join.foreign_key.as_str()).alias("__date"));
+    let last = over_rows(datafusion::functions_aggregate::min_max::max_udaf(), col("__date")).partition_by(time_cols).build()?;
+    let semi = detail
+        .aggregate(by_date, vec![sum(col(column)).alias("__value")])?
+        .window(vec![last.alias("__last")])?
+        .filter(col("__date").eq(col("__last")))?
+        .aggregate(group_cols.iter().map(|c| col(c.as_str())).collect(), vec![sum(col("__value")).alias(name)])?;
+    let names: Vec<String> = main.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let (main, semi) = (main.alias("__main")?, semi.alias("__semi")?);
+    let q = |rel: &str, c: &str| Expr::Column(datafusion::common::Column::new(Some(rel), c));
+    let mut on: Vec<Expr> = group_cols.iter().map(|c| Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr::new(Box::new(q("__main", c)), datafusion::logical_expr::Operator::IsNotDistinctFrom, Box::new(q("__semi", c))))).collect();
+    if on.is_empty() {
+        on.push(lit(true));
+    }
+    let mut select: Vec<Expr> = names.iter().map(|n| q("__main", n).alias(n.as_str())).collect();
+    select.push(q("__semi", name).alias(name));
+    Ok(main.join_on(semi, JoinType::Left, on)?.select(select)?)
 }
 
 /// Plans a cube query as one DataFusion plan over the tables registered in `ctx`.

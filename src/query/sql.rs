@@ -198,6 +198,13 @@ fn measure_expr(cube: &Cube, name: &str, depth: usize) -> Result<SqlExpr, QueryE
         return Err(QueryError::new(format!("measure '{name}' of cube '{}' refers to itself", cube.name)));
     }
     let m = cube.measure(name)?;
+    if let MeasureKind::Base { semi_additive: Some(dim), .. } = &m.kind {
+        return Err(QueryError::new(format!(
+            "measure '{name}' is semi-additive over '{dim}' (a balance): SQL over cubes.{} does not compute it yet",
+            cube.name
+        ))
+        .with_hint(Some(format!("use `crmcube query {} -m {name}`, or SUM({name}) filtered to one date", cube.name))));
+    }
     let text = match &m.kind {
         MeasureKind::Base { agg, .. } => {
             let column = format!("\"{}\"", m.name.replace('"', "\"\""));

@@ -9,4 +9,5 @@ mod load_sample;
 mod metadata_errors;
 mod olap_ops;
 mod query_suite;
+mod receivables;
 mod reload;

@@ -30,7 +30,7 @@ fn loading_the_same_exports_twice_leaves_identical_tables() {
         let second = load(&p, &w).await.unwrap();
         let after = checksums(&w).await;
         assert_eq!((first.snapshot, second.snapshot), (1, 2));
-        assert_eq!(before.len(), 12, "eleven tables and the quarantine");
+        assert_eq!(before.len(), 13, "twelve tables and the quarantine");
         assert_eq!(before, after, "row counts and content checksums of every table");
         assert_eq!(first.tables, second.tables, "per-table read/loaded/quarantined/duplicates");
     });
