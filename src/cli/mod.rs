@@ -74,6 +74,11 @@ pub enum Command {
     Check,
     /// List the warehouse's snapshots (id, time, rows), oldest first.
     History,
+    /// Delete snapshots older than the newest --keep and the files only they needed.
+    Vacuum {
+        #[arg(long, default_value_t = 7)]
+        keep: usize,
+    },
     /// Load the sample data and print three answers.
     Demo,
 }
@@ -318,6 +323,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .map_err(io)?;
             }
             Ok(())
+        }
+        Command::Vacuum { keep } => {
+            let project = project(&cli)?;
+            let r = warehouse(&cli, &project).vacuum(*keep).await?;
+            writeln!(out, "kept {} snapshot(s), removed {}, deleted {} file(s)", r.snapshots_kept, r.snapshots_removed, r.files_deleted)
+                .map_err(|e| Error::io("<stdout>", e))
         }
         Command::Demo => demo(&cli, &mut out).await,
     }

@@ -172,6 +172,46 @@ impl Warehouse {
         ids.into_iter().map(|id| self.snapshot(id)).collect()
     }
 
+    /// Keeps the newest `keep` snapshots and deletes what only older ones needed: their manifests
+    /// and the Parquet files no retained snapshot (nor a table's latest version) reads, including
+    /// files a killed load left behind. Takes the load lock, so it never races a load.
+    pub async fn vacuum(&self, keep: usize) -> Result<VacuumReport> {
+        let _lock = self.lock()?;
+        let snapshots = self.snapshots()?;
+        let keep = keep.max(1);
+        let (old, retained) = snapshots.split_at(snapshots.len().saturating_sub(keep));
+        let mut report = VacuumReport { snapshots_removed: old.len(), snapshots_kept: retained.len(), files_deleted: 0 };
+        if retained.is_empty() {
+            return Ok(report);
+        }
+        let mut tables: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for s in retained {
+            for (name, entry) in &s.tables {
+                tables.entry(name.as_str()).or_default().push(entry.version);
+            }
+        }
+        for (name, versions) in tables {
+            let delta_err = |source| Error::Delta { table: name.to_string(), source };
+            let table = DeltaTableBuilder::from_url(self.table_url(name)?).map_err(delta_err)?.load().await.map_err(delta_err)?;
+            let mut keep_versions = versions;
+            keep_versions.extend(table.version());
+            let (_, metrics) = table
+                .vacuum()
+                .with_keep_versions(&keep_versions)
+                .with_retention_period(chrono::Duration::zero())
+                .with_enforce_retention_duration(false)
+                .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
+                .await
+                .map_err(delta_err)?;
+            report.files_deleted += metrics.files_deleted.len();
+        }
+        for s in old {
+            let path = self.snapshots_dir().join(format!("{:06}.json", s.id));
+            std::fs::remove_file(&path).map_err(|e| Error::io(path, e))?;
+        }
+        Ok(report)
+    }
+
     /// Takes the load lock (`warehouse/LOCK`, holding the owner's pid). A lock left by a process
     /// that no longer runs is taken over with a warning; a live one is an error.
     pub fn lock(&self) -> Result<LoadLock> {
@@ -220,6 +260,14 @@ impl Warehouse {
         }
         Ok(())
     }
+}
+
+/// What `vacuum` removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VacuumReport {
+    pub snapshots_removed: usize,
+    pub snapshots_kept: usize,
+    pub files_deleted: usize,
 }
 
 /// The load lock; released when dropped (and taken over if its process dies).

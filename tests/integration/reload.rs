@@ -152,3 +152,35 @@ fn history_lists_snapshots_and_as_of_reads_an_older_one() {
     assert!(second <= 1000, "{second}");
     assert_eq!(count(Some("2")), second);
 }
+
+#[test]
+fn vacuum_deletes_old_snapshots_files_but_keeps_retained_snapshots_readable() {
+    let t = test_project();
+    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    let parquet_files = |w: &crmcube::warehouse::Warehouse| {
+        std::fs::read_dir(w.table_path("fact_sales")).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "parquet")).count()
+    };
+    let (files_before, second_before) = block_on(async move {
+        for _ in 0..3 {
+            load(&p, &w).await.unwrap();
+        }
+        let ctx = w.session_at(Some(2)).await.unwrap();
+        (parquet_files(&w), content_checksum(&ctx, "fact_sales").await.unwrap())
+    });
+    let w = t.warehouse.clone();
+    let (report, files_after, second_after, first_gone, current) = block_on(async move {
+        let report = w.vacuum(2).await.unwrap();
+        let ctx = w.session_at(Some(2)).await.unwrap();
+        let second = content_checksum(&ctx, "fact_sales").await.unwrap();
+        let first_gone = w.session_at(Some(1)).await.is_err();
+        (report, parquet_files(&w), second, first_gone, w.current().unwrap().unwrap().id)
+    });
+    assert_eq!((report.snapshots_removed, report.snapshots_kept), (1, 2));
+    assert!(report.files_deleted > 0 && files_after < files_before, "{files_before} → {files_after}");
+    assert_eq!(second_after, second_before, "a retained snapshot reads the same rows after vacuum");
+    assert!(first_gone, "a vacuumed snapshot is no longer readable");
+    assert_eq!(current, 3);
+    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    let next = block_on(async move { load(&p, &w).await.unwrap().snapshot });
+    assert_eq!(next, 4, "loads go on after a vacuum");
+}
