@@ -111,3 +111,17 @@ pub fn sample_text(file: &str) -> String {
 pub fn cents(text: &str) -> i128 {
     crmcube::etl::parse::parse_decimal(text, 2).unwrap_or_else(|| panic!("not an amount: {text}"))
 }
+
+/// The cubes of the shared test project.
+pub fn cubes() -> crmcube::cube::CubeSet {
+    let project = &loaded().test.project;
+    let transforms = crmcube::etl::TransformSet::load(project).unwrap();
+    crmcube::cube::CubeSet::load(project, &transforms).unwrap()
+}
+
+/// Runs a cube query (as `crmcube query` does) over the shared load; every cell as text.
+pub async fn ask(q: crmcube::query::CubeQuery) -> Vec<Vec<String>> {
+    let cubes = cubes();
+    let ctx = session().await;
+    cells(&crmcube::query::run(&ctx, cubes.get(&q.cube).unwrap(), &q).await.unwrap())
+}

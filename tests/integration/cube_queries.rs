@@ -8,7 +8,7 @@ use crmcube::cube::CubeSet;
 use crmcube::etl::TransformSet;
 use crmcube::query::{CubeQuery, plan};
 
-use crate::common::{cells, cents, loaded, session, sql};
+use crate::common::{ask, cents, loaded, session, sql};
 
 /// One sales line, joined and computed by hand.
 struct Line {
@@ -63,15 +63,6 @@ async fn base_lines() -> Vec<Line> {
     lines
 }
 
-async fn run(q: CubeQuery) -> Vec<Vec<String>> {
-    let project = &loaded().test.project;
-    let transforms = TransformSet::load(project).unwrap();
-    let cubes = CubeSet::load(project, &transforms).unwrap();
-    let ctx = session().await;
-    let df = plan(&ctx, cubes.get(&q.cube).unwrap(), &q).await.unwrap();
-    cells(&df.collect().await.unwrap())
-}
-
 fn query(measures: &[&str]) -> CubeQuery {
     CubeQuery { cube: "sales".into(), measures: measures.iter().map(|s| s.to_string()).collect(), ..Default::default() }
 }
@@ -86,7 +77,7 @@ async fn slice_of_one_region_and_year_matches_hand_arithmetic() {
     let slice: Vec<&Line> = lines.iter().filter(|l| l.region == "East" && l.year == "2025").collect();
     let revenue: i128 = slice.iter().map(|l| l.revenue).sum();
     let cost: i128 = slice.iter().map(|l| l.cost).sum();
-    let rows = run(CubeQuery {
+    let rows = ask(CubeQuery {
         filters: vec!["customer.region=East".into(), "time.year=2025".into()],
         ..query(&["revenue", "cost", "margin_pct"])
     })
@@ -104,7 +95,7 @@ async fn drill_down_into_a_region_lists_its_provinces() {
     for l in lines.iter().filter(|l| l.region == "East") {
         *expected.entry(l.province.clone()).or_default() += l.revenue;
     }
-    let rows = run(CubeQuery { drill: vec!["customer.region=East".into()], ..query(&["revenue"]) }).await;
+    let rows = ask(CubeQuery { drill: vec!["customer.region=East".into()], ..query(&["revenue"]) }).await;
     let got: BTreeMap<String, i128> = rows
         .iter()
         .map(|r| {
@@ -124,7 +115,7 @@ async fn monthly_trend_has_month_over_month_change() {
         *monthly.entry(l.month.clone()).or_default() += l.revenue;
     }
     let months: Vec<(&String, &i128)> = monthly.iter().collect();
-    let rows = run(CubeQuery { trend: Some("time.month".into()), last: Some(12), ..query(&["revenue"]) }).await;
+    let rows = ask(CubeQuery { trend: Some("time.month".into()), last: Some(12), ..query(&["revenue"]) }).await;
     assert_eq!(rows.len(), 12);
     let tail = &months[months.len() - 12..];
     for (i, r) in rows.iter().enumerate() {
@@ -147,7 +138,7 @@ async fn top_ten_customers_by_revenue() {
     }
     let mut ranked: Vec<(String, i128)> = by_customer.into_iter().collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let rows = run(CubeQuery {
+    let rows = ask(CubeQuery {
         by: vec!["customer.customer".into()],
         order: vec!["revenue:desc".into()],
         limit: Some(10),
@@ -171,14 +162,14 @@ async fn distinct_counts_stay_exact_per_channel_and_overall() {
         orders.entry(l.channel.clone()).or_default().insert(&l.order_id);
         customers.entry(l.channel.clone()).or_default().insert(&l.customer);
     }
-    let rows = run(CubeQuery { by: vec!["channel.channel".into()], ..query(&["orders", "customers"]) }).await;
+    let rows = ask(CubeQuery { by: vec!["channel.channel".into()], ..query(&["orders", "customers"]) }).await;
     assert_eq!(rows.len(), orders.len());
     for r in &rows {
         assert_eq!(r[1].parse::<usize>().unwrap(), orders[&r[0]].len(), "orders of {}", r[0]);
         assert_eq!(r[2].parse::<usize>().unwrap(), customers[&r[0]].len(), "customers of {}", r[0]);
     }
     let all_customers: BTreeSet<&str> = lines.iter().map(|l| l.customer.as_str()).collect();
-    let total = run(query(&["customers", "avg_order_value"])).await;
+    let total = ask(query(&["customers", "avg_order_value"])).await;
     assert_eq!(total[0][0].parse::<usize>().unwrap(), all_customers.len());
     let per_channel_sum: usize = customers.values().map(BTreeSet::len).sum();
     assert!(per_channel_sum > all_customers.len(), "distinct customers are not additive across channels");

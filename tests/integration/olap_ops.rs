@@ -5,11 +5,9 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use crmcube::cube::CubeSet;
-use crmcube::etl::TransformSet;
-use crmcube::query::{CubeQuery, run};
+use crmcube::query::CubeQuery;
 
-use crate::common::{cells, cents, loaded, session, sql};
+use crate::common::{ask, cells, cents, loaded, session, sql};
 
 /// Completed order lines with their customer and period, by hand.
 const SALES: &str = "WITH s AS (
@@ -22,14 +20,6 @@ const SALES: &str = "WITH s AS (
   JOIN orders o ON l.order_id = o.order_id
   JOIN dim_customer c ON o.customer_id = c.customer_id
   WHERE o.status = 'completed')";
-
-async fn query(q: CubeQuery) -> Vec<Vec<String>> {
-    let project = &loaded().test.project;
-    let transforms = TransformSet::load(project).unwrap();
-    let cubes = CubeSet::load(project, &transforms).unwrap();
-    let ctx = session().await;
-    cells(&run(&ctx, cubes.get("sales").unwrap(), &q).await.unwrap())
-}
 
 async fn by_hand(q: &str) -> Vec<Vec<String>> {
     sql(&session().await, &format!("{SALES} {q}")).await
@@ -46,7 +36,7 @@ fn amount(cell: &str) -> i128 {
 
 #[tokio::test]
 async fn pivot_spreads_years_across_columns() {
-    let rows = query(CubeQuery { by: vec!["customer.region".into()], pivot: Some("time.year".into()), ..revenue(&["revenue"]) }).await;
+    let rows = ask(CubeQuery { by: vec!["customer.region".into()], pivot: Some("time.year".into()), ..revenue(&["revenue"]) }).await;
     let expected = by_hand("SELECT region, yr, sum(revenue) FROM s GROUP BY 1, 2").await;
     let years: Vec<String> = {
         let mut y: Vec<String> = expected.iter().map(|r| r[1].clone()).collect();
@@ -65,7 +55,7 @@ async fn pivot_spreads_years_across_columns() {
 #[tokio::test]
 async fn compare_two_years_side_by_side_with_change() {
     let rows =
-        query(CubeQuery { by: vec!["customer.region".into()], compare: Some("time.year=2025:2024".into()), ..revenue(&["revenue"]) }).await;
+        ask(CubeQuery { by: vec!["customer.region".into()], compare: Some("time.year=2025:2024".into()), ..revenue(&["revenue"]) }).await;
     let expected = by_hand(
         "SELECT region, sum(CASE WHEN yr = 2025 THEN revenue END), sum(CASE WHEN yr = 2024 THEN revenue END) FROM s GROUP BY 1 ORDER BY 1",
     )
@@ -83,7 +73,7 @@ async fn compare_two_years_side_by_side_with_change() {
 
 #[tokio::test]
 async fn top_five_customers_and_an_others_row_that_adds_up() {
-    let rows = query(CubeQuery {
+    let rows = ask(CubeQuery {
         by: vec!["customer.customer".into()],
         order: vec!["revenue:desc".into()],
         limit: Some(5),
@@ -105,7 +95,7 @@ async fn top_five_customers_and_an_others_row_that_adds_up() {
 
 #[tokio::test]
 async fn a_drill_path_three_levels_deep_reaches_the_days_of_a_month() {
-    let rows = query(CubeQuery {
+    let rows = ask(CubeQuery {
         drill: vec!["time.year=2025".into(), "time.quarter=2025-Q1".into(), "time.month=2025-02".into()],
         ..revenue(&["revenue"])
     })
@@ -121,7 +111,7 @@ async fn a_drill_path_three_levels_deep_reaches_the_days_of_a_month() {
 
 #[tokio::test]
 async fn trend_windows_match_window_sql_over_monthly_sums() {
-    let rows = query(CubeQuery {
+    let rows = ask(CubeQuery {
         trend: Some("time.month".into()),
         moving_average: Some(3),
         running_total: true,
@@ -162,20 +152,20 @@ async fn trend_windows_match_window_sql_over_monthly_sums() {
 #[tokio::test]
 async fn drill_through_lists_the_fact_rows_behind_a_cell() {
     let rows =
-        query(CubeQuery { detail: true, filters: vec!["customer.province=Zhejiang".into(), "time.month=2025-03".into()], limit: Some(100_000), ..revenue(&[]) })
+        ask(CubeQuery { detail: true, filters: vec!["customer.province=Zhejiang".into(), "time.month=2025-03".into()], limit: Some(100_000), ..revenue(&[]) })
             .await;
     let expected = by_hand("SELECT count(*), sum(revenue) FROM s WHERE province = 'Zhejiang' AND mon = '2025-03'").await;
     assert_eq!(rows.len().to_string(), expected[0][0]);
-    let limited = query(CubeQuery { detail: true, filters: vec!["customer.province=Zhejiang".into()], limit: Some(7), ..revenue(&[]) }).await;
+    let limited = ask(CubeQuery { detail: true, filters: vec!["customer.province=Zhejiang".into()], limit: Some(7), ..revenue(&[]) }).await;
     assert_eq!(limited.len(), 7);
 }
 
 #[tokio::test]
 async fn empty_slices_and_null_members_are_answered() {
-    let empty = query(CubeQuery { filters: vec!["time.year=1999".into()], by: vec!["customer.region".into()], ..revenue(&["revenue"]) }).await;
+    let empty = ask(CubeQuery { filters: vec!["time.year=1999".into()], by: vec!["customer.region".into()], ..revenue(&["revenue"]) }).await;
     assert!(empty.is_empty());
     // Orders without a sales rep form a NULL member of the rep dimension.
-    let rows = query(CubeQuery { by: vec!["rep.region".into()], ..revenue(&["revenue"]) }).await;
+    let rows = ask(CubeQuery { by: vec!["rep.region".into()], ..revenue(&["revenue"]) }).await;
     let null_row = rows.iter().find(|r| r[0].is_empty()).expect("a NULL rep region");
     let expected = by_hand("SELECT sum(revenue) FROM s WHERE rep_id IS NULL").await;
     assert_eq!(cents(&null_row[1]), cents(&expected[0][0]));

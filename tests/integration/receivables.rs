@@ -5,17 +5,9 @@ use std::collections::BTreeMap;
 
 use crmcube::cube::CubeSet;
 use crmcube::etl::TransformSet;
-use crmcube::query::{CubeQuery, run};
+use crmcube::query::CubeQuery;
 
-use crate::common::{cells, cents, loaded, session, sql};
-
-async fn query(q: CubeQuery) -> Vec<Vec<String>> {
-    let project = &loaded().test.project;
-    let transforms = TransformSet::load(project).unwrap();
-    let cubes = CubeSet::load(project, &transforms).unwrap();
-    let ctx = session().await;
-    cells(&run(&ctx, cubes.get("receivables").unwrap(), &q).await.unwrap())
-}
+use crate::common::{ask, cents, loaded, session, sql};
 
 fn receivables(measures: &[&str]) -> CubeQuery {
     CubeQuery { cube: "receivables".into(), measures: measures.iter().map(|s| s.to_string()).collect(), ..Default::default() }
@@ -35,7 +27,7 @@ async fn balance_by_region_at(date: &str) -> BTreeMap<String, i128> {
 
 #[tokio::test]
 async fn a_year_shows_its_last_month_end_balance_not_a_sum_of_months() {
-    let rows = query(CubeQuery { by: vec!["customer.region".into()], filters: vec!["time.year=2025".into()], ..receivables(&["balance", "invoiced"]) }).await;
+    let rows = ask(CubeQuery { by: vec!["customer.region".into()], filters: vec!["time.year=2025".into()], ..receivables(&["balance", "invoiced"]) }).await;
     let expected = balance_by_region_at("2025-12-31").await;
     let ctx = session().await;
     let invoiced: BTreeMap<String, i128> = sql(&ctx, "SELECT c.region, sum(i.amount) FROM fact_invoice i JOIN dim_customer c ON i.customer_id = c.customer_id WHERE date_part('year', i.invoice_date) = 2025 GROUP BY 1")
@@ -53,7 +45,7 @@ async fn a_year_shows_its_last_month_end_balance_not_a_sum_of_months() {
 
 #[tokio::test]
 async fn each_month_shows_its_own_month_end_balance() {
-    let rows = query(CubeQuery { by: vec!["time.month".into()], filters: vec!["time.year=2025".into()], ..receivables(&["balance"]) }).await;
+    let rows = ask(CubeQuery { by: vec!["time.month".into()], filters: vec!["time.year=2025".into()], ..receivables(&["balance"]) }).await;
     assert_eq!(rows.len(), 12);
     for r in [&rows[0], &rows[5], &rows[11]] {
         let month = &r[0];
