@@ -199,6 +199,7 @@ impl QueryArgs {
 /// Runs the command line and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -213,6 +214,23 @@ pub fn main() -> i32 {
             e.kind().exit_code()
         }
     }
+}
+
+/// Log lines on stderr: crmcube's own at `CRMCUBE_LOG` (default `warn`; `info` shows each table
+/// of a load as it goes), other crates' warnings and errors only.
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let level = std::env::var("CRMCUBE_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(tracing::Level::WARN);
+    let filter = tracing_subscriber::filter::Targets::new().with_target("crmcube", level).with_default(tracing::Level::ERROR);
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_target(false)
+                .with_filter(filter),
+        )
+        .try_init();
 }
 
 fn project(cli: &Cli) -> Result<Project> {

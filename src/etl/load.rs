@@ -37,6 +37,8 @@ pub struct TableReport {
     pub quarantined: u64,
     /// Rows superseded by a later row with the same key.
     pub duplicates: u64,
+    /// Time spent on this table (extraction is shared and counted in the load's total).
+    pub millis: u64,
 }
 
 /// The outcome of a load.
@@ -93,6 +95,7 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
     let mut outputs: Vec<(String, SchemaRef, Vec<RecordBatch>)> = Vec::new();
     let mut quarantine: Vec<RecordBatch> = Vec::new();
     for ((t, spec), ex) in sources.iter().zip(extracted) {
+        let table_started = Instant::now();
         let cleaned = clean(&ctx, &t.name, spec, ex.batch).await?;
         crate::fault::point(&format!("cleaned {}", t.name));
         let quarantined = cleaned.quarantined + ex.rejects.len() as u64;
@@ -103,7 +106,9 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
             loaded: cleaned.loaded,
             quarantined,
             duplicates: cleaned.duplicates,
+            millis: table_started.elapsed().as_millis() as u64,
         };
+        tracing::info!(table = %t.name, read = report.read, loaded = report.loaded, quarantined, duplicates = report.duplicates, "cleaned");
         if report.read != report.loaded + report.quarantined + report.duplicates {
             return Err(Error::Internal(format!("row accounting does not add up for table '{}': {report:?}", t.name)));
         }
@@ -150,13 +155,16 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
                 i += 1;
                 continue;
             }
+            let table_started = Instant::now();
             let df = ctx.sql(sql).await.map_err(|e| derived_error(&set, name, e))?;
             let schema = Arc::new(df.schema().as_arrow().clone());
             let rows = df.collect().await.map_err(|e| derived_error(&set, name, e))?;
             ctx.register_batch(name.as_str(), datafusion::arrow::compute::concat_batches(&schema, &rows)?)?;
             crate::fault::point(&format!("derived {name}"));
             let n = count_rows(&rows);
-            reports.push(TableReport { table: name.clone(), kind: "derived", read: n, loaded: n, quarantined: 0, duplicates: 0 });
+            let millis = table_started.elapsed().as_millis() as u64;
+            tracing::info!(table = %name, rows = n, "derived");
+            reports.push(TableReport { table: name.clone(), kind: "derived", read: n, loaded: n, quarantined: 0, duplicates: 0, millis });
             outputs.push((name.clone(), schema, rows));
             done.insert(name.clone());
             pending.remove(i);
@@ -180,9 +188,11 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
         let n = count_rows(&rows);
         let version = warehouse.write_table(&name, schema, rows).await?;
         crate::fault::point(&format!("wrote {name}"));
+        tracing::info!(table = %name, version, rows = n, "written");
         entries.insert(name, TableEntry { version, rows: n });
     }
     let snapshot: Snapshot = warehouse.commit(entries)?;
+    tracing::info!(snapshot = snapshot.id, "snapshot committed");
     Ok(LoadReport { snapshot: snapshot.id, tables: reports, seconds: started.elapsed().as_secs_f64() })
 }
 
