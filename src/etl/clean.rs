@@ -19,6 +19,7 @@ use super::parse::{date_expr, decimal_expr, timestamp_expr};
 use super::spec::{Case, ColumnType};
 use super::validate::{Column, SourceTransform};
 use crate::error::Result;
+use crate::warehouse::materialize;
 
 const REASON_COL: &str = "_reason";
 const COLUMN_COL: &str = "_column";
@@ -109,16 +110,6 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
         rejected: rejected_rows,
         duplicates,
     })
-}
-
-/// Runs a plan to memory and returns a frame over the result (kept schema when empty).
-pub async fn materialize(ctx: &SessionContext, df: DataFrame) -> Result<DataFrame> {
-    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
-    let mut batches = df.collect().await?;
-    if batches.is_empty() {
-        batches.push(RecordBatch::new_empty(schema));
-    }
-    Ok(ctx.read_batches(batches)?)
 }
 
 pub fn count_rows(batches: &[RecordBatch]) -> u64 {

@@ -681,7 +681,7 @@ async fn across(
     given: &[String],
 ) -> Result<Vec<RecordBatch>> {
     let name = level.output_name();
-    let aggregated = ctx.read_batches(materialize(first).await?)?;
+    let aggregated = crate::warehouse::materialize(ctx, first).await?;
     let dt = aggregated.schema().field_with_unqualified_name(&name)?.data_type().clone();
     let members: Vec<ScalarValue> = if given.is_empty() {
         let distinct = aggregated.clone().select(vec![col(name.as_str())])?.distinct()?.sort(vec![col(name.as_str()).sort(true, true)])?;
@@ -838,15 +838,6 @@ async fn forecast(_ctx: &SessionContext, b: &Bound<'_>, q: &CubeQuery, first: Da
             std::sync::Arc::new(Float64Array::from(upper)),
         ],
     )?])
-}
-
-async fn materialize(df: DataFrame) -> Result<Vec<RecordBatch>> {
-    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
-    let mut batches = df.collect().await?;
-    if batches.is_empty() {
-        batches.push(RecordBatch::new_empty(schema));
-    }
-    Ok(batches)
 }
 
 /// A filter value as a literal of the level column's type, or a clear error.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{DataFrame, SessionContext};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder};
 use serde::{Deserialize, Serialize};
@@ -326,6 +326,18 @@ fn delta_compatible(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<(Sch
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((new_schema, batches))
+}
+
+/// Runs a plan to memory and returns a frame over the result, keeping its schema when it has
+/// no rows (DataFusion's `read_batches` needs at least one batch). Used where one result feeds
+/// several later plans, so the work is done once.
+pub async fn materialize(ctx: &SessionContext, df: DataFrame) -> Result<DataFrame> {
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let mut batches = df.collect().await?;
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    Ok(ctx.read_batches(batches)?)
 }
 
 /// A content checksum of a table: SHA-256 over its rows in sorted order, independent of how
