@@ -16,7 +16,7 @@
 //!       ▼
 //! cube model → cube query → DataFusion plan                   cube/, query/
 //!       ▼
-//! command line                                                cli/
+//! command line (cli/)  ·  Arrow Flight SQL for BI tools (serve/)
 //! ```
 //!
 //! ## Layout
@@ -27,6 +27,7 @@
 //! - [`warehouse`]: Delta tables, snapshot manifests, registration in a DataFusion session.
 //! - [`cube`]: cube models (spec → validated model), no DataFusion types.
 //! - [`query`]: cube queries planned as DataFusion DataFrames.
+//! - [`serve`]: the Arrow Flight SQL server for BI tools (users, tokens, snapshots).
 //! - [`cli`]: the `crmcube` commands and output formatting.
 //! - [`error`]: error kinds shared by all of the above, mapped to exit codes.
 //! - [`fault`]: fault points where crash tests kill a load.
@@ -40,6 +41,7 @@ pub mod fault;
 pub mod project;
 pub mod query;
 pub mod sample;
+pub mod serve;
 pub mod warehouse;
 
 pub use error::{Error, ErrorKind, Result};

@@ -34,6 +34,9 @@ pub struct ProjectSpec {
     /// Saved cube queries (`crmcube query -f NAME`).
     #[serde(default = "default_queries")]
     pub queries: PathBuf,
+    /// Users of the Flight SQL server (`crmcube user add`), with argon2 password hashes.
+    #[serde(default = "default_users")]
+    pub users: PathBuf,
 }
 
 fn default_sources() -> PathBuf {
@@ -51,6 +54,9 @@ fn default_warehouse() -> PathBuf {
 fn default_queries() -> PathBuf {
     "queries".into()
 }
+fn default_users() -> PathBuf {
+    "users.yaml".into()
+}
 
 /// A located project: its root folder and the resolved folders.
 #[derive(Debug, Clone)]
@@ -62,6 +68,7 @@ pub struct Project {
     pub cubes: PathBuf,
     pub warehouse: PathBuf,
     pub queries: PathBuf,
+    pub users: PathBuf,
 }
 
 impl Project {
@@ -102,6 +109,7 @@ impl Project {
             cubes: root.join(spec.cubes),
             warehouse: root.join(spec.warehouse),
             queries: root.join(spec.queries),
+            users: root.join(spec.users),
         })
     }
 

@@ -17,6 +17,7 @@ use crate::etl::{LoadReport, TransformSet};
 use crate::project::Project;
 use crate::query::CubeQuery;
 use crate::sample::SampleConfig;
+use crate::serve::auth::UsersFile;
 use crate::warehouse::Warehouse;
 use output::Format;
 
@@ -81,6 +82,52 @@ pub enum Command {
     },
     /// Load the sample data and print three answers.
     Demo,
+    /// Serve the warehouse and its cubes to BI tools over Arrow Flight SQL.
+    Serve(ServeArgs),
+    /// Manage the users of `crmcube serve`.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS (with --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Listen on a non-loopback address without TLS (passwords and data cross the network in clear).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Seconds a login token stays valid.
+    #[arg(long, default_value_t = 3600)]
+    pub token_ttl: u64,
+    /// Queries streaming at once; further queries wait for a slot.
+    #[arg(long, default_value_t = 8)]
+    pub max_queries: usize,
+    /// Memory per query in MiB; past it a query spills or fails with RESOURCE_EXHAUSTED.
+    #[arg(long, value_name = "MIB")]
+    pub query_memory: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user (or reset one's password and role). The password is read from standard input
+    /// (prompted for on a terminal) and stored as an argon2id hash in the project's users file.
+    Add {
+        name: String,
+        #[arg(long)]
+        role: String,
+        /// An attribute access rules can use, e.g. region=East (repeatable).
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attributes: Vec<String>,
+    },
+    /// List users and roles (never passwords).
+    List,
 }
 
 #[derive(Debug, Args)]
@@ -349,6 +396,101 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| Error::io("<stdout>", e))
         }
         Command::Demo => demo(&cli, &mut out).await,
+        Command::Serve(args) => serve(&cli, args).await,
+        Command::User(UserCommand::Add { name, role, attributes }) => {
+            let project = project(&cli)?;
+            let mut attrs = std::collections::BTreeMap::new();
+            for a in attributes {
+                let (k, v) = a
+                    .split_once('=')
+                    .ok_or_else(|| crate::error::QueryError::new(format!("--attr '{a}': expected KEY=VALUE, e.g. region=East")))?;
+                attrs.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            let password = read_password(name)?;
+            let mut users = UsersFile::load(&project.users)?;
+            users.upsert(name, role, &password, attrs)?;
+            users.save(&project.users)?;
+            writeln!(out, "user '{name}' ({role}) saved in {}", project.display_path(&project.users).display())
+                .map_err(|e| Error::io("<stdout>", e))
+        }
+        Command::User(UserCommand::List) => {
+            let project = project(&cli)?;
+            for u in UsersFile::load(&project.users)?.users {
+                let attrs: Vec<String> = u.attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                writeln!(out, "{:<20} {:<12} {}", u.name, u.role, attrs.join(" ")).map_err(|e| Error::io("<stdout>", e))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The new password: prompted for (twice) on a terminal, else the first line of standard input.
+fn read_password(user: &str) -> Result<String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("password for {user}: ")).map_err(|e| Error::io("<terminal>", e))?;
+        let again = rpassword::prompt_password("again: ").map_err(|e| Error::io("<terminal>", e))?;
+        if first != again {
+            return Err(crate::error::QueryError::new("the passwords differ; nothing was saved").into());
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| Error::io("<stdin>", e))?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// `crmcube serve`: binds, prints the address, serves until Ctrl-C or SIGTERM.
+async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
+    let project = project(cli)?;
+    let transforms = TransformSet::load(&project)?;
+    let cubes = CubeSet::load(&project, &transforms)?;
+    let users = UsersFile::load(&project.users)?;
+    if users.users.is_empty() {
+        return Err(crate::error::QueryError::new(format!(
+            "no users in {}: nobody could log in",
+            project.display_path(&project.users).display()
+        ))
+        .with_hint(Some("add one with `crmcube user add NAME --role manager`".into()))
+        .into());
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(crate::serve::Tls {
+            cert: std::fs::read(c).map_err(|e| Error::io(c, e))?,
+            key: std::fs::read(k).map_err(|e| Error::io(k, e))?,
+        }),
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(&args.addr).await.map_err(|e| Error::io(format!("address {}", args.addr), e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io("<listener>", e))?;
+    if !addr.ip().is_loopback() && tls.is_none() && !args.insecure {
+        return Err(crate::error::QueryError::new(format!(
+            "refusing to serve on {addr} without TLS: passwords and data would cross the network in clear"
+        ))
+        .with_hint(Some("pass --tls-cert and --tls-key, listen on 127.0.0.1, or pass --insecure".into()))
+        .into());
+    }
+    let config = crate::serve::ServerConfig {
+        token_ttl: std::time::Duration::from_secs(args.token_ttl),
+        max_queries: args.max_queries,
+        query_memory: args.query_memory.map(|m| m << 20),
+    };
+    let auth = crate::serve::auth::Authenticator::new(users, config.token_ttl);
+    let service = crate::serve::Service::new(warehouse(cli, &project), transforms, cubes, auth, config);
+    // Schedulers and tests read this line to find the port.
+    println!("listening on {addr}{}", if tls.is_some() { " (TLS)" } else { "" });
+    std::io::Write::flush(&mut std::io::stdout()).map_err(|e| Error::io("<stdout>", e))?;
+    crate::serve::serve(service, listener, tls, shutdown_signal()).await?;
+    eprintln!("crmcube serve: stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
     }
 }
 

@@ -15,4 +15,4 @@ pub mod spec;
 pub mod validate;
 
 pub use load::{LoadReport, QUARANTINE_TABLE, TableReport, load};
-pub use validate::TransformSet;
+pub use validate::{TransformBody, TransformSet};

@@ -20,7 +20,7 @@ use std::ops::ControlFlow;
 
 use datafusion::prelude::{DataFrame, SessionContext};
 use datafusion::sql::sqlparser::ast::{
-    Expr as SqlExpr, GroupByExpr, Ident, Query, SelectItem, SetExpr, Statement, TableFactor, VisitMut, VisitorMut,
+    Expr as SqlExpr, GroupByExpr, Ident, Query, SelectItem, SetExpr, Statement, TableFactor, Value, VisitMut, VisitorMut,
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -33,7 +33,8 @@ pub const CUBES_SCHEMA: &str = "cubes";
 
 /// Registers `cubes.<name>` for every cube of `cubes` in `ctx`.
 pub async fn register_cubes(ctx: &SessionContext, cubes: &CubeSet) -> Result<()> {
-    let catalog = ctx.catalog("datafusion").ok_or_else(|| crate::error::Error::Internal("no default catalog".into()))?;
+    let default = ctx.state().config_options().catalog.default_catalog.clone();
+    let catalog = ctx.catalog(&default).ok_or_else(|| crate::error::Error::Internal("no default catalog".into()))?;
     if catalog.schema(CUBES_SCHEMA).is_none() {
         catalog.register_schema(CUBES_SCHEMA, std::sync::Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
     }
@@ -51,6 +52,7 @@ pub async fn sql(ctx: &SessionContext, cubes: &CubeSet, text: &str) -> Result<Da
         return Err(QueryError::new(format!("expected one SQL statement, found {}", statements.len())).into());
     }
     let mut statement: Statement = statements.remove(0);
+    let _ = statement.visit(&mut Placeholders { next: 0 });
     let mut rewriter = CubeRewriter { cubes, error: None };
     let _ = statement.visit(&mut rewriter);
     if let Some(e) = rewriter.error {
@@ -59,6 +61,27 @@ pub async fn sql(ctx: &SessionContext, cubes: &CubeSet, text: &str) -> Result<Da
     let state = ctx.state();
     let plan = state.statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(statement))).await?;
     Ok(DataFrame::new(state, plan))
+}
+
+/// Numbers `?` placeholders (JDBC/ODBC/DB-API style) as `$1`, `$2`, … in the order written,
+/// which is the form DataFusion binds.
+struct Placeholders {
+    next: usize,
+}
+
+impl VisitorMut for Placeholders {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &mut SqlExpr) -> ControlFlow<()> {
+        if let SqlExpr::Value(v) = e
+            && let Value::Placeholder(p) = &mut v.value
+            && p == "?"
+        {
+            self.next += 1;
+            *p = format!("${}", self.next);
+        }
+        ControlFlow::Continue(())
+    }
 }
 
 /// Finds SELECTs over cube tables and rewrites their measure references.

@@ -28,6 +28,11 @@ use std::sync::Arc;
 
 use crate::error::{DataError, Error, Result};
 
+/// The SQL catalog query sessions name (`crmcube.warehouse.fact_sales`).
+pub const CATALOG: &str = "crmcube";
+/// The schema holding the warehouse tables; the default schema of every query session.
+pub const WAREHOUSE_SCHEMA: &str = "warehouse";
+
 /// One table in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableEntry {
@@ -152,7 +157,10 @@ impl Warehouse {
                 message: "the warehouse has no snapshot yet; run `crmcube load` first".into(),
             })?,
         };
-        let ctx = SessionContext::new();
+        let config = datafusion::prelude::SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG, WAREHOUSE_SCHEMA)
+            .with_information_schema(true);
+        let ctx = SessionContext::new_with_config(config);
         self.register(&ctx, &snapshot).await?;
         Ok(ctx)
     }

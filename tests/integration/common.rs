@@ -125,3 +125,16 @@ pub async fn ask(q: crmcube::query::CubeQuery) -> Vec<Vec<String>> {
     let ctx = session().await;
     cells(&crmcube::query::run(&ctx, cubes.get(&q.cube).unwrap(), &q).await.unwrap())
 }
+
+/// The Python of the test environment (`.ci/run` makes `.venv` from tests/requirements.txt).
+pub fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("CRMCUBE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must provide {} with tests/requirements.txt installed (see .ci/run)", p.display());
+    eprintln!("skipping: {} not found; run `bash .ci/run` or make the venv as the README says", p.display());
+    None
+}

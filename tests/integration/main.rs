@@ -5,6 +5,7 @@ mod common;
 mod cli_output;
 mod crash;
 mod cube_queries;
+mod flight;
 mod load_sample;
 mod metadata_errors;
 mod olap_ops;

@@ -28,10 +28,10 @@ const BASE: &str = "WITH s AS (
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Case {
-    name: String,
+pub struct Case {
+    pub name: String,
     query: serde_json::Value,
-    cube_sql: String,
+    pub cube_sql: String,
     base_sql: String,
     #[serde(default)]
     ordered: bool,
@@ -66,10 +66,15 @@ fn normalise(rows: Vec<Vec<String>>, case: &Case) -> Vec<Vec<String>> {
     rows
 }
 
+/// The cases of tests/queries/sales.yaml.
+pub fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(repo().join("tests/queries/sales.yaml")).unwrap();
+    serde_saphyr::from_str(&text).unwrap()
+}
+
 #[tokio::test]
 async fn every_suite_query_agrees_across_cube_query_cube_sql_and_base_sql() {
-    let text = std::fs::read_to_string(repo().join("tests/queries/sales.yaml")).unwrap();
-    let cases: Vec<Case> = serde_saphyr::from_str(&text).unwrap();
+    let cases = cases();
     assert!(cases.len() >= 40, "the suite has {} cases", cases.len());
     let project = &loaded().test.project;
     let transforms = TransformSet::load(project).unwrap();

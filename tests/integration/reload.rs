@@ -1,7 +1,6 @@
 //! Re-running loads, failed loads, and reading the warehouse with another engine.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 
 use crmcube::ErrorKind;
@@ -68,22 +67,9 @@ fn a_load_over_its_reject_threshold_commits_nothing_and_exits_3() {
     assert_eq!(before, after, "readers see the previous snapshot unchanged");
 }
 
-/// The Python of the test environment (`.ci/run` makes `.venv` with duckdb).
-fn python() -> Option<PathBuf> {
-    let p = std::env::var_os("CRMCUBE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::common::repo().join(".venv/bin/python"));
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must provide {} with duckdb (see .ci/run)", p.display());
-    eprintln!("skipping: {} not found; run `bash .ci/run` or make the venv as the README says", p.display());
-    None
-}
-
 #[test]
 fn duckdb_reads_warehouse_tables_with_the_same_row_counts() {
-    let Some(python) = python() else { return };
+    let Some(python) = crate::common::python() else { return };
     let l = loaded();
     let snapshot = l.test.warehouse.current().unwrap().unwrap();
     for table in ["fact_sales", "dim_customer", "quarantine"] {
