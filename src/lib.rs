@@ -27,11 +27,13 @@
 //! - [`warehouse`]: Delta tables, snapshot manifests, registration in a DataFusion session.
 //! - [`cube`]: cube models (spec → validated model), no DataFusion types.
 //! - [`query`]: cube queries planned as DataFusion DataFrames.
+//! - [`access`]: row-level access rules from table metadata, bound below SQL per user.
 //! - [`serve`]: the Arrow Flight SQL server for BI tools (users, tokens, snapshots).
 //! - [`cli`]: the `crmcube` commands and output formatting.
 //! - [`error`]: error kinds shared by all of the above, mapped to exit codes.
 //! - [`fault`]: fault points where crash tests kill a load.
 
+pub mod access;
 pub mod analytics;
 pub mod cli;
 pub mod cube;

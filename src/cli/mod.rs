@@ -33,6 +33,9 @@ pub struct Cli {
     /// Read an earlier snapshot (see `crmcube history`) instead of the current one.
     #[arg(long, global = true, value_name = "SNAPSHOT")]
     pub as_of: Option<u64>,
+    /// Answer as this user of users.yaml would be answered: their access rules apply.
+    #[arg(long = "as", global = true, value_name = "USER")]
+    pub as_user: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -322,7 +325,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let cubes = CubeSet::load(&project, &transforms)?;
             let query = args.to_query(&project)?;
             let cube = cubes.get(&query.cube)?;
-            let ctx = warehouse(&cli, &project).session_at(cli.as_of).await?;
+            let ctx = query_session(&cli, &project, &transforms, &cubes).await?;
             if args.explain {
                 let df = crate::query::plan(&ctx, cube, &query).await?;
                 let batches = df.explain(false, false)?.collect().await?;
@@ -352,8 +355,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let project = project(&cli)?;
             let transforms = TransformSet::load(&project)?;
             let cubes = CubeSet::load(&project, &transforms)?;
-            let ctx = warehouse(&cli, &project).session_at(cli.as_of).await?;
-            crate::query::sql::register_cubes(&ctx, &cubes).await?;
+            let ctx = query_session(&cli, &project, &transforms, &cubes).await?;
             let df = crate::query::sql::sql(&ctx, &cubes, sql).await?;
             if *explain {
                 let batches = df.explain(false, false)?.collect().await?;
@@ -420,6 +422,22 @@ pub async fn run(cli: Cli) -> Result<()> {
                 writeln!(out, "{:<20} {:<12} {}", u.name, u.role, attrs.join(" ")).map_err(|e| Error::io("<stdout>", e))?;
             }
             Ok(())
+        }
+    }
+}
+
+/// The session `query` and `sql` read: the chosen snapshot, cube tables registered, and with
+/// `--as USER` that user's access rules bound below SQL.
+async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, cubes: &CubeSet) -> Result<datafusion::prelude::SessionContext> {
+    let ctx = warehouse(cli, project).session_at(cli.as_of).await?;
+    match &cli.as_user {
+        Some(name) => {
+            let who = UsersFile::load(&project.users)?.principal(name)?;
+            crate::access::restrict(&ctx, transforms, cubes, &who).await
+        }
+        None => {
+            crate::query::sql::register_cubes(&ctx, cubes).await?;
+            Ok(ctx)
         }
     }
 }

@@ -34,6 +34,19 @@ pub struct TransformSpec {
     /// Largest fraction of rows that may be quarantined before the load fails (default 0.05).
     #[serde(default)]
     pub reject_threshold: Option<f64>,
+    /// Row-level access rules (see [`crate::access`]); absent: every role reads every row.
+    #[serde(default)]
+    pub access: Option<Vec<AccessSpec>>,
+}
+
+/// One row-level rule: which rows of the table a role reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessSpec {
+    pub role: Spanned<String>,
+    /// `all`, or an SQL condition over the table's columns; `{user.NAME}` is the user's
+    /// attribute NAME (or `name`, `role`) as a string literal.
+    pub rows: Spanned<String>,
 }
 
 /// Where an export lives and how it is encoded.

@@ -23,6 +23,8 @@ pub struct Transform {
     /// The metadata file it came from, relative to the project (for messages).
     pub file: PathBuf,
     pub body: TransformBody,
+    /// Row-level access rules; None when the table declares none (everyone reads every row).
+    pub access: Option<Vec<crate::access::AccessRule>>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,7 +160,8 @@ fn resolve_one(
         (None, Some(sql)) => TransformBody::Derived { sql: sql.clone() },
         (Some(source), None) => TransformBody::Source(resolve_source(file, spec, source, errors)),
     };
-    Transform { name: table, file: file.to_path_buf(), body }
+    let access = spec.access.as_ref().map(|rules| crate::access::resolve_rules(file, &table, rules, errors));
+    Transform { name: table, file: file.to_path_buf(), body, access }
 }
 
 fn resolve_source(file: &Path, spec: &TransformSpec, source: &SourceSpec, errors: &mut Vec<Diagnostic>) -> SourceTransform {

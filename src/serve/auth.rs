@@ -16,6 +16,7 @@ use argon2::Argon2;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
+pub use crate::access::Principal;
 use crate::error::{Diagnostic, Error, Result, SpecErrors};
 
 /// `users.yaml` as written.
@@ -68,6 +69,16 @@ impl UsersFile {
         Ok(file)
     }
 
+    /// The principal of user `name` (for `crmcube --as NAME`, which trusts the caller).
+    pub fn principal(&self, name: &str) -> Result<Principal> {
+        match self.users.iter().find(|u| u.name == name) {
+            Some(u) => Ok(Principal { user: u.name.clone(), role: u.role.clone(), attributes: u.attributes.clone() }),
+            None => Err(crate::error::QueryError::new(format!("no user '{name}' in the users file"))
+                .with_hint(Some(crate::error::valid_names_hint("users", name, self.users.iter().map(|u| u.name.as_str()))))
+                .into()),
+        }
+    }
+
     /// Adds `name` or replaces its role, attributes and password.
     pub fn upsert(&mut self, name: &str, role: &str, password: &str, attributes: BTreeMap<String, String>) -> Result<()> {
         let user = User { name: name.into(), role: role.into(), password_hash: hash_password(password)?, attributes };
@@ -97,14 +108,6 @@ pub fn hash_password(password: &str) -> Result<String> {
     rand::rng().fill_bytes(&mut salt);
     let salt = SaltString::encode_b64(&salt).map_err(|e| Error::Internal(e.to_string()))?;
     Ok(Argon2::default().hash_password(password.as_bytes(), &salt).map_err(|e| Error::Internal(e.to_string()))?.to_string())
-}
-
-/// Who a token belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    pub user: String,
-    pub role: String,
-    pub attributes: BTreeMap<String, String>,
 }
 
 /// Why a login or token was refused.

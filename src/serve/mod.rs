@@ -108,8 +108,8 @@ struct Inner {
     cubes: CubeSet,
     auth: Authenticator,
     config: ServerConfig,
-    /// Query sessions by snapshot id (the newest few).
-    sessions: tokio::sync::Mutex<BTreeMap<u64, SessionContext>>,
+    /// Query sessions by snapshot id (the newest few) and user, access rules applied.
+    sessions: tokio::sync::Mutex<BTreeMap<(u64, String), SessionContext>>,
     prepared: Mutex<HashMap<String, Prepared>>,
     permits: Arc<Semaphore>,
 }
@@ -149,8 +149,9 @@ impl Service {
         }
     }
 
-    /// The session of snapshot `id`, or of the current snapshot; cubes registered.
-    async fn session(&self, id: Option<u64>) -> Result<(u64, SessionContext)> {
+    /// `who`'s session of snapshot `id`, or of the current snapshot: tables bound to the
+    /// user's access rules, cubes registered over them.
+    async fn session(&self, who: &Principal, id: Option<u64>) -> Result<(u64, SessionContext)> {
         let id = match id {
             Some(id) => id,
             None => self.inner.warehouse.current()?.map(|s| s.id).ok_or_else(|| crate::error::DataError::Input {
@@ -159,16 +160,20 @@ impl Service {
                 message: "the warehouse has no snapshot yet; run `crmcube load` first".into(),
             })?,
         };
+        let key = (id, who.user.clone());
         let mut sessions = self.inner.sessions.lock().await;
-        if let Some(ctx) = sessions.get(&id) {
+        if let Some(ctx) = sessions.get(&key) {
             return Ok((id, ctx.clone()));
         }
-        let ctx = self.inner.warehouse.session_at(Some(id)).await?;
-        crate::query::sql::register_cubes(&ctx, &self.inner.cubes).await?;
-        sessions.insert(id, ctx.clone());
-        while sessions.len() > SESSIONS_KEPT {
-            let oldest = *sessions.keys().next().expect("non-empty");
-            sessions.remove(&oldest);
+        let stored = self.inner.warehouse.session_at(Some(id)).await?;
+        let ctx = crate::access::restrict(&stored, &self.inner.transforms, &self.inner.cubes, who).await?;
+        sessions.insert(key, ctx.clone());
+        // Keep the newest snapshots' sessions; older ones go once no ticket is likely to need them.
+        let mut ids: Vec<u64> = sessions.keys().map(|k| k.0).collect();
+        ids.dedup();
+        if ids.len() > SESSIONS_KEPT {
+            let cutoff = ids[ids.len() - SESSIONS_KEPT];
+            sessions.retain(|k, _| k.0 >= cutoff);
         }
         Ok((id, ctx))
     }
@@ -181,8 +186,8 @@ impl Service {
     }
 
     /// Plans `sql` (with bound `params`) on snapshot `id` or the current one.
-    async fn plan(&self, sql: &str, params: &[ScalarValue], id: Option<u64>) -> Result<(u64, DataFrame)> {
-        let (id, base) = self.session(id).await?;
+    async fn plan(&self, who: &Principal, sql: &str, params: &[ScalarValue], id: Option<u64>) -> Result<(u64, DataFrame)> {
+        let (id, base) = self.session(who, id).await?;
         let ctx = self.query_context(&base)?;
         let df = crate::query::sql::sql(&ctx, &self.inner.cubes, sql).await?;
         if params.is_empty() {
@@ -534,7 +539,7 @@ impl FlightSqlService for Service {
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let who = self.principal(&request)?;
         tracing::info!(user = who.user, sql = query.query, "statement");
-        let (snapshot, df) = self.plan(&query.query, &[], None).await.map_err(status)?;
+        let (snapshot, df) = self.plan(&who, &query.query, &[], None).await.map_err(status)?;
         let handle = serde_json::to_vec(&StatementHandle { sql: query.query, snapshot }).map_err(|e| Status::internal(e.to_string()))?;
         flight_info(TicketStatementQuery { statement_handle: handle.into() }, df.schema().as_arrow(), request.into_inner())
     }
@@ -544,10 +549,10 @@ impl FlightSqlService for Service {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> std::result::Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.principal(&request)?;
+        let who = self.principal(&request)?;
         let handle: StatementHandle = serde_json::from_slice(&ticket.statement_handle)
             .map_err(|_| Status::invalid_argument("malformed statement ticket; ask GetFlightInfo for a new one"))?;
-        let (_, df) = self.plan(&handle.sql, &[], Some(handle.snapshot)).await.map_err(status)?;
+        let (_, df) = self.plan(&who, &handle.sql, &[], Some(handle.snapshot)).await.map_err(status)?;
         self.stream(df).await
     }
 
@@ -557,7 +562,7 @@ impl FlightSqlService for Service {
         request: Request<arrow_flight::Action>,
     ) -> std::result::Result<ActionCreatePreparedStatementResult, Status> {
         let who = self.principal(&request)?;
-        let (_, df) = self.plan(&query.query, &[], None).await.map_err(status)?;
+        let (_, df) = self.plan(&who, &query.query, &[], None).await.map_err(status)?;
         let mut parameters: Vec<(usize, Field)> = df
             .logical_plan()
             .get_parameter_types()
@@ -632,7 +637,7 @@ impl FlightSqlService for Service {
         let who = self.principal(&request)?;
         let p = self.prepared(&cmd.prepared_statement_handle, &who.user)?;
         tracing::info!(user = who.user, sql = p.sql, "prepared statement");
-        let (_, df) = self.plan(&p.sql, &p.params, None).await.map_err(status)?;
+        let (_, df) = self.plan(&who, &p.sql, &p.params, None).await.map_err(status)?;
         flight_info(cmd, df.schema().as_arrow(), request.into_inner())
     }
 
@@ -643,7 +648,7 @@ impl FlightSqlService for Service {
     ) -> std::result::Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let who = self.principal(&request)?;
         let p = self.prepared(&cmd.prepared_statement_handle, &who.user)?;
-        let (_, df) = self.plan(&p.sql, &p.params, None).await.map_err(status)?;
+        let (_, df) = self.plan(&who, &p.sql, &p.params, None).await.map_err(status)?;
         self.stream(df).await
     }
 
@@ -674,8 +679,8 @@ impl FlightSqlService for Service {
         query: CommandGetCatalogs,
         request: Request<Ticket>,
     ) -> std::result::Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.principal(&request)?;
-        let (_, ctx) = self.session(None).await.map_err(status)?;
+        let who = self.principal(&request)?;
+        let (_, ctx) = self.session(&who, None).await.map_err(status)?;
         let mut b = query.into_builder();
         for name in ctx.catalog_names() {
             b.append(name);
@@ -698,8 +703,8 @@ impl FlightSqlService for Service {
         query: CommandGetDbSchemas,
         request: Request<Ticket>,
     ) -> std::result::Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.principal(&request)?;
-        let (_, ctx) = self.session(None).await.map_err(status)?;
+        let who = self.principal(&request)?;
+        let (_, ctx) = self.session(&who, None).await.map_err(status)?;
         let mut b = query.into_builder();
         for catalog in ctx.catalog_names() {
             for schema in schemas_of(&ctx, &catalog) {
@@ -724,8 +729,8 @@ impl FlightSqlService for Service {
         query: CommandGetTables,
         request: Request<Ticket>,
     ) -> std::result::Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        self.principal(&request)?;
-        let (_, ctx) = self.session(None).await.map_err(status)?;
+        let who = self.principal(&request)?;
+        let (_, ctx) = self.session(&who, None).await.map_err(status)?;
         let mut b = query.into_builder();
         for catalog_name in ctx.catalog_names() {
             for (schema_name, schema) in schemas_of(&ctx, &catalog_name) {

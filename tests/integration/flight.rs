@@ -24,6 +24,8 @@ use crate::common::{block_on, cells, loaded, python, session, sql};
 
 const USER: &str = "ann";
 const PASSWORD: &str = "correct horse";
+/// A sales rep of region East (access rules in transforms/*.yaml).
+const REP: &str = "rex";
 
 /// A server running on its own thread and runtime; told to stop on drop (not waited for: the
 /// test's own client connections close only after the test's runtime ends).
@@ -38,6 +40,7 @@ impl TestServer {
         let cubes = CubeSet::load(project, &transforms).unwrap();
         let mut users = UsersFile { version: 1, users: Vec::new() };
         users.upsert(USER, "manager", PASSWORD, Default::default()).unwrap();
+        users.upsert(REP, "rep", PASSWORD, [("region".to_string(), "East".to_string())].into()).unwrap();
         let auth = Authenticator::new(users, config.token_ttl);
         let service = Service::new(warehouse, transforms, cubes, auth, config);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -271,6 +274,21 @@ async fn prepared_statements_bind_parameters() {
         assert_eq!(remote, expected, "year {year}");
     }
     stmt.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rep_over_flight_sql_reads_only_their_region() {
+    let mut client = connect(shared()).await;
+    client.handshake(REP, PASSWORD).await.unwrap();
+    let regions = cells(&fetch(&mut client, "SELECT DISTINCT customer_region FROM cubes.sales").await.unwrap());
+    assert_eq!(regions, vec![vec!["East".to_string()]]);
+    let orders = cells(&fetch(&mut client, "SELECT count(*) FROM orders o JOIN dim_customer c USING (customer_id)").await.unwrap());
+    let expected = sql(
+        &session().await,
+        "SELECT count(*) FROM orders o JOIN dim_customer c ON o.customer_id = c.customer_id WHERE c.region = 'East'",
+    )
+    .await;
+    assert_eq!(orders, expected);
 }
 
 #[tokio::test]

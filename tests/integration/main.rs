@@ -2,6 +2,7 @@
 //! cube query results checked against independent computations, reloads, and metadata errors.
 
 mod common;
+mod access;
 mod cli_output;
 mod crash;
 mod cube_queries;
