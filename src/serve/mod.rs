@@ -286,6 +286,9 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = Server::builder();
     if let Some(tls) = tls {
+        // Two TLS back ends (ring, aws-lc) are compiled in through dependencies; rustls needs
+        // the process to pick one. Already picked (e.g. by an earlier server) is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         builder = builder
             .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key)))
             .map_err(|e| Error::Internal(format!("TLS setup: {e}")))?;

@@ -18,6 +18,7 @@ use crmcube::warehouse::Warehouse;
 use datafusion::arrow::array::{Int64Array, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use futures::TryStreamExt;
+use prost::Message;
 use tonic::transport::Channel;
 
 use crate::common::{block_on, cells, loaded, python, session, sql};
@@ -36,6 +37,10 @@ struct TestServer {
 
 impl TestServer {
     fn start(project: &Project, warehouse: Warehouse, config: ServerConfig) -> Self {
+        Self::start_tls(project, warehouse, config, None)
+    }
+
+    fn start_tls(project: &Project, warehouse: Warehouse, config: ServerConfig, tls: Option<crmcube::serve::Tls>) -> Self {
         let transforms = TransformSet::load(project).unwrap();
         let cubes = CubeSet::load(project, &transforms).unwrap();
         let mut users = UsersFile { version: 1, users: Vec::new() };
@@ -49,7 +54,7 @@ impl TestServer {
             tokio::runtime::Runtime::new().unwrap().block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                crmcube::serve::serve(service, listener, None, async {
+                crmcube::serve::serve(service, listener, tls, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -422,4 +427,80 @@ fn flight_adbc_python_client_logs_in_browses_and_queries() {
             assert_eq!(crate::common::cents(&r[1]), crate::common::cents(&e[1]), "{key}: {r:?} vs {e:?}");
         }
     }
+}
+
+#[tokio::test]
+async fn tls_with_a_configured_certificate() {
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = generated.cert.pem();
+    let tls = crmcube::serve::Tls { cert: cert.clone().into_bytes(), key: generated.signing_key.serialize_pem().into_bytes() };
+    let l = loaded();
+    let server = TestServer::start_tls(&l.test.project, l.test.warehouse.clone(), ServerConfig::default(), Some(tls));
+    let client_tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&cert))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::new(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(client_tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = FlightSqlServiceClient::new(channel);
+    client.handshake(USER, PASSWORD).await.unwrap();
+    let q = "SELECT count(*) FROM dim_product";
+    assert_eq!(cells(&fetch(&mut client, q).await.unwrap()), sql(&session().await, q).await);
+
+    // A client speaking plain HTTP/2 to the TLS port gets nowhere.
+    let plain = async {
+        let channel = tonic::transport::Endpoint::new(format!("http://{}", server.addr))?.connect().await?;
+        FlightSqlServiceClient::new(channel).handshake(USER, PASSWORD).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error>)?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    };
+    assert!(tokio::time::timeout(Duration::from_secs(30), plain).await.map(|r| r.is_err()).unwrap_or(true));
+}
+
+#[tokio::test]
+async fn a_cancelled_stream_stops_its_query_and_frees_its_slot() {
+    let l = loaded();
+    // One query at a time: if the abandoned query kept running, the next one would wait forever.
+    let config = ServerConfig { max_queries: 1, ..ServerConfig::default() };
+    let server = TestServer::start(&l.test.project, l.test.warehouse.clone(), config);
+    let mut client = logged_in(server.addr).await;
+    let huge = "SELECT s.*, g.value FROM fact_sales s CROSS JOIN generate_series(1, 100000) g";
+    let info = client.execute(huge.into(), None).await.unwrap();
+    let mut stream = client.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap();
+    let first = futures::StreamExt::next(&mut stream).await.unwrap().unwrap();
+    assert!(first.num_rows() > 0);
+    drop(stream);
+    let q = "SELECT count(*) FROM dim_product";
+    let next = tokio::time::timeout(Duration::from_secs(60), fetch(&mut client, q)).await;
+    let next = next.expect("the cancelled query still holds the only query slot").unwrap();
+    assert_eq!(cells(&next), sql(&session().await, q).await);
+}
+
+#[tokio::test]
+async fn a_query_past_its_memory_limit_fails_clearly() {
+    let l = loaded();
+    let config = ServerConfig { query_memory: Some(1 << 20), ..ServerConfig::default() };
+    let server = TestServer::start(&l.test.project, l.test.warehouse.clone(), config);
+    let mut client = logged_in(server.addr).await;
+    // A hash join's build side cannot spill: 1 MiB is not enough for a self-join of the facts.
+    let q = "SELECT a.customer_id, count(*) FROM fact_sales a JOIN fact_sales b ON a.customer_id = b.customer_id GROUP BY 1";
+    let e = fetch(&mut client, q).await.unwrap_err().to_string();
+    assert!(e.contains("Resources exhausted") || e.contains("ResourcesExhausted"), "{e}");
+    // The server lives on: a small query still runs.
+    let q = "SELECT count(*) FROM dim_product";
+    assert_eq!(cells(&fetch(&mut client, q).await.unwrap()), sql(&session().await, q).await);
+}
+
+#[tokio::test]
+async fn malformed_requests_are_invalid_arguments() {
+    let mut client = logged_in(shared()).await;
+    let e = client.do_get(arrow_flight::Ticket::new(b"not a ticket".to_vec())).await.unwrap_err().to_string();
+    assert!(e.to_lowercase().contains("invalid") || e.contains("InvalidArgument"), "{e}");
+    let forged = arrow_flight::sql::TicketStatementQuery { statement_handle: b"{}".to_vec().into() };
+    let ticket = arrow_flight::Ticket::new(arrow_flight::sql::ProstMessageExt::as_any(&forged).encode_to_vec());
+    let e = client.do_get(ticket).await.unwrap_err().to_string();
+    assert!(e.contains("malformed statement ticket"), "{e}");
 }
