@@ -504,3 +504,82 @@ async fn malformed_requests_are_invalid_arguments() {
     let e = client.do_get(ticket).await.unwrap_err().to_string();
     assert!(e.contains("malformed statement ticket"), "{e}");
 }
+
+/// Sixteen clients query without pause while three loads commit: every answer is exactly one
+/// snapshot's totals (never a mix of two loads), and no call fails.
+#[test]
+fn sixteen_clients_query_while_three_loads_commit() {
+    let t = crate::common::test_project();
+    let small = t.dir.path().join("small-export");
+    crmcube::sample::generate(&crmcube::sample::SampleConfig { customers: 60, years: 1, seed: 11 }, &small).unwrap();
+    let mut small_project = t.project.clone();
+    small_project.sources = small;
+    let full_project = t.project.clone();
+    let w = t.warehouse.clone();
+    let first = small_project.clone();
+    block_on(async move { crmcube::etl::load(&first, &w).await.unwrap() });
+    let server = TestServer::start(&t.project, t.warehouse.clone(), ServerConfig { max_queries: 16, ..ServerConfig::default() });
+    let addr = server.addr;
+    const QUERIES: [&str; 2] = [
+        "SELECT count(*), sum(revenue) FROM fact_sales",
+        "SELECT revenue, orders, customers FROM cubes.sales",
+    ];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let stop = stop.clone();
+            runtime.spawn(async move {
+                let mut client = logged_in(addr).await;
+                let mut answers: Vec<(usize, Vec<Vec<String>>)> = Vec::new();
+                let mut errors = Vec::new();
+                let mut n = i;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let q = n % QUERIES.len();
+                    match fetch(&mut client, QUERIES[q]).await {
+                        Ok(b) => answers.push((q, cells(&b))),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                    n += 1;
+                }
+                (answers, errors)
+            })
+        })
+        .collect();
+    for project in [full_project.clone(), small_project, full_project] {
+        let w = t.warehouse.clone();
+        block_on(async move { crmcube::etl::load(&project, &w).await.unwrap() });
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results: Vec<_> = runtime.block_on(async { futures::future::join_all(clients).await });
+    let w = t.warehouse.clone();
+    let known: Vec<Vec<Vec<Vec<String>>>> = block_on(async move {
+        let cubes = crate::common::cubes();
+        let mut known = Vec::new();
+        for id in 1..=4 {
+            let ctx = w.session_at(Some(id)).await.unwrap();
+            crmcube::query::sql::register_cubes(&ctx, &cubes).await.unwrap();
+            let mut per = Vec::new();
+            for q in QUERIES {
+                per.push(cells(&crmcube::query::sql::sql(&ctx, &cubes, q).await.unwrap().collect().await.unwrap()));
+            }
+            known.push(per);
+        }
+        known
+    });
+    assert_ne!(known[0], known[1], "the two exports give different totals");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0;
+    for r in results {
+        let (answers, errors) = r.unwrap();
+        assert!(errors.is_empty(), "{} calls failed, first: {}", errors.len(), errors[0]);
+        for (q, answer) in answers {
+            total += 1;
+            let snapshot = known.iter().position(|k| k[q] == answer);
+            let snapshot = snapshot.unwrap_or_else(|| panic!("{:?} is no snapshot's answer to {}", answer, QUERIES[q]));
+            seen.insert(snapshot);
+        }
+    }
+    assert!(total >= 32, "only {total} answers");
+    assert!(seen.len() >= 2, "the clients saw the loads: snapshots seen {seen:?}");
+}
