@@ -129,6 +129,12 @@ pub enum DataError {
     RejectThreshold { table: String, spec: String, rejected: u64, read: u64, threshold: f64 },
     #[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Input { file: PathBuf, line: Option<u64>, message: String },
+    #[error(
+        "table '{table}': the export has no rows, but the current snapshot holds {previous}; nothing was committed \
+         (an empty or truncated export must not wipe a table). If the table really is empty now, run \
+         `crmcube load --allow-empty {table}`"
+    )]
+    EmptySource { table: String, previous: u64 },
 }
 
 /// The crate's error type.

@@ -61,6 +61,10 @@ pub enum Command {
         /// Print the run report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Let this source table load empty although the warehouse holds rows (repeatable);
+        /// without it an empty export stops the load before it commits (exit 3).
+        #[arg(long, value_name = "TABLE")]
+        allow_empty: Vec<String>,
     },
     /// Ask a cube: measures by levels, with filters, drill, trend, order and limit.
     Query(QueryArgs),
@@ -306,12 +310,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Load { source, json } => {
+        Command::Load { source, json, allow_empty } => {
             let mut project = project(&cli)?;
             if let Some(s) = source {
                 project.sources = s.clone();
             }
-            let report = crate::etl::load(&project, &warehouse(&cli, &project)).await?;
+            let options = crate::etl::LoadOptions { allow_empty: allow_empty.clone() };
+            let report = crate::etl::load_with(&project, &warehouse(&cli, &project), &options).await?;
             if *json {
                 let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
                 writeln!(out, "{text}").map_err(|e| Error::io("<stdout>", e))

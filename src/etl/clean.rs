@@ -7,7 +7,9 @@
 //! and checked against the tables they reference. Nothing is dropped without being counted.
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::DataType;
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::{JoinType, ScalarValue};
 use datafusion::functions::expr_fn::{btrim, concat, concat_ws, lower, nullif, regexp_like, upper};
 use datafusion::functions_window::expr_fn::row_number;
@@ -28,6 +30,8 @@ const RN_COL: &str = "_rn";
 /// The outcome of cleaning one source table.
 #[derive(Debug)]
 pub struct Cleaned {
+    /// The typed table's schema (also when no row passed).
+    pub schema: SchemaRef,
     /// Typed rows that passed every rule (declared columns only).
     pub rows: Vec<RecordBatch>,
     /// Quarantine rows (see [`crate::etl::load::quarantine_schema`] for the columns).
@@ -98,12 +102,15 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
     }
 
     let select: Vec<Expr> = spec.columns.iter().map(|c| col(c.name.as_str())).collect();
-    let rows = good.select(select)?.collect().await?;
+    let good = good.select(select)?;
+    let schema: SchemaRef = Arc::new(good.schema().as_arrow().clone());
+    let rows = good.collect().await?;
     let mut rejected_rows = Vec::new();
     for r in rejected {
         rejected_rows.extend(r.collect().await?);
     }
     Ok(Cleaned {
+        schema,
         loaded: count_rows(&rows),
         quarantined: count_rows(&rejected_rows),
         rows,

@@ -67,11 +67,36 @@ pub fn quarantine_schema() -> SchemaRef {
     ]))
 }
 
+/// Choices a scheduler can make per run.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Source tables that may load empty although the current snapshot holds rows.
+    pub allow_empty: Vec<String>,
+}
+
 /// Loads the project's sources into its warehouse and commits one snapshot.
 pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport> {
+    load_with(project, warehouse, &LoadOptions::default()).await
+}
+
+/// [`load`] with options.
+///
+/// Every table is a full refresh, so an export that arrives empty (a failed extract upstream, a
+/// truncated transfer) would wipe its table. Such a load stops before committing unless the
+/// table is named in `allow_empty`.
+pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadOptions) -> Result<LoadReport> {
     let started = Instant::now();
     let set = TransformSet::load(project)?;
+    for name in &options.allow_empty {
+        if !matches!(set.get(name).map(|t| &t.body), Some(TransformBody::Source(_))) {
+            let sources = set.transforms.iter().filter(|t| matches!(t.body, TransformBody::Source(_))).map(|t| t.name.as_str());
+            return Err(crate::error::QueryError::new(format!("--allow-empty {name}: not a source table"))
+                .with_hint(Some(crate::error::valid_names_hint("source tables", name, sources)))
+                .into());
+        }
+    }
     let _lock = warehouse.lock()?;
+    let previous = warehouse.current()?;
     let ctx = SessionContext::new();
 
     // Extract every source in parallel: decoding and splitting is CPU work outside DataFusion.
@@ -109,6 +134,10 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
             millis: table_started.elapsed().as_millis() as u64,
         };
         tracing::info!(table = %t.name, read = report.read, loaded = report.loaded, quarantined, duplicates = report.duplicates, "cleaned");
+        let had = previous.as_ref().and_then(|s| s.tables.get(&t.name)).map(|e| e.rows).unwrap_or(0);
+        if report.read == 0 && had > 0 && !options.allow_empty.contains(&t.name) {
+            return Err(DataError::EmptySource { table: t.name.clone(), previous: had }.into());
+        }
         if report.read != report.loaded + report.quarantined + report.duplicates {
             return Err(Error::Internal(format!("row accounting does not add up for table '{}': {report:?}", t.name)));
         }
@@ -124,11 +153,7 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
         }
         quarantine.push(rejects_batch(&ex.rejects)?);
         quarantine.extend(cleaned.rejected);
-        let schema = cleaned
-            .rows
-            .first()
-            .map(|b| b.schema())
-            .ok_or_else(|| Error::Internal(format!("cleaning '{}' returned no batches", t.name)))?;
+        let schema = cleaned.schema.clone();
         ctx.register_batch(t.name.as_str(), datafusion::arrow::compute::concat_batches(&schema, &cleaned.rows)?)?;
         outputs.push((t.name.clone(), schema, cleaned.rows));
         reports.push(report);

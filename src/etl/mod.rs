@@ -14,5 +14,5 @@ pub mod parse;
 pub mod spec;
 pub mod validate;
 
-pub use load::{LoadReport, QUARANTINE_TABLE, TableReport, load};
+pub use load::{LoadOptions, LoadReport, QUARANTINE_TABLE, TableReport, load, load_with};
 pub use validate::{TransformBody, TransformSet};

@@ -173,3 +173,54 @@ fn vacuum_deletes_old_snapshots_files_but_keeps_retained_snapshots_readable() {
     let next = block_on(async move { load(&p, &w).await.unwrap().snapshot });
     assert_eq!(next, 4, "loads go on after a vacuum");
 }
+
+/// A full-refresh table is not wiped by an export that arrives empty, unless the run says so.
+#[test]
+fn an_empty_export_does_not_wipe_its_table_without_allow_empty() {
+    let t = test_project();
+    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    let before = block_on(async move {
+        load(&p, &w).await.unwrap();
+        checksums(&w).await
+    });
+    // Tonight's export: every file as before, but the service contacts arrived empty.
+    let exports = t.dir.path().join("tonight");
+    crate::common::copy_dir(&t.project.sources, &exports);
+    std::fs::write(exports.join("interactions.jsonl"), "").unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_crmcube"))
+            .arg("--project")
+            .arg(t.dir.path())
+            .args(["load", "--source"])
+            .arg(&exports)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let had = before["fact_interaction"].0;
+    assert!(had > 0);
+    assert!(
+        stderr.contains("table 'fact_interaction'") && stderr.contains(&format!("holds {had}")) && stderr.contains("--allow-empty fact_interaction"),
+        "{stderr}"
+    );
+    let w = t.warehouse.clone();
+    let after = block_on(async move {
+        assert_eq!(w.current().unwrap().unwrap().id, 1, "nothing committed");
+        checksums(&w).await
+    });
+    assert_eq!(before, after);
+
+    let out = run(&["--allow-empty", "fact_interactoin"]);
+    assert_eq!(out.status.code(), Some(2), "a misspelt table is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean 'fact_interaction'"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = run(&["--allow-empty", "fact_interaction"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let w = t.warehouse.clone();
+    let after = block_on(async move { checksums(&w).await });
+    assert_eq!(after["fact_interaction"].0, 0, "emptied on request");
+    assert_eq!(after["fact_sales"], before["fact_sales"], "other tables unchanged");
+}
