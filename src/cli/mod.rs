@@ -5,6 +5,7 @@
 
 pub mod chart;
 pub mod output;
+mod progress;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -276,6 +277,7 @@ fn init_logging() {
     use tracing_subscriber::prelude::*;
     let level = std::env::var("CRMCUBE_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(tracing::Level::WARN);
     let filter = tracing_subscriber::filter::Targets::new().with_target("crmcube", level).with_default(tracing::Level::ERROR);
+    let progress = tracing_subscriber::filter::Targets::new().with_target("crmcube", tracing::Level::INFO);
     let _ = tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
@@ -284,6 +286,7 @@ fn init_logging() {
                 .with_target(false)
                 .with_filter(filter),
         )
+        .with(progress::ProgressLayer.with_filter(progress))
         .try_init();
 }
 
@@ -316,7 +319,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                 project.sources = s.clone();
             }
             let options = crate::etl::LoadOptions { allow_empty: allow_empty.clone() };
-            let report = crate::etl::load_with(&project, &warehouse(&cli, &project), &options).await?;
+            if progress::wanted() {
+                // Each table is cleaned (a source) or derived, then written; the quarantine is written too.
+                let tables = TransformSet::load(&project)?.transforms.len() as u64;
+                progress::start(2 * tables + 1);
+            }
+            let report = crate::etl::load_with(&project, &warehouse(&cli, &project), &options).await;
+            progress::finish();
+            let report = report?;
             if *json {
                 let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
                 writeln!(out, "{text}").map_err(|e| Error::io("<stdout>", e))
