@@ -170,6 +170,11 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 
+    /// Whether a memory limit stopped the work (the CLI then says how to raise it).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Engine(e) if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)))
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Spec(_) => ErrorKind::Spec,
@@ -182,7 +187,8 @@ impl Error {
                 | DataFusionError::SQL(..)
                 | DataFusionError::NotImplemented(_) => ErrorKind::Query,
                 DataFusionError::IoError(_) | DataFusionError::ObjectStore(_) => ErrorKind::Io,
-                DataFusionError::ResourcesExhausted(_) => ErrorKind::Data,
+                // Exit 1 (failed), not 3: the input is fine, the memory limit was too small.
+                DataFusionError::ResourcesExhausted(_) => ErrorKind::Io,
                 _ => ErrorKind::Internal,
             },
             Error::Locked { .. } => ErrorKind::Locked,

@@ -34,6 +34,10 @@ pub struct Cli {
     /// Read an earlier snapshot (see `crmcube history`) instead of the current one.
     #[arg(long, global = true, value_name = "SNAPSHOT")]
     pub as_of: Option<u64>,
+    /// Memory for a query or load, in MiB: past it work spills to disk or stops with a clear
+    /// error (never an out-of-memory kill). Default: unbounded.
+    #[arg(long, global = true, value_name = "MIB")]
+    pub memory_limit: Option<usize>,
     /// Answer as this user of users.yaml would be answered: their access rules apply.
     #[arg(long = "as", global = true, value_name = "USER")]
     pub as_user: Option<String>,
@@ -266,6 +270,9 @@ pub fn main() -> i32 {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
+            if e.is_out_of_memory() {
+                eprintln!("hint: the work did not fit in the memory limit; raise --memory-limit MIB, or narrow the query");
+            }
             e.kind().exit_code()
         }
     }
@@ -298,7 +305,7 @@ fn project(cli: &Cli) -> Result<Project> {
 }
 
 fn warehouse(cli: &Cli, project: &Project) -> Warehouse {
-    Warehouse::new(cli.warehouse.clone().unwrap_or_else(|| project.warehouse.clone()))
+    Warehouse::new(cli.warehouse.clone().unwrap_or_else(|| project.warehouse.clone())).with_memory_limit(cli.memory_limit.map(|m| m << 20))
 }
 
 /// Runs one parsed command.

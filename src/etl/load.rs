@@ -97,7 +97,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     }
     let _lock = warehouse.lock()?;
     let previous = warehouse.current()?;
-    let ctx = SessionContext::new();
+    let ctx = warehouse.context()?;
 
     // Extract every source in parallel: decoding and splitting is CPU work outside DataFusion.
     let sources: Vec<_> = set

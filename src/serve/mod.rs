@@ -315,6 +315,9 @@ pub async fn serve(
 
 /// The gRPC status of a crate error.
 pub fn status(e: Error) -> Status {
+    if e.is_out_of_memory() {
+        return Status::resource_exhausted(format!("{e} (the query did not fit in the server's --query-memory)"));
+    }
     match e.kind() {
         ErrorKind::Query | ErrorKind::Spec => Status::invalid_argument(e.to_string()),
         ErrorKind::Data => Status::resource_exhausted(e.to_string()),

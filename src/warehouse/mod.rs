@@ -54,11 +54,39 @@ pub struct Snapshot {
 #[derive(Debug, Clone)]
 pub struct Warehouse {
     root: PathBuf,
+    /// Memory pool of each session this warehouse opens (loads and queries), in bytes.
+    memory_limit: Option<usize>,
 }
 
 impl Warehouse {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), memory_limit: None }
+    }
+
+    /// Bounds the memory of every session (query or load) to `bytes`: sorts, aggregations and
+    /// joins that can spill do so to temporary files; what cannot fails with "Resources
+    /// exhausted" instead of growing until the kernel kills the process.
+    pub fn with_memory_limit(mut self, bytes: Option<usize>) -> Self {
+        self.memory_limit = bytes;
+        self
+    }
+
+    /// An empty session with the warehouse's catalog names and memory limit.
+    pub fn context(&self) -> Result<SessionContext> {
+        let mut config = datafusion::prelude::SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG, WAREHOUSE_SCHEMA)
+            .with_information_schema(true);
+        if let Some(bytes) = self.memory_limit {
+            // A spilling sort reserves this much for its merge (10 MB by default, more than a
+            // small limit holds); an eighth of the pool leaves room for the sort itself.
+            let options = config.options_mut();
+            options.execution.sort_spill_reservation_bytes = options.execution.sort_spill_reservation_bytes.min(bytes / 8);
+        }
+        let mut runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new();
+        if let Some(bytes) = self.memory_limit {
+            runtime = runtime.with_memory_pool(std::sync::Arc::new(datafusion::execution::memory_pool::FairSpillPool::new(bytes)));
+        }
+        Ok(SessionContext::new_with_config_rt(config, runtime.build_arc()?))
     }
 
     pub fn root(&self) -> &Path {
@@ -157,10 +185,7 @@ impl Warehouse {
                 message: "the warehouse has no snapshot yet; run `crmcube load` first".into(),
             })?,
         };
-        let config = datafusion::prelude::SessionConfig::new()
-            .with_default_catalog_and_schema(CATALOG, WAREHOUSE_SCHEMA)
-            .with_information_schema(true);
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = self.context()?;
         self.register(&ctx, &snapshot).await?;
         Ok(ctx)
     }

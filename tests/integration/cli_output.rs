@@ -52,3 +52,15 @@ fn unknown_level_and_bad_value_errors() {
     assert_eq!(code, Some(2));
     insta::assert_snapshot!("unknown_cube", err);
 }
+
+#[test]
+fn a_query_over_the_memory_limit_fails_with_a_hint_not_a_kill() {
+    let join = "SELECT a.customer_id, count(*) FROM fact_sales a JOIN fact_sales b ON a.customer_id = b.customer_id GROUP BY 1";
+    let (code, _, err) = crmcube(&["--memory-limit", "1", "sql", join]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("Resources exhausted") && err.contains("raise --memory-limit"), "{err}");
+    // Within a limit the work fits in, the command answers.
+    let (code, out, err) = crmcube(&["--memory-limit", "64", "sql", "SELECT count(*) FROM dim_customer", "--format", "csv"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.lines().count() == 2, "{out}");
+}
