@@ -618,18 +618,29 @@ async fn detail_rows(ctx: &SessionContext, b: &Bound<'_>, q: &CubeQuery) -> Resu
 }
 
 /// The cube as one wide table: every level (and label) column and, per base measure, the
-/// values it aggregates under the measure's name. Registered as `cubes.<name>` for SQL.
+/// values it aggregates under the measure's name. The schema of `cubes.<name>` for SQL.
 pub async fn cube_view(ctx: &SessionContext, cube: &Cube) -> Result<DataFrame> {
+    cube_frame(ctx, cube, None).await
+}
+
+/// The columns `wanted` of the cube's wide table (all when None), joining only the dimension
+/// tables those columns come from: `SELECT customer_region, revenue FROM cubes.sales` reads the
+/// fact and the customer table, not the product or date tables.
+pub async fn cube_frame(ctx: &SessionContext, cube: &Cube, wanted: Option<&[String]>) -> Result<DataFrame> {
+    let want = |name: &str| wanted.is_none_or(|w| w.iter().any(|x| x == name));
     let levels: Vec<LevelRef<'_>> = cube
         .dimensions
         .iter()
         .flat_map(|d| (0..d.levels.len()).map(move |index| LevelRef { dimension: d, index }))
+        .filter(|l| want(&l.output_name()) || (l.level().label.is_some() && want(&label_name(l))))
         .collect();
     let b = Bound { cube, closure: Vec::new(), group: levels.clone(), filters: Vec::new(), trend: None, year: None, across: None };
     let df = detail_frame(ctx, &b, &levels).await?;
-    let mut select: Vec<Expr> = level_columns(&levels).iter().map(|c| col(c.as_str())).collect();
+    let mut select: Vec<Expr> = level_columns(&levels).iter().filter(|c| want(c)).map(|c| col(c.as_str())).collect();
     for m in &cube.measures {
-        if let MeasureKind::Base { column, .. } = &m.kind {
+        if let MeasureKind::Base { column, .. } = &m.kind
+            && want(&m.name)
+        {
             select.push(col(column.as_str()).alias(m.name.as_str()));
         }
     }

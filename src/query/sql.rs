@@ -18,7 +18,15 @@
 
 use std::ops::ControlFlow;
 
-use datafusion::prelude::{DataFrame, SessionContext};
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::Column;
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{DataFrame, SessionContext, col};
 use datafusion::sql::sqlparser::ast::{
     Expr as SqlExpr, GroupByExpr, Ident, Query, SelectItem, SetExpr, Statement, TableFactor, Value, VisitMut, VisitorMut,
 };
@@ -39,10 +47,76 @@ pub async fn register_cubes(ctx: &SessionContext, cubes: &CubeSet) -> Result<()>
         catalog.register_schema(CUBES_SCHEMA, std::sync::Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
     }
     for cube in &cubes.cubes {
-        let view = super::cube_view(ctx, cube).await?;
-        ctx.register_table(datafusion::common::TableReference::partial(CUBES_SCHEMA, cube.name.as_str()), view.into_view())?;
+        let table = CubeTable::new(ctx, cube).await?;
+        ctx.register_table(datafusion::common::TableReference::partial(CUBES_SCHEMA, cube.name.as_str()), Arc::new(table))?;
     }
     Ok(())
+}
+
+/// `cubes.<name>`: the cube's wide table, planned per query with only the dimension joins the
+/// query's columns need ([`super::cube_frame`]). Its tables are resolved in the session that
+/// runs the query, so access rules bound there apply.
+#[derive(Debug)]
+pub struct CubeTable {
+    cube: Cube,
+    schema: SchemaRef,
+}
+
+impl CubeTable {
+    pub async fn new(ctx: &SessionContext, cube: &Cube) -> Result<Self> {
+        let schema = Arc::new(super::cube_view(ctx, cube).await?.schema().as_arrow().clone());
+        Ok(Self { cube: cube.clone(), schema })
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for CubeTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        // Applied inside (so they reach the Delta scans) and kept above: Inexact is always safe.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let state = state
+            .as_any()
+            .downcast_ref::<SessionState>()
+            .ok_or_else(|| datafusion::error::DataFusionError::Internal("cube tables need a SessionState".into()))?;
+        let ctx = SessionContext::new_with_state(state.clone());
+        let fields = self.schema.fields();
+        let output: Vec<String> = match projection {
+            Some(p) => p.iter().map(|i| fields[*i].name().clone()).collect(),
+            None => fields.iter().map(|f| f.name().clone()).collect(),
+        };
+        let mut needed = output.clone();
+        for f in filters {
+            needed.extend(f.column_refs().into_iter().map(|c| c.name.clone()));
+        }
+        let external = |e: crate::error::Error| datafusion::error::DataFusionError::External(Box::new(e));
+        let mut df = super::cube_frame(&ctx, &self.cube, Some(&needed)).await.map_err(external)?;
+        for f in filters {
+            df = df.filter(f.clone())?;
+        }
+        let columns: Vec<Expr> = output.iter().map(|c| col(Column::new_unqualified(c.as_str()))).collect();
+        df = df.select(columns)?;
+        if let Some(n) = limit {
+            df = df.limit(0, Some(n))?;
+        }
+        df.create_physical_plan().await
+    }
 }
 
 /// Plans one SQL statement, giving measures of cube tables their cube semantics.
