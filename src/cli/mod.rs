@@ -555,6 +555,21 @@ fn print_load(out: &mut dyn Write, report: &LoadReport) -> Result<()> {
         )
         .map_err(io)?;
     }
+    let f = &report.files;
+    if let Some(since) = f.since {
+        writeln!(
+            out,
+            "{} export file(s) read: {} new, {} changed and {} gone since snapshot {since}",
+            f.read,
+            f.new.len(),
+            f.changed.len(),
+            f.gone.len()
+        )
+        .map_err(io)?;
+        for path in &f.changed {
+            writeln!(out, "  changed since it was loaded: {path}").map_err(io)?;
+        }
+    }
     writeln!(
         out,
         "snapshot {} committed: {} source rows in {:.2} s ({} rows/s)",

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::spec::{SourceEncoding, SourceFormat};
 use super::validate::SourceTransform;
+use crate::warehouse::SourceFile;
 use crate::error::{DataError, Error, Result, nearest};
 
 /// Hidden columns every extracted batch carries.
@@ -38,6 +39,8 @@ pub struct Reject {
 pub struct Extracted {
     /// Declared columns as Utf8 (by their warehouse name), then `_file`, `_line`, `_raw`.
     pub batch: RecordBatch,
+    /// Each file read: its path under the sources folder, size and SHA-256.
+    pub sources: Vec<SourceFile>,
     pub rejects: Vec<Reject>,
     /// Records read, including rejected ones (header lines excluded).
     pub read: u64,
@@ -66,19 +69,22 @@ pub fn extract(table: &str, spec: &SourceTransform, sources_dir: &Path, display_
         }
         .into());
     }
-    let parts: Vec<FileRows> = files
+    let parts: Vec<(FileRows, SourceFile)> = files
         .par_iter()
         .map(|f| {
             let shown = f.strip_prefix(display_root).unwrap_or(f).to_string_lossy().to_string();
-            read_file(table, spec, f, &shown)
+            let key = f.strip_prefix(sources_dir).unwrap_or(f).to_string_lossy().to_string();
+            read_file(table, spec, f, &shown, key)
         })
         .collect::<Result<_>>()?;
     let mut all = FileRows::new(spec.columns.len());
-    for p in parts {
+    let mut sources = Vec::with_capacity(parts.len());
+    for (p, source) in parts {
         all.append(p);
+        sources.push(source);
     }
     let batch = to_batch(spec, all.values, all.files, all.lines, all.raws)?;
-    Ok(Extracted { batch, rejects: all.rejects, read: all.read, files })
+    Ok(Extracted { batch, sources, rejects: all.rejects, read: all.read, files })
 }
 
 /// The schema of an extracted batch.
@@ -186,13 +192,15 @@ fn first_bad_gbk_byte(bytes: &[u8]) -> usize {
     offset
 }
 
-fn read_file(table: &str, spec: &SourceTransform, path: &Path, shown: &str) -> Result<FileRows> {
+fn read_file(table: &str, spec: &SourceTransform, path: &Path, shown: &str, key: String) -> Result<(FileRows, SourceFile)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let source = SourceFile::of(key, &bytes);
     let text = decode(&bytes, spec.source.encoding, Path::new(shown))?;
-    match spec.source.format {
+    let rows = match spec.source.format {
         SourceFormat::Csv => read_csv(table, spec, &text, shown),
         SourceFormat::Jsonl => read_jsonl(table, spec, &text, shown),
-    }
+    }?;
+    Ok((rows, source))
 }
 
 fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {

@@ -20,7 +20,7 @@ use super::extract::{Extracted, Reject, extract};
 use super::validate::{TransformBody, TransformSet};
 use crate::error::{DataError, Error, Result};
 use crate::project::Project;
-use crate::warehouse::{Snapshot, TableEntry, Warehouse};
+use crate::warehouse::{Snapshot, SourceFile, TableEntry, Warehouse};
 
 /// Name of the quarantine table in the warehouse.
 pub const QUARANTINE_TABLE: &str = "quarantine";
@@ -46,7 +46,40 @@ pub struct TableReport {
 pub struct LoadReport {
     pub snapshot: u64,
     pub tables: Vec<TableReport>,
+    /// Export files compared with the ones the previous snapshot was loaded from.
+    pub files: FilesReport,
     pub seconds: f64,
+}
+
+/// Export files of this load against the previous snapshot's (paths under the sources folder).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct FilesReport {
+    pub read: usize,
+    /// Not in the previous snapshot.
+    pub new: Vec<String>,
+    /// Same path, different content: an export rewritten after it was loaded.
+    pub changed: Vec<String>,
+    /// In the previous snapshot, not matched tonight.
+    pub gone: Vec<String>,
+    /// The snapshot compared with.
+    pub since: Option<u64>,
+}
+
+impl FilesReport {
+    fn compare(now: &BTreeMap<String, SourceFile>, previous: Option<&Snapshot>) -> Self {
+        let empty = BTreeMap::new();
+        let before = previous.map(|s| &s.files).unwrap_or(&empty);
+        let mut r = FilesReport { read: now.len(), since: previous.map(|s| s.id), ..Default::default() };
+        for (path, f) in now {
+            match before.get(path) {
+                None => r.new.push(path.clone()),
+                Some(b) if b.sha256 != f.sha256 => r.changed.push(path.clone()),
+                Some(_) => {}
+            }
+        }
+        r.gone = before.keys().filter(|p| !now.contains_key(*p)).cloned().collect();
+        r
+    }
 }
 
 impl LoadReport {
@@ -114,6 +147,12 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         .collect::<Result<_>>()?;
     for (t, _) in &sources {
         crate::fault::point(&format!("extracted {}", t.name));
+    }
+    let files: BTreeMap<String, SourceFile> =
+        extracted.iter().flat_map(|e| e.sources.iter().map(|f| (f.path.clone(), f.clone()))).collect();
+    let files_report = FilesReport::compare(&files, previous.as_ref());
+    for path in &files_report.changed {
+        tracing::warn!(file = %path, since = ?files_report.since, "export file changed since the previous snapshot loaded it");
     }
 
     let mut reports = Vec::new();
@@ -216,9 +255,9 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         tracing::info!(table = %name, version, rows = n, "written");
         entries.insert(name, TableEntry { version, rows: n });
     }
-    let snapshot: Snapshot = warehouse.commit(entries)?;
+    let snapshot: Snapshot = warehouse.commit(entries, files)?;
     tracing::info!(snapshot = snapshot.id, "snapshot committed");
-    Ok(LoadReport { snapshot: snapshot.id, tables: reports, seconds: started.elapsed().as_secs_f64() })
+    Ok(LoadReport { snapshot: snapshot.id, tables: reports, files: files_report, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// Names of the tables a SQL statement reads.

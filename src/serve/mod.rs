@@ -13,7 +13,8 @@
 //! - **Snapshots.** Every statement is planned on the snapshot that is current when its
 //!   FlightInfo is asked for, and its ticket names that snapshot, so a load committing between
 //!   GetFlightInfo and DoGet does not change the answer; the next statement sees the new load
-//!   without a restart. Sessions are cached per snapshot ([`Service::session`]).
+//!   without a restart. Sessions are cached per snapshot and user (`Service::session`), with
+//!   the user's access rules ([`crate::access`]) bound below SQL.
 //! - **Streaming.** Results go from DataFusion's record batch stream straight into the Flight
 //!   encoder; nothing is collected. A client that goes away drops the stream, which stops the
 //!   query.

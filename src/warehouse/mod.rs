@@ -48,6 +48,26 @@ pub struct Snapshot {
     /// RFC 3339 time the snapshot was committed.
     pub committed_at: String,
     pub tables: BTreeMap<String, TableEntry>,
+    /// The export files this snapshot was loaded from, by path under the sources folder
+    /// (absent in manifests written before files were recorded).
+    #[serde(default)]
+    pub files: BTreeMap<String, SourceFile>,
+}
+
+/// One export file as a load read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// Path under the sources folder (so a different `--source` folder per night compares).
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl SourceFile {
+    pub fn of(path: String, content: &[u8]) -> Self {
+        let sha256 = Sha256::digest(content).iter().map(|b| format!("{b:02x}")).collect();
+        Self { path, bytes: content.len() as u64, sha256 }
+    }
 }
 
 /// A warehouse folder.
@@ -156,9 +176,9 @@ impl Warehouse {
     }
 
     /// Makes `tables` the new current snapshot: manifest first, then an atomic swap of CURRENT.
-    pub fn commit(&self, tables: BTreeMap<String, TableEntry>) -> Result<Snapshot> {
+    pub fn commit(&self, tables: BTreeMap<String, TableEntry>, files: BTreeMap<String, SourceFile>) -> Result<Snapshot> {
         let id = self.current()?.map(|s| s.id).unwrap_or(0) + 1;
-        let snapshot = Snapshot { id, committed_at: chrono::Utc::now().to_rfc3339(), tables };
+        let snapshot = Snapshot { id, committed_at: chrono::Utc::now().to_rfc3339(), tables, files };
         let dir = self.snapshots_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let json = serde_json::to_vec_pretty(&snapshot).map_err(|e| Error::Internal(e.to_string()))?;

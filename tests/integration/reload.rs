@@ -224,3 +224,47 @@ fn an_empty_export_does_not_wipe_its_table_without_allow_empty() {
     assert_eq!(after["fact_interaction"].0, 0, "emptied on request");
     assert_eq!(after["fact_sales"], before["fact_sales"], "other tables unchanged");
 }
+
+/// Every snapshot records the export files it read; a file rewritten after it was loaded is
+/// reported (and the load goes on: a full export is allowed to change).
+#[test]
+fn the_snapshot_records_its_files_and_a_changed_export_is_reported() {
+    let t = test_project();
+    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    let first = block_on(async move { load(&p, &w).await.unwrap() });
+    assert_eq!(first.files.since, None);
+    assert_eq!(first.files.new.len(), first.files.read, "everything is new to an empty warehouse");
+    let snapshot = t.warehouse.current().unwrap().unwrap();
+    let reps = &snapshot.files["sales_reps.csv"];
+    let bytes = std::fs::read(t.project.sources.join("sales_reps.csv")).unwrap();
+    assert_eq!(reps.bytes, bytes.len() as u64);
+    assert_eq!(reps.sha256.len(), 64);
+
+    // Tonight: the same exports, but one rep's name corrected in place.
+    let exports = t.dir.path().join("tonight");
+    crate::common::copy_dir(&t.project.sources, &exports);
+    let text = String::from_utf8(bytes).unwrap();
+    let name = text.lines().nth(1).unwrap().split(',').nth(1).unwrap().to_string();
+    std::fs::write(exports.join("sales_reps.csv"), text.replacen(&name, &format!("{name} Jr"), 1)).unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_crmcube"))
+            .arg("--project")
+            .arg(t.dir.path())
+            .args(["load", "--json", "--source"])
+            .arg(&exports)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files"]["changed"], serde_json::json!(["sales_reps.csv"]), "{}", report["files"]);
+    assert_eq!(report["files"]["new"], serde_json::json!([]));
+    assert_eq!(report["files"]["gone"], serde_json::json!([]));
+    assert_eq!(report["files"]["since"], serde_json::json!(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("export file changed"), "a warning on stderr");
+    // The same night again: nothing changed since the snapshot just written.
+    let report: serde_json::Value = serde_json::from_slice(&run().stdout).unwrap();
+    assert_eq!(report["files"]["changed"], serde_json::json!([]));
+    assert_eq!(report["files"]["since"], serde_json::json!(2));
+}
