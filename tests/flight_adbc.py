@@ -31,6 +31,16 @@ report["no_credentials"] = refused()
 with flight_sql.connect(uri, db_kwargs={"username": user, "password": password}) as conn:
     objects = conn.adbc_get_objects(depth="all").read_all().to_pylist()
     report["catalogs"] = [c["catalog_name"] for c in objects]
+    report["schemas"] = sorted(s["db_schema_name"] for c in objects for s in c["catalog_db_schemas"] or [])
+    report["fact_sales_columns"] = [
+        col["column_name"]
+        for c in objects
+        for s in c["catalog_db_schemas"] or []
+        if s["db_schema_name"] == "warehouse"
+        for t in s["db_schema_tables"] or []
+        if t["table_name"] == "fact_sales"
+        for col in t["table_columns"] or []
+    ]
     report["tables"] = sorted(
         f'{s["db_schema_name"]}.{t["table_name"]}'
         for c in objects

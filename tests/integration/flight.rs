@@ -411,6 +411,10 @@ fn flight_adbc_python_client_logs_in_browses_and_queries() {
     assert!(refused("no_credentials").to_lowercase().contains("unauthenticated") || refused("no_credentials").contains("no bearer token"), "{report}");
     let catalogs: Vec<String> = serde_json::from_value(report["catalogs"].clone()).unwrap();
     assert_eq!(catalogs, vec!["crmcube"]);
+    let schemas: Vec<String> = serde_json::from_value(report["schemas"].clone()).unwrap();
+    assert_eq!(schemas, vec!["cubes", "information_schema", "warehouse"]);
+    let columns: Vec<String> = serde_json::from_value(report["fact_sales_columns"].clone()).unwrap();
+    assert!(columns.contains(&"revenue".to_string()) && columns.contains(&"customer_id".to_string()), "{columns:?}");
     let tables: Vec<String> = serde_json::from_value(report["tables"].clone()).unwrap();
     for t in ["warehouse.fact_sales", "warehouse.dim_customer", "cubes.sales", "cubes.receivables"] {
         assert!(tables.contains(&t.to_string()), "{t} missing from {tables:?}");
