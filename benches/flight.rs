@@ -10,13 +10,15 @@
 //! 2. concurrency: a cube query run by 1 client and by `CRMCUBE_BENCH_CLIENTS` (default 32)
 //!    clients at once, each on its own connection, p50/p99 latency per query.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use crmcube::cube::CubeSet;
-use crmcube::etl::{TransformSet, load};
-use crmcube::project::Project;
+use common::percentile;
+use crmcube::etl::TransformSet;
 use crmcube::serve::auth::{Authenticator, UsersFile};
 use crmcube::serve::{ServerConfig, Service};
 use crmcube::warehouse::Warehouse;
@@ -28,10 +30,6 @@ const CUBE_QUERY: &str = "SELECT customer_region, revenue, orders FROM cubes.sal
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn buffer_bytes(b: &RecordBatch) -> usize {
@@ -63,27 +61,7 @@ fn main() {
     let clients: usize = env("CRMCUBE_BENCH_CLIENTS", 32);
     let runs: usize = env("CRMCUBE_BENCH_RUNS", 20);
     let setup = tokio::runtime::Runtime::new().unwrap();
-    let (project, _tmp) = setup.block_on(async {
-        match std::env::var_os("CRMCUBE_BENCH_PROJECT") {
-            Some(dir) => (Project::open(std::path::Path::new(&dir)).unwrap(), None),
-            None => {
-                let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-                let tmp = tempfile::tempdir().unwrap();
-                for dir in ["transforms", "cubes"] {
-                    std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
-                    for e in std::fs::read_dir(repo.join(dir)).unwrap() {
-                        let e = e.unwrap();
-                        std::fs::copy(e.path(), tmp.path().join(dir).join(e.file_name())).unwrap();
-                    }
-                }
-                let yaml = format!("version: 1\nname: bench\nsources: {}\n", repo.join("sample-data").display());
-                std::fs::write(tmp.path().join("crmcube.yaml"), yaml).unwrap();
-                let project = Project::open(tmp.path()).unwrap();
-                load(&project, &Warehouse::new(project.warehouse.clone())).await.unwrap();
-                (project, Some(tmp))
-            }
-        }
-    });
+    let (project, _tmp) = setup.block_on(common::bench_project());
     let warehouse = Warehouse::new(project.warehouse.clone());
     let transforms = TransformSet::load(&project).unwrap();
     let cubes = CubeSet::load(&project, &transforms).unwrap();

@@ -4,11 +4,13 @@
 //! timed loop), then runs each operation 20 times. `CRMCUBE_BENCH_PROJECT=DIR` measures another
 //! project's warehouse instead (already loaded), e.g. a generated 10 M order-line export.
 
-use std::time::{Duration, Instant};
+mod common;
 
+use std::time::Instant;
+
+use common::percentile;
 use crmcube::cube::CubeSet;
-use crmcube::etl::{TransformSet, load};
-use crmcube::project::Project;
+use crmcube::etl::TransformSet;
 use crmcube::query::{CubeQuery, run, sql};
 use crmcube::warehouse::Warehouse;
 
@@ -33,35 +35,11 @@ fn operations() -> Vec<(&'static str, CubeQuery)> {
     ]
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn main() {
     let runs: usize = std::env::var("CRMCUBE_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (project, _tmp) = match std::env::var_os("CRMCUBE_BENCH_PROJECT") {
-            Some(dir) => (Project::open(std::path::Path::new(&dir)).unwrap(), None),
-            None => {
-                let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-                let tmp = tempfile::tempdir().unwrap();
-                for dir in ["transforms", "cubes"] {
-                    std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
-                    for e in std::fs::read_dir(repo.join(dir)).unwrap() {
-                        let e = e.unwrap();
-                        std::fs::copy(e.path(), tmp.path().join(dir).join(e.file_name())).unwrap();
-                    }
-                }
-                std::fs::write(tmp.path().join("crmcube.yaml"), format!("version: 1\nname: bench\nsources: {}\n", repo.join("sample-data").display())).unwrap();
-                let project = Project::open(tmp.path()).unwrap();
-                let started = Instant::now();
-                let report = load(&project, &Warehouse::new(project.warehouse.clone())).await.unwrap();
-                let rows: u64 = report.tables.iter().filter(|t| t.kind == "source").map(|t| t.read).sum();
-                println!("load of the sample: {rows} source rows in {:.2} s ({:.0} rows/s)", started.elapsed().as_secs_f64(), rows as f64 / started.elapsed().as_secs_f64());
-                (project, Some(tmp))
-            }
-        };
+        let (project, _tmp) = common::bench_project().await;
         let transforms = TransformSet::load(&project).unwrap();
         let cubes = CubeSet::load(&project, &transforms).unwrap();
         let cube = cubes.get("sales").unwrap();
