@@ -109,10 +109,17 @@ struct Inner {
     cubes: CubeSet,
     auth: Authenticator,
     config: ServerConfig,
-    /// Query sessions by snapshot id (the newest few) and user, access rules applied.
-    sessions: tokio::sync::Mutex<BTreeMap<(u64, String), SessionContext>>,
+    /// Sessions of the newest few snapshots: the stored tables, and per user the same tables
+    /// bound to that user's access rules.
+    sessions: tokio::sync::Mutex<BTreeMap<u64, SnapshotSessions>>,
     prepared: Mutex<HashMap<String, Prepared>>,
     permits: Arc<Semaphore>,
+}
+
+/// One snapshot's sessions: its tables registered once, restricted per user from them.
+struct SnapshotSessions {
+    stored: SessionContext,
+    users: HashMap<String, SessionContext>,
 }
 
 /// A prepared statement: its SQL, the user who prepared it, and bound parameters.
@@ -155,26 +162,26 @@ impl Service {
     async fn session(&self, who: &Principal, id: Option<u64>) -> Result<(u64, SessionContext)> {
         let id = match id {
             Some(id) => id,
-            None => self.inner.warehouse.current()?.map(|s| s.id).ok_or_else(|| crate::error::DataError::Input {
-                file: self.inner.warehouse.root().to_path_buf(),
-                line: None,
-                message: "the warehouse has no snapshot yet; run `crmcube load` first".into(),
-            })?,
+            None => self.inner.warehouse.current_or_error()?.id,
         };
-        let key = (id, who.user.clone());
         let mut sessions = self.inner.sessions.lock().await;
-        if let Some(ctx) = sessions.get(&key) {
-            return Ok((id, ctx.clone()));
-        }
-        let stored = self.inner.warehouse.session_at(Some(id)).await?;
-        let ctx = crate::access::restrict(&stored, &self.inner.transforms, &self.inner.cubes, who).await?;
-        sessions.insert(key, ctx.clone());
-        // Keep the newest snapshots' sessions; older ones go once no ticket is likely to need them.
-        let mut ids: Vec<u64> = sessions.keys().map(|k| k.0).collect();
-        ids.dedup();
-        if ids.len() > SESSIONS_KEPT {
-            let cutoff = ids[ids.len() - SESSIONS_KEPT];
-            sessions.retain(|k, _| k.0 >= cutoff);
+        let mut snapshot = match sessions.remove(&id) {
+            Some(s) => s,
+            None => SnapshotSessions { stored: self.inner.warehouse.session_at(Some(id)).await?, users: HashMap::new() },
+        };
+        let ctx = match snapshot.users.get(&who.user) {
+            Some(ctx) => ctx.clone(),
+            None => {
+                let ctx = crate::access::restrict(&snapshot.stored, &self.inner.transforms, &self.inner.cubes, who).await?;
+                snapshot.users.insert(who.user.clone(), ctx.clone());
+                ctx
+            }
+        };
+        sessions.insert(id, snapshot);
+        // Keep the newest snapshots; older ones go once no ticket is likely to need them (a late
+        // ticket for one still gets its answer, from a session built for it).
+        while sessions.len() > SESSIONS_KEPT {
+            sessions.pop_first();
         }
         Ok((id, ctx))
     }
@@ -234,11 +241,12 @@ impl Service {
         Ok(Response::new(Box::pin(flight)))
     }
 
-    fn prepared(&self, handle: &[u8], user: &str) -> std::result::Result<Prepared, Status> {
+    /// The prepared statement `handle` names, with the handle as text, if `user` prepared it.
+    fn prepared(&self, handle: &[u8], user: &str) -> std::result::Result<(String, Prepared), Status> {
         let handle = std::str::from_utf8(handle).map_err(|_| Status::invalid_argument("malformed prepared statement handle"))?;
         let map = self.inner.prepared.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(handle) {
-            Some(p) if p.user == user => Ok(p.clone()),
+            Some(p) if p.user == user => Ok((handle.to_string(), p.clone())),
             _ => Err(Status::invalid_argument(format!("no prepared statement '{handle}' (closed, or prepared by another user)"))),
         }
     }
@@ -608,7 +616,7 @@ impl FlightSqlService for Service {
         request: Request<PeekableFlightDataStream>,
     ) -> std::result::Result<DoPutPreparedStatementResult, Status> {
         let who = self.principal(&request)?;
-        self.prepared(&query.prepared_statement_handle, &who.user)?;
+        let (handle, _) = self.prepared(&query.prepared_statement_handle, &who.user)?;
         let data = request.into_inner().map_err(|s| FlightError::Tonic(Box::new(s)));
         let batches: Vec<RecordBatch> = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(data)
             .try_collect()
@@ -629,7 +637,6 @@ impl FlightSqlService for Service {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
             None => Vec::new(),
         };
-        let handle = String::from_utf8_lossy(&query.prepared_statement_handle).to_string();
         if let Some(p) = self.inner.prepared.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&handle) {
             p.params = params;
         }
@@ -642,7 +649,7 @@ impl FlightSqlService for Service {
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let who = self.principal(&request)?;
-        let p = self.prepared(&cmd.prepared_statement_handle, &who.user)?;
+        let (_, p) = self.prepared(&cmd.prepared_statement_handle, &who.user)?;
         tracing::info!(user = who.user, sql = p.sql, "prepared statement");
         let (_, df) = self.plan(&who, &p.sql, &p.params, None).await.map_err(status)?;
         flight_info(cmd, df.schema().as_arrow(), request.into_inner())
@@ -654,7 +661,7 @@ impl FlightSqlService for Service {
         request: Request<Ticket>,
     ) -> std::result::Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let who = self.principal(&request)?;
-        let p = self.prepared(&cmd.prepared_statement_handle, &who.user)?;
+        let (_, p) = self.prepared(&cmd.prepared_statement_handle, &who.user)?;
         let (_, df) = self.plan(&who, &p.sql, &p.params, None).await.map_err(status)?;
         self.stream(df).await
     }
@@ -665,8 +672,7 @@ impl FlightSqlService for Service {
         request: Request<arrow_flight::Action>,
     ) -> std::result::Result<(), Status> {
         let who = self.principal(&request)?;
-        self.prepared(&query.prepared_statement_handle, &who.user)?;
-        let handle = String::from_utf8_lossy(&query.prepared_statement_handle).to_string();
+        let (handle, _) = self.prepared(&query.prepared_statement_handle, &who.user)?;
         self.inner.prepared.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle);
         Ok(())
     }

@@ -189,6 +189,15 @@ impl Warehouse {
         Ok(snapshot)
     }
 
+    /// The current snapshot; an error telling the user to load first when there is none.
+    pub fn current_or_error(&self) -> Result<Snapshot> {
+        Ok(self.current()?.ok_or_else(|| DataError::Input {
+            file: self.root.clone(),
+            line: None,
+            message: "the warehouse has no snapshot yet; run `crmcube load` first".into(),
+        })?)
+    }
+
     /// A query session over the current snapshot.
     pub async fn session(&self) -> Result<SessionContext> {
         self.session_at(None).await
@@ -199,11 +208,7 @@ impl Warehouse {
     pub async fn session_at(&self, id: Option<u64>) -> Result<SessionContext> {
         let snapshot = match id {
             Some(id) => self.snapshot(id)?,
-            None => self.current()?.ok_or_else(|| DataError::Input {
-                file: self.root.clone(),
-                line: None,
-                message: "the warehouse has no snapshot yet; run `crmcube load` first".into(),
-            })?,
+            None => self.current_or_error()?,
         };
         let ctx = self.context()?;
         self.register(&ctx, &snapshot).await?;
