@@ -138,8 +138,16 @@ pub fn is_restricted(transforms: &TransformSet, who: &Principal) -> bool {
 }
 
 /// `who`'s session over the same snapshot as `snapshot_ctx`: tables bound to their rule views,
-/// cube tables built on those.
-pub async fn restrict(snapshot_ctx: &SessionContext, transforms: &TransformSet, cubes: &CubeSet, who: &Principal) -> Result<SessionContext> {
+/// cube tables built on those. With `rollups` (the snapshot's manifest), a user no rule
+/// restricts also gets the rollup rule; a restricted user never reads rollups (they aggregate
+/// rows the user may not see), nor any other table no transform governs.
+pub async fn restrict(
+    snapshot_ctx: &SessionContext,
+    transforms: &TransformSet,
+    cubes: &CubeSet,
+    who: &Principal,
+    rollups: Option<&crate::warehouse::Snapshot>,
+) -> Result<SessionContext> {
     let state = SessionStateBuilder::new()
         .with_config(snapshot_ctx.copied_config())
         .with_runtime_env(snapshot_ctx.runtime_env())
@@ -159,7 +167,7 @@ pub async fn restrict(snapshot_ctx: &SessionContext, transforms: &TransformSet, 
     for name in names {
         let Some(stored) = schema.table(&name).await? else { continue };
         let condition = match rule_for(transforms, &name, who) {
-            None if name == crate::etl::QUARANTINE_TABLE && restricted => Some("FALSE".to_string()),
+            None if restricted && transforms.get(&name).is_none() => Some("FALSE".to_string()),
             None | Some(Some(Rows::All)) => None,
             Some(None) => Some("FALSE".to_string()),
             Some(Some(Rows::Where(c))) => Some(bind(&name, c, who)?),
@@ -181,6 +189,11 @@ pub async fn restrict(snapshot_ctx: &SessionContext, transforms: &TransformSet, 
         ctx.register_table(name.as_str(), provider)?;
     }
     crate::query::sql::register_cubes(&ctx, cubes).await?;
+    if let Some(snapshot) = rollups
+        && !restricted
+    {
+        crate::rollup::install(&ctx, cubes, snapshot).await?;
+    }
     Ok(ctx)
 }
 

@@ -41,6 +41,9 @@ pub struct Cli {
     /// Answer as this user of users.yaml would be answered: their access rules apply.
     #[arg(long = "as", global = true, value_name = "USER")]
     pub as_user: Option<String>,
+    /// Answer from the base tables even where a rollup would answer (to compare or time them).
+    #[arg(long, global = true)]
+    pub no_rollups: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -327,8 +330,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             let options = crate::etl::LoadOptions { allow_empty: allow_empty.clone() };
             if progress::wanted() {
-                // Each table is cleaned (a source) or derived, then written; the quarantine is written too.
-                let tables = TransformSet::load(&project)?.transforms.len() as u64;
+                // Each table is cleaned (a source) or derived, then written; the quarantine is
+                // written too; each rollup is built, then written.
+                let set = TransformSet::load(&project)?;
+                let rollups = CubeSet::load(&project, &set).map(|c| c.cubes.iter().map(|c| c.rollups.len()).sum::<usize>()).unwrap_or(0);
+                let tables = (set.transforms.len() + rollups) as u64;
                 progress::start(2 * tables + 1);
             }
             let report = crate::etl::load_with(&project, &warehouse(&cli, &project), &options).await;
@@ -347,11 +353,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             let cubes = CubeSet::load(&project, &transforms)?;
             let query = args.to_query(&project)?;
             let cube = cubes.get(&query.cube)?;
-            let ctx = query_session(&cli, &project, &transforms, &cubes).await?;
+            let (ctx, notes) = query_session(&cli, &project, &transforms, &cubes).await?;
             if args.explain {
                 let df = crate::query::plan(&ctx, cube, &query).await?;
                 let batches = df.explain(false, false)?.collect().await?;
-                return output::write(&mut out, &batches, Format::Table);
+                output::write(&mut out, &batches, Format::Table)?;
+                return write_rollup_notes(&mut out, &notes);
             }
             let batches = crate::query::run(&ctx, cube, &query).await?;
             if let Some(path) = &args.chart {
@@ -377,11 +384,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             let project = project(&cli)?;
             let transforms = TransformSet::load(&project)?;
             let cubes = CubeSet::load(&project, &transforms)?;
-            let ctx = query_session(&cli, &project, &transforms, &cubes).await?;
+            let (ctx, notes) = query_session(&cli, &project, &transforms, &cubes).await?;
             let df = crate::query::sql::sql(&ctx, &cubes, sql).await?;
             if *explain {
                 let batches = df.explain(false, false)?.collect().await?;
-                return output::write(&mut out, &batches, Format::Table);
+                output::write(&mut out, &batches, Format::Table)?;
+                return write_rollup_notes(&mut out, &notes);
             }
             output::write(&mut out, &df.collect().await?, *format)
         }
@@ -448,20 +456,43 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The session `query` and `sql` read: the chosen snapshot, cube tables registered, and with
-/// `--as USER` that user's access rules bound below SQL.
-async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, cubes: &CubeSet) -> Result<datafusion::prelude::SessionContext> {
-    let ctx = warehouse(cli, project).session_at(cli.as_of).await?;
+/// The session `query` and `sql` read: the chosen snapshot, cube tables registered, rollups
+/// (unless `--no-rollups`), and with `--as USER` that user's access rules bound below SQL.
+/// Also returns where the rollup rule writes its decisions, for `--explain`.
+async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, cubes: &CubeSet) -> Result<(datafusion::prelude::SessionContext, RollupNotes)> {
+    let wh = warehouse(cli, project);
+    let snapshot = match cli.as_of {
+        Some(id) => wh.snapshot(id)?,
+        None => wh.current_or_error()?,
+    };
+    let ctx = wh.session_at(Some(snapshot.id)).await?;
+    let rollups = (!cli.no_rollups).then_some(&snapshot);
     match &cli.as_user {
         Some(name) => {
             let who = UsersFile::load(&project.users)?.principal(name)?;
-            crate::access::restrict(&ctx, transforms, cubes, &who).await
+            let ctx = crate::access::restrict(&ctx, transforms, cubes, &who, rollups).await?;
+            Ok((ctx, RollupNotes::default()))
         }
         None => {
             crate::query::sql::register_cubes(&ctx, cubes).await?;
-            Ok(ctx)
+            let notes = match rollups {
+                Some(s) => crate::rollup::install(&ctx, cubes, s).await?,
+                None => RollupNotes::default(),
+            };
+            Ok((ctx, notes))
         }
     }
+}
+
+type RollupNotes = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// What the rollup rule decided for the explained plan.
+fn write_rollup_notes(out: &mut impl Write, notes: &RollupNotes) -> Result<()> {
+    let notes = notes.lock().unwrap_or_else(|e| e.into_inner());
+    for n in notes.iter() {
+        writeln!(out, "rollups: {n}").map_err(|e| Error::io("<stdout>", e))?;
+    }
+    Ok(())
 }
 
 /// The new password: prompted for (twice) on a terminal, else the first line of standard input.
@@ -514,6 +545,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         token_ttl: std::time::Duration::from_secs(args.token_ttl),
         max_queries: args.max_queries,
         query_memory: args.query_memory.map(|m| m << 20),
+        rollups: !cli.no_rollups,
     };
     let auth = crate::serve::auth::Authenticator::new(users, config.token_ttl);
     let service = crate::serve::Service::new(warehouse(cli, &project), transforms, cubes, auth, config);

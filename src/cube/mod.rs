@@ -27,6 +27,52 @@ pub struct Cube {
     pub fact: String,
     pub dimensions: Vec<Dimension>,
     pub measures: Vec<Measure>,
+    pub rollups: Vec<Rollup>,
+}
+
+/// A pre-aggregation of a cube (see [`crate::rollup`]): base measures grouped by some levels.
+#[derive(Debug, Clone)]
+pub struct Rollup {
+    pub name: String,
+    /// The warehouse table holding it: `rollup_<cube>_<name>`.
+    pub table: String,
+    /// Grouping levels as (dimension, level index): the declared levels and every coarser level
+    /// of their dimensions, coarsest first within a dimension.
+    pub levels: Vec<(String, usize)>,
+    /// Base measures stored, each under its own name, aggregated by its own aggregation.
+    pub measures: Vec<String>,
+    /// The level whose members partition the table's files.
+    pub partition: Option<(String, usize)>,
+}
+
+impl Rollup {
+    /// The rollup's grouping levels resolved against `cube`.
+    pub fn level_refs<'c>(&self, cube: &'c Cube) -> Vec<LevelRef<'c>> {
+        self.levels
+            .iter()
+            .filter_map(|(d, i)| cube.dimensions.iter().find(|x| x.name == *d).map(|dimension| LevelRef { dimension, index: *i }))
+            .collect()
+    }
+
+    /// Partition column, if any (a level's output name).
+    pub fn partition_column(&self, cube: &Cube) -> Option<String> {
+        let (d, i) = self.partition.as_ref()?;
+        cube.dimensions.iter().find(|x| x.name == *d).map(|dimension| LevelRef { dimension, index: *i }.output_name())
+    }
+
+    /// A digest of everything the stored rows depend on (tables, columns, aggregations): a stored
+    /// rollup whose fingerprint differs from the model's is stale and never answers a query.
+    pub fn fingerprint(&self, cube: &Cube) -> String {
+        use sha2::Digest;
+        let levels: Vec<String> = self
+            .level_refs(cube)
+            .iter()
+            .map(|l| format!("{:?}|{:?}", l.dimension.join.as_ref().map(|j| (&j.table, &j.key, &j.foreign_key)), l.level()))
+            .collect();
+        let measures: Vec<String> = self.measures.iter().filter_map(|m| cube.measure(m).ok()).map(|m| format!("{}={:?}", m.name, m.kind)).collect();
+        let text = format!("{}|{}|{levels:?}|{measures:?}|{:?}", cube.fact, self.table, self.partition);
+        sha2::Sha256::digest(text.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -324,7 +370,93 @@ fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagn
             errors.push(diag(file, n, format!("cube '{cube}' › '{}'", n.value), "name is used twice".into(), None));
         }
     }
-    Cube { name: cube, file: file.to_path_buf(), description: spec.description.clone(), fact: spec.fact.value.clone(), dimensions, measures }
+    let mut model = Cube {
+        name: cube,
+        file: file.to_path_buf(),
+        description: spec.description.clone(),
+        fact: spec.fact.value.clone(),
+        dimensions,
+        measures,
+        rollups: Vec::new(),
+    };
+    model.rollups = spec.rollups.iter().filter_map(|r| resolve_rollup(file, &model, r, errors)).collect();
+    let mut rollup_names = BTreeSet::new();
+    for r in &spec.rollups {
+        if !rollup_names.insert(r.name.value.clone()) {
+            errors.push(diag(file, &r.name, format!("cube '{}' › rollup '{}'", model.name, r.name.value), "name is used twice".into(), None));
+        }
+    }
+    model
+}
+
+/// Resolves one rollup declaration against its (already resolved) cube.
+fn resolve_rollup(file: &Path, cube: &Cube, r: &spec::RollupSpec, errors: &mut Vec<Diagnostic>) -> Option<Rollup> {
+    let key = format!("cube '{}' › rollup '{}'", cube.name, r.name.value);
+    let before = errors.len();
+    if r.name.value.is_empty() || !r.name.value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        errors.push(diag(file, &r.name, key.clone(), "a rollup name is letters, digits and '_'".into(), Some("e.g. name: region_month".into())));
+    }
+    // Finest declared level per dimension; coarser levels come with it.
+    let mut finest: Vec<(String, usize)> = Vec::new();
+    for l in &r.levels {
+        match cube.level(&l.value) {
+            Ok(level) => match finest.iter_mut().find(|(d, _)| *d == level.dimension.name) {
+                Some(entry) => entry.1 = entry.1.max(level.index),
+                None => finest.push((level.dimension.name.clone(), level.index)),
+            },
+            Err(e) => errors.push(diag(file, l, format!("{key} › levels"), e.message.clone(), e.hint.clone())),
+        }
+    }
+    let levels: Vec<(String, usize)> = finest.iter().flat_map(|(d, i)| (0..=*i).map(move |j| (d.clone(), j))).collect();
+    let reaggregatable = |m: &Measure| matches!(&m.kind, MeasureKind::Base { agg, semi_additive: None, .. } if *agg != Aggregation::Avg);
+    let measures: Vec<String> = match &r.measures {
+        None => cube.measures.iter().filter(|m| reaggregatable(m)).map(|m| m.name.clone()).collect(),
+        Some(names) => {
+            let mut out: Vec<String> = Vec::new();
+            for n in names {
+                match cube.measure_closure(std::slice::from_ref(&n.value)) {
+                    Ok(closure) => {
+                        for m in closure.into_iter().filter(|m| matches!(m.kind, MeasureKind::Base { .. })) {
+                            if !reaggregatable(m) {
+                                errors.push(diag(
+                                    file,
+                                    n,
+                                    format!("{key} › measures"),
+                                    format!("measure '{}' cannot be stored in a rollup: averages and semi-additive balances do not re-aggregate exactly", m.name),
+                                    Some("store its sum and count as two measures and divide them in a calculated measure".into()),
+                                ));
+                            } else if !out.contains(&m.name) {
+                                out.push(m.name.clone());
+                            }
+                        }
+                    }
+                    Err(e) => errors.push(diag(file, n, format!("{key} › measures"), e.message.clone(), e.hint.clone())),
+                }
+            }
+            out
+        }
+    };
+    let partition = match &r.partition {
+        None => None,
+        Some(p) => match cube.level(&p.value) {
+            Ok(l) if levels.iter().any(|(d, i)| *d == l.dimension.name && *i == l.index) => Some((l.dimension.name.clone(), l.index)),
+            Ok(l) => {
+                errors.push(diag(
+                    file,
+                    p,
+                    format!("{key} › partition"),
+                    format!("level '{}' is not a level of this rollup", l.qualified()),
+                    Some("partition by one of the rollup's levels or a coarser level of the same dimension, e.g. time.year".into()),
+                ));
+                None
+            }
+            Err(e) => {
+                errors.push(diag(file, p, format!("{key} › partition"), e.message.clone(), e.hint.clone()));
+                None
+            }
+        },
+    };
+    (errors.len() == before).then(|| Rollup { name: r.name.value.clone(), table: format!("rollup_{}_{}", cube.name, r.name.value), levels, measures, partition })
 }
 
 /// The identifiers appearing in an expression (for measure dependencies).

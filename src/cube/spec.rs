@@ -15,6 +15,24 @@ pub struct CubeSpec {
     pub fact: Spanned<String>,
     pub dimensions: Vec<DimensionSpec>,
     pub measures: Vec<MeasureSpec>,
+    /// Pre-aggregations built by every load and read automatically by queries they answer.
+    #[serde(default)]
+    pub rollups: Vec<RollupSpec>,
+}
+
+/// A rollup: the cube's base measures aggregated by a few levels, stored as a warehouse table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollupSpec {
+    pub name: Spanned<String>,
+    /// `dimension.level`s to group by; every coarser level of the same dimension is kept too.
+    pub levels: Vec<Spanned<String>>,
+    /// Measures to keep (calculated ones bring their inputs); all re-aggregatable ones if omitted.
+    #[serde(default)]
+    pub measures: Option<Vec<Spanned<String>>>,
+    /// A level of the rollup whose members partition its files (e.g. `time.year`).
+    #[serde(default)]
+    pub partition: Option<Spanned<String>>,
 }
 
 /// A dimension: a hierarchy of levels, from a joined table or from the fact itself.

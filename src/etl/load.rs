@@ -246,16 +246,43 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     }
     outputs.push((QUARANTINE_TABLE.to_string(), quarantine_schema(), quarantine));
 
+    // Rollups, from the tables just derived (see crate::rollup).
+    let cubes = crate::cube::CubeSet::load(project, &set)?;
+    let mut partitions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for cube in &cubes.cubes {
+        for rollup in &cube.rollups {
+            let table_started = Instant::now();
+            let df = crate::rollup::build(&ctx, cube, rollup).await?;
+            let schema = Arc::new(df.schema().as_arrow().clone());
+            let rows = df.collect().await?;
+            crate::fault::point(&format!("built {}", rollup.table));
+            let n = count_rows(&rows);
+            tracing::info!(table = %rollup.table, rows = n, "derived");
+            reports.push(TableReport {
+                table: rollup.table.clone(),
+                kind: "rollup",
+                read: n,
+                loaded: n,
+                quarantined: 0,
+                duplicates: 0,
+                millis: table_started.elapsed().as_millis() as u64,
+            });
+            partitions.insert(rollup.table.clone(), rollup.partition_column(cube).into_iter().collect());
+            outputs.push((rollup.table.clone(), schema, rows));
+        }
+    }
+
     // Commit: every table first, then the snapshot that names them.
     let mut entries = BTreeMap::new();
     for (name, schema, rows) in outputs {
         let n = count_rows(&rows);
-        let version = warehouse.write_table(&name, schema, rows).await?;
+        let partition = partitions.get(&name).map(Vec::as_slice).unwrap_or(&[]);
+        let version = warehouse.write_partitioned(&name, schema, rows, partition).await?;
         crate::fault::point(&format!("wrote {name}"));
         tracing::info!(table = %name, version, rows = n, "written");
         entries.insert(name, TableEntry { version, rows: n });
     }
-    let snapshot: Snapshot = warehouse.commit(entries, files)?;
+    let snapshot: Snapshot = warehouse.commit(entries, files, crate::rollup::fingerprints(&cubes))?;
     tracing::info!(snapshot = snapshot.id, "snapshot committed");
     Ok(LoadReport { snapshot: snapshot.id, tables: reports, files: files_report, seconds: started.elapsed().as_secs_f64() })
 }

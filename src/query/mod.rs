@@ -320,18 +320,52 @@ fn level_columns(levels: &[LevelRef<'_>]) -> Vec<String> {
     out
 }
 
+/// The rows a cube query aggregates.
+struct Rows {
+    frame: DataFrame,
+    /// Base measures' values are columns named after the measures (rows of `cubes.<cube>`),
+    /// not the fact's own columns.
+    by_measure: bool,
+}
+
+/// The rows behind a query's cells: read from `cubes.<cube>` when the session has it — the
+/// same table SQL reads, where the rollup rule ([`crate::rollup`]) recognises an aggregate it
+/// can answer from a rollup — else the fact joined to its dimensions here. Semi-additive
+/// measures need the fact's date column, so they always take the second way.
+async fn query_rows(ctx: &SessionContext, b: &Bound<'_>, levels: &[LevelRef<'_>]) -> Result<Rows> {
+    let semi = b.closure.iter().any(|m| matches!(m.kind, MeasureKind::Base { semi_additive: Some(_), .. }));
+    let table = datafusion::common::TableReference::partial(sql::CUBES_SCHEMA, b.cube.name.as_str());
+    let cube_table = if semi { None } else { ctx.table(table).await.ok() };
+    let Some(df) = cube_table else { return Ok(Rows { frame: detail_frame(ctx, b, levels).await?, by_measure: false }) };
+    let used: Vec<LevelRef<'_>> = levels.iter().copied().chain(b.filters.iter().map(|(l, _)| *l)).collect();
+    let mut columns: Vec<String> = Vec::new();
+    for c in level_columns(&used) {
+        if !columns.contains(&c) {
+            columns.push(c);
+        }
+    }
+    columns.extend(b.closure.iter().filter(|m| matches!(m.kind, MeasureKind::Base { .. })).map(|m| m.name.clone()));
+    let mut df = df.select(columns.iter().map(|c| col(datafusion::common::Column::new_unqualified(c.as_str()))).collect::<Vec<Expr>>())?;
+    for (l, f) in &b.filters {
+        let predicate = filter_expr(&df, l, f)?;
+        df = df.filter(predicate)?;
+    }
+    Ok(Rows { frame: df, by_measure: true })
+}
+
 /// Groups by `group_cols` with the base measures, then adds the calculated measures.
 ///
 /// A semi-additive measure (a balance) is summed per date of its time dimension first; each
 /// group then keeps the last date of its period (the last date of the whole slice when no level
 /// of that dimension is grouped), so a year shows its last month-end balance, not twelve summed.
-fn aggregate(df: DataFrame, group_cols: &[String], b: &Bound<'_>) -> Result<DataFrame> {
+fn aggregate(rows: Rows, group_cols: &[String], b: &Bound<'_>) -> Result<DataFrame> {
+    let Rows { frame: df, by_measure } = rows;
     let aggs: Vec<(Expr, &str)> = b
         .closure
         .iter()
         .filter_map(|m| match &m.kind {
             MeasureKind::Base { agg, column, semi_additive: None } => {
-                let c = col(column.as_str());
+                let c = col(if by_measure { m.name.as_str() } else { column.as_str() });
                 let e = match agg {
                     Aggregation::Sum => sum(c),
                     Aggregation::Count => count(c),
@@ -429,7 +463,7 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
         push(*l, &mut levels);
     }
     let group_cols = level_columns(&levels);
-    let mut df = aggregate(detail_frame(ctx, &b, &levels).await?, &group_cols, &b)?;
+    let mut df = aggregate(query_rows(ctx, &b, &levels).await?, &group_cols, &b)?;
 
     let mut out: Vec<Expr> = level_columns(&b.group).iter().map(|c| col(c.as_str())).collect();
     if let Some((l, _)) = &b.across {
@@ -764,11 +798,11 @@ async fn with_others(ctx: &SessionContext, b: &Bound<'_>, q: &CubeQuery, top: Ve
             keep.push(row);
         }
     }
-    let mut df = detail_frame(ctx, b, &b.group).await?;
+    let mut rows = query_rows(ctx, b, &b.group).await?;
     if let Some(any) = keep.into_iter().reduce(Expr::or) {
-        df = df.filter(any.not())?;
+        rows.frame = rows.frame.filter(any.not())?;
     }
-    let rest = aggregate(df, &[], b)?;
+    let rest = aggregate(rows, &[], b)?;
     let mut select: Vec<Expr> = cols
         .iter()
         .enumerate()

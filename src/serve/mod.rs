@@ -82,11 +82,13 @@ pub struct ServerConfig {
     pub max_queries: usize,
     /// Memory pool per query, in bytes (None: unbounded).
     pub query_memory: Option<usize>,
+    /// Answer cube aggregates from rollups where one matches (off: always the base tables).
+    pub rollups: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { token_ttl: Duration::from_secs(3600), max_queries: 8, query_memory: None }
+        Self { token_ttl: Duration::from_secs(3600), max_queries: 8, query_memory: None, rollups: true }
     }
 }
 
@@ -172,7 +174,9 @@ impl Service {
         let ctx = match snapshot.users.get(&who.user) {
             Some(ctx) => ctx.clone(),
             None => {
-                let ctx = crate::access::restrict(&snapshot.stored, &self.inner.transforms, &self.inner.cubes, who).await?;
+                let manifest = self.inner.warehouse.snapshot(id)?;
+                let rollups = self.inner.config.rollups.then_some(&manifest);
+                let ctx = crate::access::restrict(&snapshot.stored, &self.inner.transforms, &self.inner.cubes, who, rollups).await?;
                 snapshot.users.insert(who.user.clone(), ctx.clone());
                 ctx
             }

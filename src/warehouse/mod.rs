@@ -52,6 +52,11 @@ pub struct Snapshot {
     /// (absent in manifests written before files were recorded).
     #[serde(default)]
     pub files: BTreeMap<String, SourceFile>,
+    /// Rollup tables of this snapshot with the fingerprint of the definition they were built
+    /// from ([`crate::cube::Rollup::fingerprint`]); a rollup answers queries only while its cube
+    /// file still has that definition.
+    #[serde(default)]
+    pub rollups: BTreeMap<String, String>,
 }
 
 /// One export file as a load read it.
@@ -134,6 +139,12 @@ impl Warehouse {
     ///
     /// The new version is invisible to readers until a snapshot naming it is committed.
     pub async fn write_table(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<u64> {
+        self.write_partitioned(name, schema, batches, &[]).await
+    }
+
+    /// [`Self::write_table`] with the files split by the values of `partition` columns (Delta
+    /// partitions: a filter on them skips whole folders).
+    pub async fn write_partitioned(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>, partition: &[String]) -> Result<u64> {
         let delta_err = |source| Error::Delta { table: name.to_string(), source };
         let (schema, mut batches) = delta_compatible(schema, batches)?;
         if batches.is_empty() {
@@ -145,6 +156,7 @@ impl Warehouse {
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
             .with_table_name(name)
+            .with_partition_columns(partition.to_vec())
             .await
             .map_err(delta_err)?;
         table
@@ -176,9 +188,14 @@ impl Warehouse {
     }
 
     /// Makes `tables` the new current snapshot: manifest first, then an atomic swap of CURRENT.
-    pub fn commit(&self, tables: BTreeMap<String, TableEntry>, files: BTreeMap<String, SourceFile>) -> Result<Snapshot> {
+    pub fn commit(
+        &self,
+        tables: BTreeMap<String, TableEntry>,
+        files: BTreeMap<String, SourceFile>,
+        rollups: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
         let id = self.current()?.map(|s| s.id).unwrap_or(0) + 1;
-        let snapshot = Snapshot { id, committed_at: chrono::Utc::now().to_rfc3339(), tables, files };
+        let snapshot = Snapshot { id, committed_at: chrono::Utc::now().to_rfc3339(), tables, files, rollups };
         let dir = self.snapshots_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let json = serde_json::to_vec_pretty(&snapshot).map_err(|e| Error::Internal(e.to_string()))?;

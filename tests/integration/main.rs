@@ -13,3 +13,4 @@ mod olap_ops;
 mod query_suite;
 mod receivables;
 mod reload;
+mod rollups;

@@ -30,11 +30,11 @@ const BASE: &str = "WITH s AS (
 #[serde(deny_unknown_fields)]
 pub struct Case {
     pub name: String,
-    query: serde_json::Value,
+    pub query: serde_json::Value,
     pub cube_sql: String,
     base_sql: String,
     #[serde(default)]
-    ordered: bool,
+    pub ordered: bool,
     #[serde(default)]
     columns: Option<usize>,
     /// Columns (0-based) left out of the comparison.

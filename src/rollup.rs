@@ -1,0 +1,423 @@
+//! Rollups: pre-aggregated cube tables, built by every load and chosen automatically by queries.
+//!
+//! A rollup (declared under `rollups:` in a cube file) stores the cube's base measures grouped
+//! by a few levels — plus every coarser level of the same dimensions, since a month determines
+//! its quarter and year. It is an ordinary Delta table of the snapshot (`rollup_<cube>_<name>`),
+//! written after the base tables by `crmcube load` and stamped in the manifest with a
+//! fingerprint of its definition, so a rollup left over from an older cube file never answers.
+//!
+//! [`RollupRule`] is a DataFusion analyzer rule. Every cube query reaches it in the same shape,
+//! from the CLI (which plans over `cubes.<cube>`) and from SQL or Flight SQL alike:
+//!
+//! ```text
+//! Aggregate: groupBy=[customer_region]  aggr=[sum(revenue), count(DISTINCT orders)]
+//!   Filter: time_year = 2025                  (any Filter / SubqueryAlias / column Projection)
+//!     TableScan: cubes.sales
+//! ```
+//!
+//! It replaces the scan with the smallest rollup that answers the aggregate exactly and
+//! re-aggregates: `SUM` of sums, `MIN`/`MAX` of minima/maxima, `SUM` of counts; `MIN`, `MAX`
+//! and `COUNT(DISTINCT …)` of a rollup's own level columns. A stored distinct count (orders,
+//! customers) only answers a query at the rollup's own grain — grouped by all its levels, up to
+//! the coarser levels they imply — because distinct counts do not add up. Filters and grouping
+//! may name only the rollup's level columns. Anything else keeps the base tables. The output is
+//! cast back to the types and names the base plan had, so nothing above the aggregate changes.
+//!
+//! Access rules: sessions of restricted users do not install the rule (their tables are rule
+//! views; rollups are aggregates over everything), so they always read the base tables.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use datafusion::catalog::TableProvider;
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, TableReference};
+use datafusion::datasource::provider_as_source;
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, Projection, SubqueryAlias, TableSource, cast};
+use datafusion::optimizer::AnalyzerRule;
+use datafusion::prelude::{DataFrame, SessionContext, coalesce, col, lit};
+
+use crate::cube::{Aggregation, Cube, CubeSet, LevelRef, MeasureKind, Rollup};
+use crate::error::Result;
+use crate::query::sql::CUBES_SCHEMA;
+use crate::warehouse::Snapshot;
+
+/// Output column names of a rollup's levels, each followed by its label when it has one.
+pub fn level_columns(cube: &Cube, rollup: &Rollup) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in rollup.level_refs(cube) {
+        out.push(l.output_name());
+        if l.level().label.is_some() {
+            out.push(format!("{}_name", l.output_name()));
+        }
+    }
+    out
+}
+
+/// The rows of `rollup`, planned over the cube's tables in `ctx`, sorted by its partition and
+/// levels (so each Parquet row group covers a narrow range of members).
+pub async fn build(ctx: &SessionContext, cube: &Cube, rollup: &Rollup) -> Result<DataFrame> {
+    let groups = level_columns(cube, rollup);
+    let mut wanted = groups.clone();
+    wanted.extend(rollup.measures.iter().cloned());
+    let rows = crate::query::cube_frame(ctx, cube, Some(&wanted)).await?;
+    let mut aggs = Vec::new();
+    for name in &rollup.measures {
+        let m = cube.measure(name)?;
+        let MeasureKind::Base { agg, .. } = &m.kind else { continue };
+        let c = col(name.as_str());
+        aggs.push(match agg {
+            Aggregation::Sum => sum(c),
+            Aggregation::Count => count(c),
+            Aggregation::CountDistinct => count_distinct(c),
+            Aggregation::Min => min(c),
+            Aggregation::Max => max(c),
+            Aggregation::Avg => unreachable!("the cube model refuses averages in rollups"),
+        });
+    }
+    // Aggregates unaliased in the Aggregate node (see query::aggregate), named above it.
+    let grouped = rows.aggregate(groups.iter().map(|g| col(g.as_str())).collect(), aggs)?;
+    let columns = grouped.schema().columns();
+    let mut select: Vec<Expr> = groups.iter().map(|g| col(g.as_str())).collect();
+    select.extend(rollup.measures.iter().enumerate().map(|(i, m)| Expr::Column(columns[groups.len() + i].clone()).alias(m.as_str())));
+    let mut sorts = Vec::new();
+    if let Some(p) = rollup.partition_column(cube) {
+        sorts.push(col(p.as_str()).sort(true, true));
+    }
+    sorts.extend(groups.iter().map(|g| col(g.as_str()).sort(true, true)));
+    Ok(grouped.select(select)?.sort(sorts)?)
+}
+
+/// A stored rollup a session can read.
+struct Candidate {
+    rollup: Rollup,
+    source: Arc<dyn TableSource>,
+    rows: u64,
+}
+
+impl std::fmt::Debug for Candidate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Candidate").field("rollup", &self.rollup.table).field("rows", &self.rows).finish()
+    }
+}
+
+/// The cubes of a session with the rollups their snapshot holds.
+#[derive(Debug)]
+struct CubeRollups {
+    cube: Cube,
+    candidates: Vec<Candidate>,
+    /// Declared rollups the snapshot lacks or holds from an older definition, with the reason.
+    unusable: Vec<String>,
+}
+
+/// Rewrites aggregates over `cubes.<cube>` to read a rollup (see the module docs).
+#[derive(Debug)]
+pub struct RollupRule {
+    cubes: Vec<CubeRollups>,
+    /// What the rule decided for the plans it saw last: for `--explain`.
+    notes: Arc<Mutex<Vec<String>>>,
+}
+
+/// Installs the rollup rule in `ctx` for the rollups `snapshot` holds (tables already
+/// registered there). Returns the notes the rule writes, for `--explain`.
+pub async fn install(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot) -> Result<Arc<Mutex<Vec<String>>>> {
+    let mut out = Vec::new();
+    for cube in &cubes.cubes {
+        let mut candidates = Vec::new();
+        let mut unusable = Vec::new();
+        for r in &cube.rollups {
+            let stored = snapshot.rollups.get(&r.table);
+            let entry = snapshot.tables.get(&r.table);
+            match (stored, entry) {
+                (Some(f), Some(entry)) if *f == r.fingerprint(cube) => {
+                    let provider: Arc<dyn TableProvider> = ctx.table_provider(r.table.as_str()).await?;
+                    candidates.push(Candidate { rollup: r.clone(), source: provider_as_source(provider), rows: entry.rows });
+                }
+                (Some(_), Some(_)) => unusable.push(format!(
+                    "rollup {}.{} is stale (the cube file changed since snapshot {} built it); `crmcube refresh` or the next load rebuilds it",
+                    cube.name, r.name, snapshot.id
+                )),
+                _ => unusable.push(format!("rollup {}.{} is not built yet in snapshot {}; `crmcube refresh` builds it", cube.name, r.name, snapshot.id)),
+            }
+        }
+        candidates.sort_by_key(|c| c.rows);
+        if !cube.rollups.is_empty() {
+            out.push(CubeRollups { cube: cube.clone(), candidates, unusable });
+        }
+    }
+    let notes = Arc::new(Mutex::new(Vec::new()));
+    if !out.is_empty() {
+        ctx.add_analyzer_rule(Arc::new(RollupRule { cubes: out, notes: notes.clone() }));
+    }
+    Ok(notes)
+}
+
+impl AnalyzerRule for RollupRule {
+    fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> datafusion::error::Result<LogicalPlan> {
+        let mut notes = Vec::new();
+        let out = plan
+            .transform_up_with_subqueries(|node| {
+                let LogicalPlan::Aggregate(agg) = &node else { return Ok(Transformed::no(node)) };
+                match self.rewrite(agg, &mut notes)? {
+                    Some(new) => Ok(Transformed::yes(new)),
+                    None => Ok(Transformed::no(node)),
+                }
+            })?
+            .data;
+        if !notes.is_empty() {
+            for n in &notes {
+                tracing::debug!(target: "crmcube::rollup", "{n}");
+            }
+            *self.notes.lock().unwrap_or_else(|e| e.into_inner()) = notes;
+        }
+        Ok(out)
+    }
+
+    fn name(&self) -> &str {
+        "crmcube_rollups"
+    }
+}
+
+/// An aggregate's input as the rule sees it: the nodes down to a cube scan.
+struct Shape<'p> {
+    /// Filter, SubqueryAlias and Projection nodes from the aggregate down.
+    chain: Vec<&'p LogicalPlan>,
+    scan_name: TableReference,
+    /// Columns named by filters and projections (not by aggregate arguments).
+    row_columns: BTreeSet<String>,
+}
+
+impl RollupRule {
+    /// The cube a scan reads, when it is `cubes.<name>` of a cube with rollups.
+    fn cube_of(&self, name: &TableReference) -> Option<&CubeRollups> {
+        let schema_ok = name.schema() == Some(CUBES_SCHEMA) && name.catalog().is_none_or(|c| c == crate::warehouse::CATALOG);
+        schema_ok.then(|| self.cubes.iter().find(|c| c.cube.name == name.table())).flatten()
+    }
+
+    fn shape<'p>(&self, agg: &'p Aggregate) -> Option<Shape<'p>> {
+        let mut chain = Vec::new();
+        let mut row_columns = BTreeSet::new();
+        let mut node = agg.input.as_ref();
+        loop {
+            match node {
+                LogicalPlan::Filter(f) => {
+                    if has_subquery(&f.predicate) {
+                        return None;
+                    }
+                    row_columns.extend(f.predicate.column_refs().into_iter().map(|c| c.name.clone()));
+                    chain.push(node);
+                    node = f.input.as_ref();
+                }
+                LogicalPlan::SubqueryAlias(s) => {
+                    chain.push(node);
+                    node = s.input.as_ref();
+                }
+                LogicalPlan::Projection(p) => {
+                    // Only a choice of columns (the CLI's), so names above mean the same below.
+                    if !p.expr.iter().all(|e| matches!(e, Expr::Column(_))) {
+                        return None;
+                    }
+                    chain.push(node);
+                    node = p.input.as_ref();
+                }
+                LogicalPlan::TableScan(scan) if scan.filters.is_empty() && scan.fetch.is_none() => {
+                    return Some(Shape { chain, scan_name: scan.table_name.clone(), row_columns });
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn rewrite(&self, agg: &Aggregate, notes: &mut Vec<String>) -> datafusion::error::Result<Option<LogicalPlan>> {
+        let Some(shape) = self.shape(agg) else { return Ok(None) };
+        let Some(cube) = self.cube_of(&shape.scan_name) else { return Ok(None) };
+        let mut why: Vec<String> = cube.unusable.clone();
+        for c in &cube.candidates {
+            match answer(&cube.cube, &c.rollup, agg, &shape) {
+                Ok(exprs) => {
+                    let plan = rebuild(agg, &shape, c, exprs)?;
+                    notes.push(format!("rollup {}.{} ({} rows, table {}) answers this aggregate", cube.cube.name, c.rollup.name, c.rows, c.rollup.table));
+                    return Ok(Some(plan));
+                }
+                Err(reason) => why.push(format!("rollup {}.{}: {reason}", cube.cube.name, c.rollup.name)),
+            }
+        }
+        notes.push(format!("no rollup of cube {} answers this aggregate; the base tables do. {}", cube.cube.name, why.join("; ")));
+        Ok(None)
+    }
+}
+
+/// Columns a filter of the chain holds to one value (`column = literal` conjuncts).
+fn pinned(chain: &[&LogicalPlan]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for node in chain {
+        let LogicalPlan::Filter(f) = node else { continue };
+        for conjunct in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
+            if let Expr::BinaryExpr(b) = conjunct
+                && b.op == datafusion::logical_expr::Operator::Eq
+            {
+                // A widening cast (type coercion's) still holds the column to one value.
+                let column = |e: &Expr| match e {
+                    Expr::Column(c) => Some(c.name.clone()),
+                    Expr::Cast(c) => match c.expr.as_ref() {
+                        Expr::Column(c) => Some(c.name.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match (b.left.as_ref(), b.right.as_ref()) {
+                    (l, Expr::Literal(..)) | (Expr::Literal(..), l) => out.extend(column(l)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+fn has_subquery(e: &Expr) -> bool {
+    e.exists(|x| Ok(matches!(x, Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)))).unwrap_or(true)
+}
+
+/// One aggregate of the query as an aggregate over the rollup's rows.
+struct Reaggregate {
+    call: Expr,
+    /// A count: an empty input gives 0, where SUM of stored counts gives NULL.
+    zero_if_null: bool,
+}
+
+/// How each aggregate expression reads the rollup, or why the rollup cannot answer.
+fn answer(cube: &Cube, rollup: &Rollup, agg: &Aggregate, shape: &Shape<'_>) -> std::result::Result<Vec<Reaggregate>, String> {
+    let levels = rollup.level_refs(cube);
+    let stored: BTreeSet<String> = level_columns(cube, rollup).into_iter().collect();
+    let missing = |c: &str| -> String {
+        match cube.dimensions.iter().flat_map(|d| (0..d.levels.len()).map(move |index| LevelRef { dimension: d, index })).find(|l| l.output_name() == c) {
+            Some(l) => format!("it has no level {}", l.qualified()),
+            None => format!("'{c}' is not one of its level columns"),
+        }
+    };
+    for c in &shape.row_columns {
+        if !stored.contains(c) && !rollup.measures.contains(c) {
+            return Err(missing(c));
+        }
+    }
+    // Rows are filtered by members only: a filter on a measure's row values needs the rows.
+    for f in &shape.chain {
+        if let LogicalPlan::Filter(f) = f
+            && let Some(c) = f.predicate.column_refs().into_iter().find(|c| !stored.contains(&c.name))
+        {
+            return Err(format!("the query filters on row values of '{}'", c.name));
+        }
+    }
+    let mut grouped_plain = true;
+    // Columns pinned to one member by `column = value` count as grouped for the grain.
+    let mut grouped: BTreeSet<String> = pinned(&shape.chain);
+    for g in &agg.group_expr {
+        if matches!(g, Expr::GroupingSet(_)) {
+            return Err("grouping sets are answered from the base tables".into());
+        }
+        for c in g.column_refs() {
+            if !stored.contains(&c.name) {
+                return Err(missing(&c.name));
+            }
+            grouped.insert(c.name.clone());
+        }
+        grouped_plain &= matches!(g, Expr::Column(_));
+    }
+    // The rollup's own grain: every level it groups by, implied by the query's groups.
+    let mut implied: BTreeSet<String> = BTreeSet::new();
+    for l in &levels {
+        if grouped.contains(&l.output_name()) {
+            implied.extend((0..=l.index).map(|i| LevelRef { dimension: l.dimension, index: i }.output_name()));
+        }
+    }
+    let same_grain = grouped_plain && levels.iter().all(|l| implied.contains(&l.output_name()));
+
+    let mut out = Vec::new();
+    for e in &agg.aggr_expr {
+        let inner = match e {
+            Expr::Alias(a) => a.expr.as_ref(),
+            other => other,
+        };
+        let Expr::AggregateFunction(AggregateFunction { func, params }) = inner else {
+            return Err(format!("'{inner}' is not an aggregate call"));
+        };
+        if params.filter.is_some() || !params.order_by.is_empty() || params.args.len() != 1 {
+            return Err(format!("'{inner}' has a FILTER, ORDER BY or several arguments"));
+        }
+        let Expr::Column(arg) = &params.args[0] else {
+            return Err(format!("'{inner}' aggregates an expression, not a column"));
+        };
+        let function = func.name().to_ascii_lowercase();
+        let c = Expr::Column(arg.clone());
+        let plain = |call: Expr| Reaggregate { call, zero_if_null: false };
+        let counted = |call: Expr| Reaggregate { call, zero_if_null: true };
+        let rewritten = if stored.contains(&arg.name) {
+            // A level column: its members are in the rollup's rows.
+            match (function.as_str(), params.distinct) {
+                ("min", _) => plain(min(c)),
+                ("max", _) => plain(max(c)),
+                ("count", true) => plain(count_distinct(c)),
+                _ => return Err(format!("'{inner}' over a level column needs the rows")),
+            }
+        } else if rollup.measures.contains(&arg.name) {
+            let m = cube.measure(&arg.name).map_err(|e| e.message)?;
+            let MeasureKind::Base { agg: stored_agg, .. } = &m.kind else { return Err(format!("'{}' is not a base measure", arg.name)) };
+            match (stored_agg, function.as_str(), params.distinct) {
+                (Aggregation::Sum, "sum", false) => plain(sum(c)),
+                (Aggregation::Min, "min", _) => plain(min(c)),
+                (Aggregation::Max, "max", _) => plain(max(c)),
+                (Aggregation::Count, "count", false) => counted(sum(c)),
+                (Aggregation::CountDistinct, "count", true) if same_grain => counted(sum(c)),
+                (Aggregation::CountDistinct, "count", true) => {
+                    return Err(format!(
+                        "the distinct count '{}' is stored at the rollup's grain ({}) and the query groups differently",
+                        arg.name,
+                        levels.iter().map(|l| l.qualified()).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                _ => return Err(format!("'{inner}' is not how measure '{}' aggregates ({stored_agg:?})", arg.name)),
+            }
+        } else {
+            return Err(format!("it does not store '{}'", arg.name));
+        };
+        out.push(rewritten);
+    }
+    Ok(out)
+}
+
+/// The aggregate rebuilt over the rollup, projected back to the original names and types.
+fn rebuild(agg: &Aggregate, shape: &Shape<'_>, c: &Candidate, calls: Vec<Reaggregate>) -> datafusion::error::Result<LogicalPlan> {
+    let scan = LogicalPlanBuilder::scan(TableReference::bare(c.rollup.table.as_str()), c.source.clone(), None)?.build()?;
+    // Aliased to the cube table's name, so every column reference above still resolves.
+    let mut input = LogicalPlan::SubqueryAlias(SubqueryAlias::try_new(Arc::new(scan), shape.scan_name.clone())?);
+    for node in shape.chain.iter().rev() {
+        input = node.with_new_exprs(node.expressions(), vec![input])?;
+    }
+    let aggr: Vec<Expr> = calls.iter().enumerate().map(|(i, r)| r.call.clone().alias(format!("__rollup_{i}"))).collect();
+    let new_agg = LogicalPlan::Aggregate(Aggregate::try_new(Arc::new(input), agg.group_expr.clone(), aggr)?);
+    let new_schema = new_agg.schema().clone();
+    let groups = agg.group_expr.len();
+    let mut project = Vec::new();
+    for (i, (qualifier, field)) in agg.schema.iter().enumerate() {
+        let (q, f) = new_schema.qualified_field(i);
+        let mut e = Expr::Column(Column::new(q.cloned(), f.name()));
+        if i >= groups && calls[i - groups].zero_if_null {
+            e = coalesce(vec![e, lit(0i64)]);
+        }
+        if f.data_type() != field.data_type() {
+            e = cast(e, field.data_type().clone());
+        }
+        project.push(e.alias_qualified(qualifier.cloned(), field.name()));
+    }
+    Ok(LogicalPlan::Projection(Projection::try_new(project, Arc::new(new_agg))?))
+}
+
+/// The definition fingerprint of every declared rollup, by table: what a load stamps in the
+/// snapshot next to the rollup tables it writes.
+pub fn fingerprints(cubes: &CubeSet) -> BTreeMap<String, String> {
+    cubes.cubes.iter().flat_map(|c| c.rollups.iter().map(move |r| (r.table.clone(), r.fingerprint(c)))).collect()
+}
