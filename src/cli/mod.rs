@@ -568,7 +568,8 @@ async fn shutdown_signal() {
 
 fn print_load(out: &mut dyn Write, report: &LoadReport) -> Result<()> {
     let io = |e| Error::io("<stdout>", e);
-    writeln!(out, "{:<18} {:>8} {:>10} {:>8} {:>11} {:>11}", "table", "kind", "read", "loaded", "quarantined", "duplicates")
+    let w = report.tables.iter().map(|t| t.table.len()).max().unwrap_or(0).max(18);
+    writeln!(out, "{:<w$} {:>8} {:>10} {:>8} {:>11} {:>11}", "table", "kind", "read", "loaded", "quarantined", "duplicates")
         .map_err(io)?;
     let mut read = 0;
     for t in &report.tables {
@@ -577,7 +578,7 @@ fn print_load(out: &mut dyn Write, report: &LoadReport) -> Result<()> {
         }
         writeln!(
             out,
-            "{:<18} {:>8} {:>10} {:>8} {:>11} {:>11}",
+            "{:<w$} {:>8} {:>10} {:>8} {:>11} {:>11}",
             t.table,
             t.kind,
             output::group_thousands(&t.read.to_string()),

@@ -34,7 +34,7 @@ async fn ctx(on: bool) -> (SessionContext, Arc<Mutex<Vec<String>>>) {
 
 fn answered_by_rollup(notes: &Arc<Mutex<Vec<String>>>) -> bool {
     let notes = std::mem::take(&mut *notes.lock().unwrap());
-    notes.iter().any(|n| n.contains(" answers this aggregate"))
+    notes.iter().any(|n| n.starts_with("rollup ") && n.ends_with(" answers this aggregate"))
 }
 
 /// Cells and column types of a result; rows sorted unless the query orders them.
