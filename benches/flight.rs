@@ -8,7 +8,9 @@
 //!    with a number series) fetched over loopback, in MB/s of Arrow buffers and rows/s, next to
 //!    the same plan drained in-process — the ratio is the cost of the wire;
 //! 2. concurrency: a cube query run by 1 client and by `CRMCUBE_BENCH_CLIENTS` (default 32)
-//!    clients at once, each on its own connection, p50/p99 latency per query.
+//!    clients at once, each on its own connection, p50/p99 latency per query — once answered
+//!    from a rollup (the server's default) and once from the base tables (a second server
+//!    started with rollups off).
 
 mod common;
 
@@ -67,19 +69,24 @@ fn main() {
     let cubes = CubeSet::load(&project, &transforms).unwrap();
     let mut users = UsersFile { version: 1, users: Vec::new() };
     users.upsert("bench", "manager", "bench", Default::default()).unwrap();
-    let config = ServerConfig { max_queries: clients, ..ServerConfig::default() };
-    let service = Service::new(warehouse.clone(), transforms, cubes.clone(), Authenticator::new(users, config.token_ttl), config);
-
-    // The server on its own runtime, as `crmcube serve` runs it.
+    // Two servers on one runtime, as `crmcube serve` runs: rollups on (default) and off.
     let server_rt = Arc::new(tokio::runtime::Runtime::new().unwrap());
-    let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let addr = listener.local_addr().unwrap();
-    server_rt.spawn(crmcube::serve::serve(service, listener, None, std::future::pending()));
+    let mut servers = Vec::new();
+    for (label, rollups) in [("rollup", true), ("base tables", false)] {
+        let config = ServerConfig { max_queries: clients, rollups, ..ServerConfig::default() };
+        let service = Service::new(warehouse.clone(), transforms.clone(), cubes.clone(), Authenticator::new(users.clone(), config.token_ttl), config);
+        let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        servers.push((label, listener.local_addr().unwrap()));
+        server_rt.spawn(crmcube::serve::serve(service, listener, None, std::future::pending()));
+    }
+    let addr = servers[0].1;
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ctx = warehouse.session().await.unwrap();
         crmcube::query::sql::register_cubes(&ctx, &cubes).await.unwrap();
+        let snapshot = warehouse.current().unwrap().unwrap();
+        let notes = crmcube::rollup::install(&ctx, &cubes, &snapshot).await.unwrap();
         let facts: usize = crmcube::query::sql::sql(&ctx, &cubes, "SELECT count(*) FROM fact_sales")
             .await
             .unwrap()
@@ -119,8 +126,10 @@ fn main() {
         println!("{:<28} {:>12} {:>10.0} {:>10.2} {:>12.0}", "Flight SQL over loopback", rows_f, mb_f, remote, mb_f / remote);
         println!("ratio Flight / in-process time: {:.2}; {:.1} M rows/s over Flight", remote / local, rows_f as f64 / remote / 1e6);
 
-        println!("\ncube query: {CUBE_QUERY}");
-        println!("{:<28} {:>8} {:>10} {:>10} {:>10}", "", "queries", "p50 ms", "p99 ms", "q/s");
+        crmcube::query::sql::sql(&ctx, &cubes, CUBE_QUERY).await.unwrap().collect().await.unwrap();
+        println!("\ncube query: {CUBE_QUERY}\n({})", notes.lock().unwrap().join("; "));
+        println!("{:<44} {:>8} {:>10} {:>10} {:>10}", "", "queries", "p50 ms", "p99 ms", "q/s");
+        for (label, addr) in servers.clone() {
         for n in [1, clients] {
             let started = Instant::now();
             let mut tasks = Vec::new();
@@ -144,13 +153,14 @@ fn main() {
             let wall = started.elapsed().as_secs_f64();
             all.sort();
             println!(
-                "{:<28} {:>8} {:>10.1} {:>10.1} {:>10.0}",
-                format!("{n} client(s) over Flight SQL"),
+                "{:<44} {:>8} {:>10.1} {:>10.1} {:>10.0}",
+                format!("{n} client(s) over Flight SQL, {label}"),
                 all.len(),
                 percentile(&all, 0.5).as_secs_f64() * 1e3,
                 percentile(&all, 0.99).as_secs_f64() * 1e3,
                 all.len() as f64 / wall
             );
+        }
         }
         let mut local = Vec::new();
         for _ in 0..runs {
@@ -161,8 +171,8 @@ fn main() {
         }
         local.sort();
         println!(
-            "{:<28} {:>8} {:>10.1} {:>10.1}",
-            "in-process, 1 caller",
+            "{:<44} {:>8} {:>10.1} {:>10.1}",
+            "in-process, 1 caller, rollup",
             local.len(),
             percentile(&local, 0.5).as_secs_f64() * 1e3,
             percentile(&local, 0.99).as_secs_f64() * 1e3

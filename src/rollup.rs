@@ -91,6 +91,65 @@ pub async fn build(ctx: &SessionContext, cube: &Cube, rollup: &Rollup) -> Result
     Ok(grouped.select(select)?.sort(sorts)?)
 }
 
+/// Rollups up to this many rows are kept in memory by a session after their first read.
+pub const IN_MEMORY_ROWS: u64 = 1_000_000;
+
+/// A small rollup read once per session, then answered from memory: a dashboard asks the same
+/// rollups again and again, and a few thousand rows cost less to keep than to plan a Parquet
+/// scan for (log replay, file listing, partition pruning) on every query.
+#[derive(Debug)]
+struct InMemory {
+    inner: Arc<dyn TableProvider>,
+    cache: tokio::sync::OnceCell<Arc<datafusion::datasource::MemTable>>,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for InMemory {
+    fn schema(&self) -> datafusion::arrow::datatypes::SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> datafusion::logical_expr::TableType {
+        datafusion::logical_expr::TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        let table = self
+            .cache
+            .get_or_try_init(|| async {
+                let plan = self.inner.scan(state, None, &[], None).await?;
+                let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
+                // The scan may order or type columns its own way: line them up with schema().
+                let schema = self.inner.schema();
+                let batches = batches
+                    .into_iter()
+                    .map(|b| {
+                        let columns = schema
+                            .fields()
+                            .iter()
+                            .map(|f| {
+                                let c = b.column_by_name(f.name()).ok_or_else(|| {
+                                    datafusion::error::DataFusionError::Internal(format!("rollup scan lacks column {}", f.name()))
+                                })?;
+                                Ok(datafusion::arrow::compute::cast(c, f.data_type())?)
+                            })
+                            .collect::<datafusion::error::Result<Vec<_>>>()?;
+                        Ok(datafusion::arrow::array::RecordBatch::try_new(schema.clone(), columns)?)
+                    })
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                Ok::<_, datafusion::error::DataFusionError>(Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![batches])?))
+            })
+            .await?;
+        table.scan(state, projection, filters, limit).await
+    }
+}
+
 /// A stored rollup a session can read.
 struct Candidate {
     rollup: Rollup,
@@ -133,7 +192,10 @@ pub async fn install(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot)
             let entry = snapshot.tables.get(&r.table);
             match (stored, entry) {
                 (Some(f), Some(entry)) if *f == r.fingerprint(cube) => {
-                    let provider: Arc<dyn TableProvider> = ctx.table_provider(r.table.as_str()).await?;
+                    let mut provider: Arc<dyn TableProvider> = ctx.table_provider(r.table.as_str()).await?;
+                    if entry.rows <= IN_MEMORY_ROWS {
+                        provider = Arc::new(InMemory { inner: provider, cache: tokio::sync::OnceCell::new() });
+                    }
                     candidates.push(Candidate { rollup: r.clone(), source: provider_as_source(provider), rows: entry.rows });
                 }
                 (Some(_), Some(_)) => unusable.push(format!(
@@ -414,6 +476,59 @@ fn rebuild(agg: &Aggregate, shape: &Shape<'_>, c: &Candidate, calls: Vec<Reaggre
         project.push(e.alias_qualified(qualifier.cloned(), field.name()));
     }
     Ok(LogicalPlan::Projection(Projection::try_new(project, Arc::new(new_agg))?))
+}
+
+/// What `crmcube refresh` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RefreshReport {
+    /// The snapshot committed, or None when every rollup was already current.
+    pub snapshot: Option<u64>,
+    /// Rollup tables rebuilt, with their row counts.
+    pub rebuilt: Vec<(String, u64)>,
+    /// Rollup tables the cube files no longer declare, dropped from the snapshot.
+    pub dropped: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Rebuilds rollups from the current snapshot's tables, without reading any export: those
+/// missing or stale (their cube file changed), or every one with `all`. Commits a snapshot
+/// with the same base tables and the new rollups; rollups no cube declares any more leave it.
+pub async fn refresh(warehouse: &crate::warehouse::Warehouse, cubes: &CubeSet, all: bool) -> Result<RefreshReport> {
+    let started = std::time::Instant::now();
+    let _lock = warehouse.lock()?;
+    let snapshot = warehouse.current_or_error()?;
+    let ctx = warehouse.session_at(Some(snapshot.id)).await?;
+    let wanted = fingerprints(cubes);
+    let mut tables = snapshot.tables.clone();
+    let dropped: Vec<String> = snapshot.rollups.keys().filter(|t| !wanted.contains_key(*t)).cloned().collect();
+    for t in &dropped {
+        tables.remove(t);
+    }
+    let mut rebuilt = Vec::new();
+    for cube in &cubes.cubes {
+        for rollup in &cube.rollups {
+            let current = snapshot.rollups.get(&rollup.table) == Some(&rollup.fingerprint(cube)) && snapshot.tables.contains_key(&rollup.table);
+            if current && !all {
+                continue;
+            }
+            let df = build(&ctx, cube, rollup).await?;
+            let schema = Arc::new(df.schema().as_arrow().clone());
+            let rows = df.collect().await?;
+            let n: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
+            let partition: Vec<String> = rollup.partition_column(cube).into_iter().collect();
+            let version = warehouse.write_partitioned(&rollup.table, schema, rows, &partition).await?;
+            crate::fault::point(&format!("refreshed {}", rollup.table));
+            tracing::info!(table = %rollup.table, rows = n, version, "written");
+            tables.insert(rollup.table.clone(), crate::warehouse::TableEntry { version, rows: n });
+            rebuilt.push((rollup.table.clone(), n));
+        }
+    }
+    let snapshot = if rebuilt.is_empty() && dropped.is_empty() {
+        None
+    } else {
+        Some(warehouse.commit(tables, snapshot.files.clone(), wanted)?.id)
+    };
+    Ok(RefreshReport { snapshot, rebuilt, dropped, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// The definition fingerprint of every declared rollup, by table: what a load stamps in the

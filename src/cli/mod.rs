@@ -90,6 +90,16 @@ pub enum Command {
     Check,
     /// List the warehouse's snapshots (id, time, rows), oldest first.
     History,
+    /// Rebuild rollups from the current snapshot (no exports read): those missing or stale
+    /// after a cube file changed, or all with --all; commits a new snapshot.
+    Refresh {
+        /// Rebuild every rollup, current or not.
+        #[arg(long)]
+        all: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete snapshots older than the newest --keep and the files only they needed.
     Vacuum {
         #[arg(long, default_value_t = 7)]
@@ -420,6 +430,27 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .map_err(io)?;
             }
             Ok(())
+        }
+        Command::Refresh { all, json } => {
+            let project = project(&cli)?;
+            let transforms = TransformSet::load(&project)?;
+            let cubes = CubeSet::load(&project, &transforms)?;
+            let r = crate::rollup::refresh(&warehouse(&cli, &project), &cubes, *all).await?;
+            let io = |e| Error::io("<stdout>", e);
+            if *json {
+                let text = serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?;
+                return writeln!(out, "{text}").map_err(io);
+            }
+            for (table, rows) in &r.rebuilt {
+                writeln!(out, "rebuilt {table}: {} rows", output::group_thousands(&rows.to_string())).map_err(io)?;
+            }
+            for table in &r.dropped {
+                writeln!(out, "dropped {table} (no cube declares it any more)").map_err(io)?;
+            }
+            match r.snapshot {
+                Some(id) => writeln!(out, "snapshot {id} committed in {:.2} s", r.seconds).map_err(io),
+                None => writeln!(out, "every rollup is current; nothing to do (--all rebuilds them anyway)").map_err(io),
+            }
         }
         Command::Vacuum { keep } => {
             let project = project(&cli)?;
