@@ -42,6 +42,7 @@ pub mod etl;
 pub mod fault;
 pub mod project;
 pub mod query;
+pub mod report;
 pub mod rollup;
 pub mod sample;
 pub mod serve;

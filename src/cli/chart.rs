@@ -2,7 +2,8 @@
 //!
 //! The first column gives the categories (periods or members); every following numeric column
 //! up to four is drawn as a series. A result whose first column is a time level is a trend and
-//! is drawn as lines; anything else as grouped bars. Text uses the bundled DejaVu Sans font
+//! is drawn as lines, as is one whose first column is a percentage axis (`…_pct`, e.g. a Pareto
+//! curve); anything else as grouped bars. Text uses the bundled DejaVu Sans font
 //! (`assets/`), so charts look the same on every machine.
 
 use std::path::Path;
@@ -49,7 +50,8 @@ fn chart_data(batches: &[RecordBatch], only: Option<&[String]>) -> Result<ChartD
             s.1.extend((0..values.len()).map(|r| if values.is_null(r) { None } else { Some(values.value(r)) }));
         }
     }
-    let line = schema.field(0).name().starts_with("time_");
+    let first = schema.field(0).name();
+    let line = first.starts_with("time_") || first.ends_with("_pct");
     Ok(ChartData { categories, series, line })
 }
 

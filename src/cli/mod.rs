@@ -86,6 +86,18 @@ pub enum Command {
         #[arg(long)]
         explain: bool,
     },
+    /// A customer-value report: rfm, key-accounts or cohorts (none: list them).
+    Report {
+        name: Option<String>,
+        /// Rows of the report's lists (top customers, cohorts).
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Draw the report's chart to FILE.svg or FILE.png.
+        #[arg(long, value_name = "FILE")]
+        chart: Option<PathBuf>,
+    },
     /// Validate every transform and cube file.
     Check,
     /// List the warehouse's snapshots (id, time, rows), oldest first.
@@ -389,6 +401,37 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 None => output::write(&mut out, &batches, args.format),
             }
+        }
+        Command::Report { name, top, format, chart } => {
+            let io = |e| Error::io("<stdout>", e);
+            let Some(name) = name else {
+                for (n, what) in crate::report::REPORTS {
+                    writeln!(out, "{n:<14} {what}").map_err(io)?;
+                }
+                return Ok(());
+            };
+            let project = project(&cli)?;
+            let transforms = TransformSet::load(&project)?;
+            let cubes = CubeSet::load(&project, &transforms)?;
+            let (ctx, _) = query_session(&cli, &project, &transforms, &cubes).await?;
+            let report = crate::report::run(&ctx, name, *top).await?;
+            for (i, s) in report.sections.iter().filter(|s| !s.chart_only).enumerate() {
+                if *format == Format::Table {
+                    writeln!(out, "{}{}", if i > 0 { "\n" } else { "" }, s.title).map_err(io)?;
+                }
+                output::write(&mut out, &s.batches, *format)?;
+            }
+            match (chart, &report.chart) {
+                (Some(path), Some((i, columns))) => {
+                    let s = &report.sections[*i];
+                    chart::write_chart(path, &s.batches, &s.title, (!columns.is_empty()).then_some(columns.as_slice()))?;
+                }
+                (Some(_), None) => {
+                    return Err(crate::error::QueryError::new(format!("report '{name}' has no chart")).with_hint(Some("charts: rfm, key-accounts".into())).into());
+                }
+                _ => {}
+            }
+            Ok(())
         }
         Command::Sql { sql, format, explain } => {
             let project = project(&cli)?;

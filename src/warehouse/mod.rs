@@ -150,7 +150,14 @@ impl Warehouse {
         if batches.is_empty() {
             batches.push(RecordBatch::new_empty(schema));
         }
-        let table = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(delta_err)?;
+        let url = self.table_url(name)?;
+        // A table's first write starts from an unloaded handle: loading a log that does not exist
+        // yet fails (and delta-rs logs it as an ERROR a user would take for a failed load).
+        let table = if self.table_path(name).join("_delta_log").exists() {
+            DeltaTable::try_from_url(url).await.map_err(delta_err)?
+        } else {
+            DeltaTableBuilder::from_url(url).map_err(delta_err)?.build().map_err(delta_err)?
+        };
         let table = table
             .write(batches)
             .with_save_mode(SaveMode::Overwrite)

@@ -6,6 +6,7 @@ mod access;
 mod cli_output;
 mod crash;
 mod cube_queries;
+mod customer_value;
 mod flight;
 mod load_sample;
 mod metadata_errors;

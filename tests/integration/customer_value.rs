@@ -1,0 +1,204 @@
+//! Customer value (customer_value, customer_cohort, `crmcube report`): every number checked
+//! against SQL written by hand over the base tables and arithmetic done here.
+
+use std::collections::BTreeMap;
+
+use crate::common::{cents, session, sql};
+
+/// Completed orders per customer from the base tables: (order_id, order_date, revenue cents, margin cents).
+const ORDERS: &str = "SELECT o.customer_id, o.order_id, CAST(o.order_date AS VARCHAR),
+        CAST(sum(CAST(l.quantity * l.unit_price * (100 - l.discount_pct) / 100 AS DECIMAL(18, 2))) AS VARCHAR),
+        CAST(sum(CAST(l.quantity * l.unit_price * (100 - l.discount_pct) / 100 AS DECIMAL(18, 2)) - CAST(l.quantity * p.unit_cost AS DECIMAL(18, 2))) AS VARCHAR)
+    FROM order_lines l JOIN orders o ON l.order_id = o.order_id JOIN dim_product p ON l.product_id = p.product_id
+    WHERE o.status = 'completed' GROUP BY 1, 2, 3";
+
+struct Order {
+    date: chrono::NaiveDate,
+    revenue: i128,
+    margin: i128,
+}
+
+async fn orders_by_customer() -> BTreeMap<String, Vec<Order>> {
+    let mut out: BTreeMap<String, Vec<Order>> = BTreeMap::new();
+    for r in sql(&session().await, ORDERS).await {
+        out.entry(r[0].clone()).or_default().push(Order { date: r[2].parse().unwrap(), revenue: cents(&r[3]), margin: cents(&r[4]) });
+    }
+    out
+}
+
+/// NTILE(5) over `n` rows sorted: the bucket of row `i` (0-based), as SQL defines it (the first
+/// n mod 5 buckets hold one row more).
+fn ntile(i: usize, n: usize) -> usize {
+    let (size, extra) = (n / 5, n % 5);
+    let big = extra * (size + 1);
+    if i < big { i / (size + 1) + 1 } else { extra + (i - big) / size + 1 }
+}
+
+/// The segment rules as README states them.
+fn segment(r: usize, f: usize, m: usize) -> &'static str {
+    match (r, f, m) {
+        (4.., 4.., 4..) => "Champions",
+        (..=2, 4.., 4..) => "Can't lose",
+        (3.., 3.., _) => "Loyal",
+        (4.., 1, _) => "New",
+        (3.., _, _) => "Potential",
+        (_, 3.., _) => "At risk",
+        (2, _, _) => "Hibernating",
+        _ => "Lost",
+    }
+}
+
+#[tokio::test]
+async fn customer_value_matches_the_base_tables_and_the_documented_rules() {
+    let orders = orders_by_customer().await;
+    let end = orders.values().flatten().map(|o| o.date).max().unwrap();
+    let rows = sql(
+        &session().await,
+        "SELECT customer_id, CAST(first_purchase AS VARCHAR), CAST(last_purchase AS VARCHAR), recency_days, tenure_days, orders,
+                repeat_purchase_days, CAST(monetary AS VARCHAR), CAST(margin AS VARCHAR), r_score, f_score, m_score, segment,
+                revenue_rank, abc_class, CAST(observation_end AS VARCHAR)
+         FROM customer_value ORDER BY customer_id",
+    )
+    .await;
+    assert_eq!(rows.len(), orders.len(), "one row per buying customer");
+    assert!(rows.len() > 2000);
+    struct Expected {
+        id: String,
+        recency: i64,
+        orders: usize,
+        monetary: i128,
+    }
+    let mut expected = Vec::new();
+    for (row, (id, os)) in rows.iter().zip(&orders) {
+        assert_eq!(&row[0], id);
+        let first = os.iter().map(|o| o.date).min().unwrap();
+        let last = os.iter().map(|o| o.date).max().unwrap();
+        let days: std::collections::BTreeSet<_> = os.iter().map(|o| o.date).collect();
+        let monetary: i128 = os.iter().map(|o| o.revenue).sum();
+        let margin: i128 = os.iter().map(|o| o.margin).sum();
+        let recency = (end - last).num_days();
+        assert_eq!(row[15], end.to_string());
+        assert_eq!((row[1].as_str(), row[2].as_str()), (first.to_string().as_str(), last.to_string().as_str()), "{id}");
+        assert_eq!(row[3].parse::<i64>().unwrap(), recency, "{id} recency");
+        assert_eq!(row[4].parse::<i64>().unwrap(), (end - first).num_days(), "{id} tenure");
+        assert_eq!(row[5].parse::<usize>().unwrap(), os.len(), "{id} orders");
+        assert_eq!(row[6].parse::<usize>().unwrap(), days.len() - 1, "{id}: repeat purchase days after the first");
+        assert_eq!((cents(&row[7]), cents(&row[8])), (monetary, margin), "{id} monetary, margin");
+        if os.len() == 1 {
+            assert_eq!((row[6].as_str(), &row[3]), ("0", &row[4]), "{id}: one purchase: no repeats, recency = tenure");
+        }
+        expected.push(Expected { id: id.clone(), recency, orders: os.len(), monetary });
+    }
+    // Quintile scores by rank (ties broken by customer id), recomputed here.
+    let n = expected.len();
+    let score = |order: Vec<usize>| -> Vec<usize> {
+        let mut s = vec![0; n];
+        for (rank, i) in order.into_iter().enumerate() {
+            s[i] = ntile(rank, n);
+        }
+        s
+    };
+    let mut by = |key: &dyn Fn(&Expected) -> (i128, String)| {
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.sort_by_key(|&i| key(&expected[i]));
+        score(idx)
+    };
+    let r = by(&|e| (-(e.recency as i128), e.id.clone()));
+    let f = by(&|e| (e.orders as i128, e.id.clone()));
+    let m = by(&|e| (e.monetary, e.id.clone()));
+    let total: i128 = expected.iter().map(|e| e.monetary).sum();
+    let mut by_value: Vec<usize> = (0..n).collect();
+    by_value.sort_by_key(|&i| (-expected[i].monetary, expected[i].id.clone()));
+    let mut before = 0i128;
+    let mut rank_of = vec![0; n];
+    let mut class_of = vec![""; n];
+    for (rank, &i) in by_value.iter().enumerate() {
+        rank_of[i] = rank + 1;
+        class_of[i] = if before * 100 < total * 80 { "A" } else if before * 100 < total * 95 { "B" } else { "C" };
+        before += expected[i].monetary;
+    }
+    let mut segments: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        let got: Vec<usize> = row[9..12].iter().map(|x| x.parse().unwrap()).collect();
+        assert_eq!(got, [r[i], f[i], m[i]], "{} scores", row[0]);
+        assert_eq!(row[12], segment(r[i], f[i], m[i]), "{} segment", row[0]);
+        assert_eq!(row[13].parse::<usize>().unwrap(), rank_of[i], "{} rank", row[0]);
+        assert_eq!(row[14], class_of[i], "{} class", row[0]);
+        *segments.entry(segment(r[i], f[i], m[i])).or_default() += 1;
+    }
+    // The sample is rich enough that every segment has members.
+    assert_eq!(segments.len(), 8, "{segments:?}");
+}
+
+#[tokio::test]
+async fn cohorts_count_returning_customers_and_their_revenue() {
+    let orders = orders_by_customer().await;
+    let month = |d: chrono::NaiveDate| d.format("%Y-%m").to_string();
+    // (cohort, month) → (customers, revenue cents); cohort sizes.
+    let mut cells: BTreeMap<(String, String), (usize, i128)> = BTreeMap::new();
+    let mut sizes: BTreeMap<String, usize> = BTreeMap::new();
+    for os in orders.values() {
+        let cohort = month(os.iter().map(|o| o.date).min().unwrap());
+        *sizes.entry(cohort.clone()).or_default() += 1;
+        let mut per_month: BTreeMap<String, i128> = BTreeMap::new();
+        for o in os {
+            *per_month.entry(month(o.date)).or_default() += o.revenue;
+        }
+        for (m, revenue) in per_month {
+            let c = cells.entry((cohort.clone(), m)).or_default();
+            c.0 += 1;
+            c.1 += revenue;
+        }
+    }
+    let rows = sql(
+        &session().await,
+        "SELECT cohort, month, months_since, cohort_customers, customers, retention_pct, CAST(revenue AS VARCHAR) FROM customer_cohort ORDER BY 1, 2",
+    )
+    .await;
+    assert_eq!(rows.len(), cells.len());
+    for (row, ((cohort, m), (customers, revenue))) in rows.iter().zip(&cells) {
+        assert_eq!((&row[0], &row[1]), (cohort, m));
+        let since = (m[..4].parse::<i32>().unwrap() - cohort[..4].parse::<i32>().unwrap()) * 12 + m[5..].parse::<i32>().unwrap()
+            - cohort[5..].parse::<i32>().unwrap();
+        assert_eq!(row[2].parse::<i32>().unwrap(), since);
+        assert_eq!(row[3].parse::<usize>().unwrap(), sizes[cohort]);
+        assert_eq!(row[4].parse::<usize>().unwrap(), *customers);
+        let pct = 100.0 * *customers as f64 / sizes[cohort] as f64;
+        assert!((row[5].parse::<f64>().unwrap() - pct).abs() < 0.006, "{cohort} {m}: {} vs {pct}", row[5]);
+        assert_eq!(cents(&row[6]), *revenue);
+        if since == 0 {
+            assert_eq!(*customers, sizes[cohort], "everyone buys in their first month");
+        }
+    }
+}
+
+#[tokio::test]
+async fn key_accounts_report_concentration_matches_arithmetic() {
+    let orders = orders_by_customer().await;
+    let mut values: Vec<i128> = orders.values().map(|os| os.iter().map(|o| o.revenue).sum()).collect();
+    values.sort_by(|a, b| b.cmp(a));
+    let total: i128 = values.iter().sum();
+    let ctx = session().await;
+    let report = crmcube::report::run(&ctx, "key-accounts", 5).await.unwrap();
+    assert_eq!(report.sections.len(), 4);
+    let top = crate::common::cells(&report.sections[0].batches);
+    assert_eq!(top.len(), 5);
+    for (i, row) in top.iter().enumerate() {
+        assert_eq!(row[0], (i + 1).to_string());
+        assert_eq!(cents(&row[4]), values[i], "rank {}", i + 1);
+    }
+    let concentration = crate::common::cells(&report.sections[1].batches);
+    for (row, pct) in concentration.iter().zip([1usize, 10, 20]) {
+        let k = (values.len() * pct).div_ceil(100);
+        let share = 100.0 * values[..k].iter().sum::<i128>() as f64 / total as f64;
+        assert_eq!(row[1], k.to_string());
+        assert!((row[2].parse::<f64>().unwrap() - share).abs() < 0.051, "top {pct} %: {} vs {share}", row[2]);
+    }
+    // The Pareto curve ends at 100 % of customers and of revenue.
+    let curve = crate::common::cells(&report.sections[3].batches);
+    assert_eq!(curve.last().unwrap()[0], "100");
+    assert!((curve.last().unwrap()[1].parse::<f64>().unwrap() - 100.0).abs() < 1e-6);
+    // Unknown report names get the list.
+    let err = crmcube::report::run(&ctx, "rmf", 5).await.err().unwrap().to_string();
+    assert!(err.contains("rfm"), "{err}");
+}
