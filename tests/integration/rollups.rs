@@ -153,3 +153,58 @@ async fn restricted_users_never_read_rollups() {
     let direct = sql(&ctx, "SELECT COUNT(*) FROM rollup_sales_year_region").await;
     assert_eq!(direct, [["0"]]);
 }
+
+fn cli(dir: &std::path::Path, args: &[&str], fault: Option<u32>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_crmcube"));
+    cmd.arg("--project").arg(dir).args(args);
+    if let Some(n) = fault {
+        cmd.env("CRMCUBE_FAULT_POINT", n.to_string());
+    }
+    cmd.output().unwrap()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn a_changed_rollup_is_stale_until_refresh_rebuilds_it_and_a_killed_refresh_changes_nothing() {
+    use std::os::unix::process::ExitStatusExt;
+    let t = crate::common::test_project();
+    let dir = t.dir.path();
+    stdout(&cli(dir, &["load"], None));
+    let cube = dir.join("cubes/sales.yaml");
+    let yaml = std::fs::read_to_string(&cube).unwrap();
+    // The yearly rollup now keeps revenue only: the stored one (with orders) no longer matches.
+    std::fs::write(&cube, yaml.replace("  - name: year\n    levels: [time.year]\n", "  - name: year\n    levels: [time.year]\n    measures: [revenue]\n")).unwrap();
+    let orders = "SELECT time_year, orders FROM cubes.sales GROUP BY 1 ORDER BY 1";
+    let explain = stdout(&cli(dir, &["sql", "--explain", orders], None));
+    assert!(!explain.contains("TableScan: rollup_sales"), "{explain}");
+    assert!(explain.contains("rollup sales.year is stale"), "{explain}");
+    let revenue = "SELECT time_year, revenue FROM cubes.sales GROUP BY 1 ORDER BY 1";
+    assert!(!stdout(&cli(dir, &["sql", "--explain", revenue], None)).contains("rollup_sales_year "), "a stale rollup never answers");
+
+    // A refresh killed after writing its table leaves the snapshot as it was.
+    let before = t.warehouse.current().unwrap().unwrap();
+    let killed = cli(dir, &["refresh"], Some(1));
+    assert_eq!(killed.status.signal(), Some(9), "{}", String::from_utf8_lossy(&killed.stderr));
+    assert_eq!(t.warehouse.current().unwrap().unwrap(), before);
+
+    let out = stdout(&cli(dir, &["refresh"], None));
+    assert!(out.contains("rebuilt rollup_sales_year: 4 rows") && out.lines().filter(|l| l.starts_with("rebuilt")).count() == 1, "{out}");
+    let explain = stdout(&cli(dir, &["sql", "--explain", revenue], None));
+    assert!(explain.contains("TableScan: rollup_sales_year projection"), "{explain}");
+    assert_eq!(stdout(&cli(dir, &["sql", revenue], None)), stdout(&cli(dir, &["--no-rollups", "sql", revenue], None)));
+    assert_eq!(stdout(&cli(dir, &["sql", orders], None)), stdout(&cli(dir, &["--no-rollups", "sql", orders], None)));
+
+    // A rollup removed from the cube file leaves the next snapshot; then nothing is left to do.
+    let yaml = std::fs::read_to_string(&cube).unwrap();
+    std::fs::write(&cube, yaml.replace("  - name: year\n    levels: [time.year]\n    measures: [revenue]\n", "")).unwrap();
+    let out = stdout(&cli(dir, &["refresh"], None));
+    assert!(out.contains("dropped rollup_sales_year"), "{out}");
+    let snapshot = t.warehouse.current().unwrap().unwrap();
+    assert!(!snapshot.tables.contains_key("rollup_sales_year") && !snapshot.rollups.contains_key("rollup_sales_year"));
+    assert_eq!(snapshot.tables.len(), before.tables.len() - 1);
+    assert!(stdout(&cli(dir, &["refresh"], None)).contains("nothing to do"));
+}
