@@ -6,17 +6,61 @@
 //! is given — so `--as USER` access rules and `--as-of` snapshots apply as to any query — and
 //! optionally one section to draw as a chart.
 
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{Array, RecordBatch};
 use datafusion::prelude::SessionContext;
 
 use crate::error::{QueryError, Result};
 
 /// The reports there are, with what each answers.
-pub const REPORTS: [(&str, &str); 3] = [
+pub const REPORTS: [(&str, &str); 5] = [
     ("rfm", "customers by RFM segment: how many, how recent, how frequent, what they are worth"),
     ("key-accounts", "top customers, revenue concentration (top 1 %, 10 %, 20 %), ABC classes, Pareto curve"),
     ("cohorts", "retention % of each first-purchase month's customers over the following months"),
+    ("aging", "open receivables by days overdue and region, DSO, and the overdue accounts to chase (--date)"),
+    ("credit", "credit exposure (open receivables + uninvoiced orders) against limits; accounts at ≥ --threshold %; orders past the limit"),
 ];
+
+/// What a report is asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Rows of the report's lists.
+    pub top: usize,
+    /// The day receivables and exposure are taken at (default: the latest invoice date).
+    pub date: Option<chrono::NaiveDate>,
+    /// Credit utilisation (%) from which an account is on the alert list.
+    pub threshold_pct: f64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { top: 20, date: None, threshold_pct: 90.0 }
+    }
+}
+
+/// Invoices open at `{date}`: amount minus payments made up to that day, if anything is left.
+const OPEN_INVOICES: &str = "paid AS (
+    SELECT invoice_id, sum(amount) AS paid FROM fact_payment WHERE payment_date <= {date} GROUP BY invoice_id
+  ), open_invoices AS (
+    SELECT i.invoice_id, i.customer_id, i.due_date, i.amount - coalesce(p.paid, 0) AS open_amount,
+           {date} - i.due_date AS days_overdue
+    FROM fact_invoice i LEFT JOIN paid p ON p.invoice_id = i.invoice_id
+    WHERE i.invoice_date <= {date} AND i.amount - coalesce(p.paid, 0) > 0
+  )";
+
+/// Per customer at `{date}`: open receivables, and completed orders placed but not invoiced yet.
+const EXPOSURE: &str = "receivables AS (
+    SELECT customer_id, sum(open_amount) AS receivables FROM open_invoices GROUP BY customer_id
+  ), open_orders AS (
+    SELECT s.customer_id, s.order_id, min(s.order_date) AS order_date, sum(s.revenue) AS order_value
+    FROM fact_sales s LEFT JOIN fact_invoice i ON i.order_id = s.order_id AND i.invoice_date <= {date}
+    WHERE s.order_date <= {date} AND i.invoice_id IS NULL
+    GROUP BY s.customer_id, s.order_id
+  ), exposure AS (
+    SELECT c.customer_id, c.name, c.region, c.credit_limit,
+           coalesce(r.receivables, 0) AS receivables,
+           coalesce((SELECT sum(o.order_value) FROM open_orders o WHERE o.customer_id = c.customer_id), 0) AS open_orders
+    FROM dim_customer c LEFT JOIN receivables r ON r.customer_id = c.customer_id
+  )";
 
 /// One titled result of a report.
 pub struct Section {
@@ -35,8 +79,30 @@ pub struct Report {
 /// Months after the first purchase a cohort report shows as columns.
 pub const COHORT_MONTHS: i64 = 12;
 
-/// Runs report `name`; `top` bounds its lists.
-pub async fn run(ctx: &SessionContext, name: &str, top: usize) -> Result<Report> {
+/// The latest invoice date: the day reports about receivables default to.
+async fn latest_invoice_date(ctx: &SessionContext) -> Result<chrono::NaiveDate> {
+    let batches = ctx.sql("SELECT CAST(max(invoice_date) AS VARCHAR) FROM fact_invoice").await?.collect().await?;
+    let text = batches
+        .first()
+        .filter(|b| b.num_rows() > 0 && b.column(0).is_valid(0))
+        .map(|b| datafusion::arrow::util::display::array_value_to_string(b.column(0), 0))
+        .transpose()?;
+    match text {
+        Some(t) => t.parse().map_err(|_| crate::error::Error::Internal(format!("invoice date '{t}' is not a date"))),
+        None => Err(QueryError::new("there are no invoices yet, so no receivables").with_hint(Some("pass --date YYYY-MM-DD".into())).into()),
+    }
+}
+
+/// Runs report `name`.
+pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<Report> {
+    let top = options.top;
+    let date = match options.date {
+        Some(d) => d,
+        None if matches!(name, "aging" | "credit") => latest_invoice_date(ctx).await?,
+        None => chrono::NaiveDate::MIN,
+    };
+    // A date is formatted by chrono, never pasted from user text.
+    let with_date = |sql: &str| sql.replace("{date}", &format!("DATE '{date}'"));
     let queries: Vec<(String, String)> = match name {
         "rfm" => vec![(
             "RFM segments (scores are quintiles 1–5; rules in README, Customer value)".into(),
@@ -99,6 +165,98 @@ pub async fn run(ctx: &SessionContext, name: &str, top: usize) -> Result<Report>
                     columns.join(", ")
                 ),
             )]
+        }
+        "aging" => {
+            let bucket = |cond: &str| format!("sum(CASE WHEN {cond} THEN open_amount ELSE 0 END)");
+            vec![
+                (
+                    format!("Open receivables on {date} by days overdue (due date to {date})"),
+                    with_date(&format!(
+                        "WITH {OPEN_INVOICES}, by_region AS (
+                           SELECT c.region, {} AS current, {} AS d1_30, {} AS d31_60, {} AS d61_90, {} AS over_90,
+                                  sum(open_amount) AS open_total
+                           FROM open_invoices o JOIN dim_customer c ON c.customer_id = o.customer_id GROUP BY c.region)
+                         SELECT region, current, d1_30, d31_60, d61_90, over_90, open_total FROM (
+                           SELECT *, 0 AS total_row FROM by_region
+                           UNION ALL
+                           SELECT '(total)', sum(current), sum(d1_30), sum(d31_60), sum(d61_90), sum(over_90), sum(open_total), 1 FROM by_region)
+                         ORDER BY total_row, region",
+                        bucket("days_overdue <= 0"),
+                        bucket("days_overdue BETWEEN 1 AND 30"),
+                        bucket("days_overdue BETWEEN 31 AND 60"),
+                        bucket("days_overdue BETWEEN 61 AND 90"),
+                        bucket("days_overdue > 90"),
+                    )),
+                ),
+                (
+                    "Days sales outstanding: open receivables / invoiced in the 90 days to the date × 90".into(),
+                    with_date(&format!(
+                        "WITH {OPEN_INVOICES}, invoiced AS (
+                           SELECT sum(amount) AS invoiced_90d FROM fact_invoice
+                           WHERE invoice_date > {{date}} - INTERVAL '90 days' AND invoice_date <= {{date}})
+                         SELECT (SELECT sum(open_amount) FROM open_invoices) AS open_receivables, invoiced_90d,
+                                round(CAST((SELECT sum(open_amount) FROM open_invoices) AS DOUBLE) * 90 / CAST(invoiced_90d AS DOUBLE), 1) AS dso_days
+                         FROM invoiced"
+                    )),
+                ),
+                (
+                    format!("Overdue accounts to chase (largest overdue amount first, top {top})"),
+                    with_date(&format!(
+                        "WITH {OPEN_INVOICES}
+                         SELECT o.customer_id, c.name, c.region,
+                                sum(CASE WHEN days_overdue > 0 THEN open_amount ELSE 0 END) AS overdue,
+                                count(CASE WHEN days_overdue > 0 THEN 1 END) AS overdue_invoices,
+                                max(days_overdue) AS most_days_overdue,
+                                sum(open_amount) AS open_total
+                         FROM open_invoices o JOIN dim_customer c ON c.customer_id = o.customer_id
+                         GROUP BY o.customer_id, c.name, c.region
+                         HAVING max(days_overdue) > 0
+                         ORDER BY overdue DESC, o.customer_id LIMIT {top}"
+                    )),
+                ),
+            ]
+        }
+        "credit" => {
+            let t = options.threshold_pct;
+            vec![
+                (
+                    format!("Credit exposure on {date}: accounts using ≥ {t} % of their limit (exposure = open receivables + uninvoiced orders)"),
+                    with_date(&format!(
+                        "WITH {OPEN_INVOICES}, {EXPOSURE}
+                         SELECT customer_id, name, region, credit_limit, receivables, open_orders,
+                                receivables + open_orders AS exposure,
+                                round(100 * CAST(receivables + open_orders AS DOUBLE) / CAST(credit_limit AS DOUBLE), 1) AS utilisation_pct
+                         FROM exposure
+                         WHERE credit_limit > 0 AND 100 * (receivables + open_orders) >= {t} * credit_limit
+                         ORDER BY utilisation_pct DESC, customer_id LIMIT {top}"
+                    )),
+                ),
+                (
+                    "Accounts by credit utilisation".into(),
+                    with_date(&format!(
+                        "WITH {OPEN_INVOICES}, {EXPOSURE}
+                         SELECT count(*) AS customers,
+                                count(CASE WHEN credit_limit IS NULL OR credit_limit = 0 THEN 1 END) AS no_limit,
+                                count(CASE WHEN credit_limit > 0 AND 100 * (receivables + open_orders) >= {t} * credit_limit THEN 1 END) AS at_threshold,
+                                count(CASE WHEN credit_limit > 0 AND receivables + open_orders > credit_limit THEN 1 END) AS over_limit,
+                                sum(receivables + open_orders) AS exposure
+                         FROM exposure"
+                    )),
+                ),
+                (
+                    format!("Open orders past the credit limit (exposure after each order, in order date order; top {top})"),
+                    with_date(&format!(
+                        "WITH {OPEN_INVOICES}, {EXPOSURE}, running AS (
+                           SELECT o.order_id, o.customer_id, o.order_date, o.order_value, e.credit_limit,
+                                  e.receivables + sum(o.order_value) OVER (PARTITION BY o.customer_id ORDER BY o.order_date, o.order_id
+                                                                           ROWS UNBOUNDED PRECEDING) AS exposure_after
+                           FROM open_orders o JOIN exposure e ON e.customer_id = o.customer_id)
+                         SELECT order_id, customer_id, order_date, order_value, credit_limit, exposure_after
+                         FROM running WHERE credit_limit > 0 AND exposure_after > credit_limit
+                         ORDER BY order_date DESC, order_id LIMIT {top}"
+                    )),
+                ),
+            ]
         }
         other => {
             return Err(QueryError::new(format!("no report named '{other}'"))

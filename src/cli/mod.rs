@@ -86,12 +86,18 @@ pub enum Command {
         #[arg(long)]
         explain: bool,
     },
-    /// A customer-value report: rfm, key-accounts or cohorts (none: list them).
+    /// A customer-value report: rfm, key-accounts, cohorts, aging, credit (none: list them).
     Report {
         name: Option<String>,
-        /// Rows of the report's lists (top customers, cohorts).
+        /// Rows of the report's lists (top customers, cohorts, accounts).
         #[arg(long, default_value_t = 20)]
         top: usize,
+        /// The day receivables and credit exposure are taken at (default: the latest invoice date).
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        date: Option<chrono::NaiveDate>,
+        /// Credit utilisation % from which an account is on the credit alert list.
+        #[arg(long, default_value_t = 90.0)]
+        threshold: f64,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
         /// Draw the report's chart to FILE.svg or FILE.png.
@@ -402,7 +408,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None => output::write(&mut out, &batches, args.format),
             }
         }
-        Command::Report { name, top, format, chart } => {
+        Command::Report { name, top, date, threshold, format, chart } => {
             let io = |e| Error::io("<stdout>", e);
             let Some(name) = name else {
                 for (n, what) in crate::report::REPORTS {
@@ -414,7 +420,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             let transforms = TransformSet::load(&project)?;
             let cubes = CubeSet::load(&project, &transforms)?;
             let (ctx, _) = query_session(&cli, &project, &transforms, &cubes).await?;
-            let report = crate::report::run(&ctx, name, *top).await?;
+            let options = crate::report::Options { top: *top, date: *date, threshold_pct: *threshold };
+            let report = crate::report::run(&ctx, name, &options).await?;
             for (i, s) in report.sections.iter().filter(|s| !s.chart_only).enumerate() {
                 if *format == Format::Table {
                     writeln!(out, "{}{}", if i > 0 { "\n" } else { "" }, s.title).map_err(io)?;
@@ -427,7 +434,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     chart::write_chart(path, &s.batches, &s.title, (!columns.is_empty()).then_some(columns.as_slice()))?;
                 }
                 (Some(_), None) => {
-                    return Err(crate::error::QueryError::new(format!("report '{name}' has no chart")).with_hint(Some("charts: rfm, key-accounts".into())).into());
+                    return Err(crate::error::QueryError::new(format!("report '{name}' has no chart")).with_hint(Some("reports with a chart: rfm, key-accounts".into())).into());
                 }
                 _ => {}
             }

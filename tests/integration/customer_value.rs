@@ -179,7 +179,7 @@ async fn key_accounts_report_concentration_matches_arithmetic() {
     values.sort_by(|a, b| b.cmp(a));
     let total: i128 = values.iter().sum();
     let ctx = session().await;
-    let report = crmcube::report::run(&ctx, "key-accounts", 5).await.unwrap();
+    let report = crmcube::report::run(&ctx, "key-accounts", &crmcube::report::Options { top: 5, ..Default::default() }).await.unwrap();
     assert_eq!(report.sections.len(), 4);
     let top = crate::common::cells(&report.sections[0].batches);
     assert_eq!(top.len(), 5);
@@ -199,6 +199,89 @@ async fn key_accounts_report_concentration_matches_arithmetic() {
     assert_eq!(curve.last().unwrap()[0], "100");
     assert!((curve.last().unwrap()[1].parse::<f64>().unwrap() - 100.0).abs() < 1e-6);
     // Unknown report names get the list.
-    let err = crmcube::report::run(&ctx, "rmf", 5).await.err().unwrap().to_string();
+    let err = crmcube::report::run(&ctx, "rmf", &Default::default()).await.err().unwrap().to_string();
     assert!(err.contains("rfm"), "{err}");
+}
+
+/// Receivables and credit on data made by hand, each case's answer worked out below:
+/// A (East, limit 1000): I1 300 paid in full before its due date; I2 400 due 2025-07-01, 100 paid;
+///   I3 200 due 2025-03-31, unpaid; open order O7 350 (not invoiced).
+/// B (West, no credit limit): I4 250 due 2025-06-14, unpaid.
+/// C (East, limit 500): I5 600 due 2025-05-15, paid 2025-07-05 (after the first date asked);
+///   I6 100 invoiced 2025-07-02 for O6; open order O8 50.
+async fn hand_made() -> datafusion::prelude::SessionContext {
+    let ctx = datafusion::prelude::SessionContext::new();
+    for sql in [
+        "CREATE TABLE dim_customer AS SELECT column1 AS customer_id, column2 AS name, column3 AS region, CAST(column4 AS DECIMAL(18, 2)) AS credit_limit
+         FROM (VALUES ('A', 'Ann', 'East', 1000), ('B', 'Bo', 'West', NULL), ('C', 'Cy', 'East', 500))",
+        "CREATE TABLE fact_invoice AS SELECT column1 AS invoice_id, column2 AS order_id, column3 AS customer_id, CAST(column4 AS DATE) AS invoice_date,
+                CAST(column5 AS DATE) AS due_date, CAST(column6 AS DECIMAL(18, 2)) AS amount
+         FROM (VALUES ('I1', 'O1', 'A', '2025-05-01', '2025-05-31', 300), ('I2', 'O9', 'A', '2025-06-01', '2025-07-01', 400),
+                      ('I3', 'O3', 'A', '2025-03-01', '2025-03-31', 200), ('I4', 'O4', 'B', '2025-05-15', '2025-06-14', 250),
+                      ('I5', 'O5', 'C', '2025-04-15', '2025-05-15', 600), ('I6', 'O6', 'C', '2025-07-02', '2025-08-01', 100))",
+        "CREATE TABLE fact_payment AS SELECT column1 AS invoice_id, CAST(column2 AS DATE) AS payment_date, CAST(column3 AS DECIMAL(18, 2)) AS amount
+         FROM (VALUES ('I1', '2025-05-20', 300), ('I2', '2025-06-15', 100), ('I5', '2025-07-05', 600))",
+        "CREATE TABLE fact_sales AS SELECT column1 AS order_id, column2 AS customer_id, CAST(column3 AS DATE) AS order_date, CAST(column4 AS DECIMAL(18, 2)) AS revenue
+         FROM (VALUES ('O9', 'A', '2025-06-01', 400), ('O7', 'A', '2025-06-29', 300), ('O7', 'A', '2025-06-29', 50),
+                      ('O8', 'C', '2025-06-30', 50), ('O6', 'C', '2025-07-01', 100))",
+    ] {
+        ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    }
+    ctx
+}
+
+async fn report(ctx: &datafusion::prelude::SessionContext, name: &str, date: &str, threshold: f64) -> Vec<Vec<Vec<String>>> {
+    let options = crmcube::report::Options { top: 10, date: Some(date.parse().unwrap()), threshold_pct: threshold };
+    crmcube::report::run(ctx, name, &options).await.unwrap().sections.iter().map(|s| crate::common::cells(&s.batches)).collect()
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+#[tokio::test]
+async fn aging_buckets_dso_and_accounts_to_chase_on_hand_made_invoices() {
+    let ctx = hand_made().await;
+    let s = report(&ctx, "aging", "2025-06-30", 90.0).await;
+    // I2: 300 open, due tomorrow → current; I5: 46 days → 31–60; I3: 91 days → over 90; I4: 16 days.
+    // I1 (paid in full, early) and I6 (invoiced after the date) are not open.
+    assert_eq!(
+        s[0],
+        [
+            row(&["East", "300.00", "0.00", "600.00", "0.00", "200.00", "1100.00"]),
+            row(&["West", "0.00", "250.00", "0.00", "0.00", "0.00", "250.00"]),
+            row(&["(total)", "300.00", "250.00", "600.00", "0.00", "200.00", "1350.00"]),
+        ]
+    );
+    // Invoiced in the 90 days to 2025-06-30: I1 300 + I2 400 + I4 250 + I5 600 = 1550; 1350 × 90 / 1550.
+    assert_eq!(s[1], [row(&["1350.00", "1550.00", &format!("{:.1}", 1350.0 * 90.0 / 1550.0)])]);
+    assert_eq!(
+        s[2],
+        [
+            row(&["C", "Cy", "East", "600.00", "1", "46", "600.00"]),
+            row(&["B", "Bo", "West", "250.00", "1", "16", "250.00"]),
+            row(&["A", "Ann", "East", "200.00", "1", "91", "500.00"]),
+        ]
+    );
+    // Ten days later I5 is paid and I6 is current: C has nothing overdue.
+    let later = report(&ctx, "aging", "2025-07-10", 90.0).await;
+    assert!(later[2].iter().all(|r| r[0] != "C"), "{:?}", later[2]);
+}
+
+#[tokio::test]
+async fn credit_exposure_alerts_and_orders_past_the_limit_on_hand_made_data() {
+    let ctx = hand_made().await;
+    // A: 500 open + O7 350 = 850 of 1000 (85 %); B has no limit; C: 600 + O8 50 = 650 of 500 (130 %).
+    let s = report(&ctx, "credit", "2025-06-30", 90.0).await;
+    assert_eq!(s[0], [row(&["C", "Cy", "East", "500.00", "600.00", "50.00", "650.00", "130.0"])]);
+    assert_eq!(s[1], [row(&["3", "1", "1", "1", "1750.00"])]);
+    assert_eq!(s[2], [row(&["O8", "C", "2025-06-30", "50.00", "500.00", "650.00"])]);
+    let s = report(&ctx, "credit", "2025-06-30", 80.0).await;
+    assert_eq!(s[0].iter().map(|r| r[0].as_str()).collect::<Vec<_>>(), ["C", "A"]);
+    assert_eq!(s[0][1][7], "85.0");
+    // After I5 is paid (and O6 invoiced as I6): C owes 100 + O8 50 = 150 of 500.
+    let s = report(&ctx, "credit", "2025-07-10", 0.0).await;
+    let c = s[0].iter().find(|r| r[0] == "C").unwrap();
+    assert_eq!(&c[4..8], ["100.00", "50.00", "150.00", "30.0"]);
+    assert!(s[0].iter().all(|r| r[0] != "B"), "a customer without a limit is never on the alert list");
 }
