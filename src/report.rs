@@ -12,13 +12,24 @@ use datafusion::prelude::SessionContext;
 use crate::error::{QueryError, Result};
 
 /// The reports there are, with what each answers.
-pub const REPORTS: [(&str, &str); 5] = [
+pub const REPORTS: [(&str, &str); 6] = [
     ("rfm", "customers by RFM segment: how many, how recent, how frequent, what they are worth"),
     ("key-accounts", "top customers, revenue concentration (top 1 %, 10 %, 20 %), ABC classes, Pareto curve"),
     ("cohorts", "retention % of each first-purchase month's customers over the following months"),
     ("aging", "open receivables by days overdue and region, DSO, and the overdue accounts to chase (--date)"),
     ("credit", "credit exposure (open receivables + uninvoiced orders) against limits; accounts at ≥ --threshold %; orders past the limit"),
+    ("service", "service levels per channel for the month of --date (default the latest), and the monthly trend"),
 ];
+
+/// Service-level rates from the sums of `service_level` (ratios of sums at any grouping).
+const SERVICE_RATES: &str = "sum(contacts) AS contacts, sum(answered) AS answered, sum(abandoned) AS abandoned,
+    round(100 * CAST(sum(abandoned) AS DOUBLE) / CAST(sum(contacts) AS DOUBLE), 2) AS abandonment_pct,
+    round(100 * CAST(sum(answered_in_time) AS DOUBLE) / CAST(sum(contacts) AS DOUBLE), 2) AS service_level_pct,
+    round(CAST(sum(wait_seconds) AS DOUBLE) / NULLIF(CAST(sum(answered) AS DOUBLE), 0), 1) AS avg_wait_s,
+    round(CAST(sum(handle_seconds) AS DOUBLE) / NULLIF(CAST(sum(handled) AS DOUBLE), 0), 1) AS avg_handle_s,
+    round(100 * CAST(sum(resolved) AS DOUBLE) / NULLIF(CAST(sum(answered) AS DOUBLE), 0), 2) AS fcr_pct,
+    round(CAST(sum(satisfaction_points) AS DOUBLE) / NULLIF(CAST(sum(rated) AS DOUBLE), 0), 2) AS satisfaction,
+    round(CAST(sum(cost) AS DOUBLE) / CAST(sum(contacts) AS DOUBLE), 2) AS cost_per_contact";
 
 /// What a report is asked for.
 #[derive(Debug, Clone)]
@@ -79,17 +90,17 @@ pub struct Report {
 /// Months after the first purchase a cohort report shows as columns.
 pub const COHORT_MONTHS: i64 = 12;
 
-/// The latest invoice date: the day reports about receivables default to.
-async fn latest_invoice_date(ctx: &SessionContext) -> Result<chrono::NaiveDate> {
-    let batches = ctx.sql("SELECT CAST(max(invoice_date) AS VARCHAR) FROM fact_invoice").await?.collect().await?;
+/// The date `sql` answers (one date, e.g. the latest invoice date): the day a report defaults to.
+async fn latest_date(ctx: &SessionContext, sql: &str, what: &str) -> Result<chrono::NaiveDate> {
+    let batches = ctx.sql(&format!("SELECT CAST(({sql}) AS VARCHAR)")).await?.collect().await?;
     let text = batches
         .first()
         .filter(|b| b.num_rows() > 0 && b.column(0).is_valid(0))
         .map(|b| datafusion::arrow::util::display::array_value_to_string(b.column(0), 0))
         .transpose()?;
     match text {
-        Some(t) => t.parse().map_err(|_| crate::error::Error::Internal(format!("invoice date '{t}' is not a date"))),
-        None => Err(QueryError::new("there are no invoices yet, so no receivables").with_hint(Some("pass --date YYYY-MM-DD".into())).into()),
+        Some(t) => t.parse().map_err(|_| crate::error::Error::Internal(format!("'{t}' is not a date"))),
+        None => Err(QueryError::new(format!("there are no {what} yet")).with_hint(Some("pass --date YYYY-MM-DD".into())).into()),
     }
 }
 
@@ -98,7 +109,8 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
     let top = options.top;
     let date = match options.date {
         Some(d) => d,
-        None if matches!(name, "aging" | "credit") => latest_invoice_date(ctx).await?,
+        None if matches!(name, "aging" | "credit") => latest_date(ctx, "SELECT max(invoice_date) FROM fact_invoice", "invoices").await?,
+        None if name == "service" => latest_date(ctx, "SELECT max(month_first) FROM service_level", "service contacts").await?,
         None => chrono::NaiveDate::MIN,
     };
     // A date is formatted by chrono, never pasted from user text.
@@ -258,6 +270,22 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
                 ),
             ]
         }
+        "service" => {
+            let month = date.format("%Y-%m").to_string();
+            vec![
+                (
+                    format!("Service levels per channel, {month} (thresholds and costs: transforms/service_level.yaml)"),
+                    format!("SELECT channel, {SERVICE_RATES} FROM service_level WHERE month = '{month}' GROUP BY channel ORDER BY contacts DESC, channel"),
+                ),
+                (
+                    format!("All channels by month (last {top} months)"),
+                    format!(
+                        "SELECT * FROM (SELECT month AS time_month, {SERVICE_RATES} FROM service_level WHERE month <= '{month}'
+                         GROUP BY month ORDER BY month DESC LIMIT {top}) ORDER BY time_month"
+                    ),
+                ),
+            ]
+        }
         other => {
             return Err(QueryError::new(format!("no report named '{other}'"))
                 .with_hint(Some(format!(
@@ -276,6 +304,7 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
     let chart = match name {
         "rfm" => Some((0, vec!["customers_pct".to_string(), "revenue_pct".to_string()])),
         "key-accounts" => Some((3, Vec::new())),
+        "service" => Some((1, vec!["service_level_pct".to_string(), "abandonment_pct".to_string(), "fcr_pct".to_string()])),
         _ => None,
     };
     Ok(Report { sections, chart })

@@ -285,3 +285,43 @@ async fn credit_exposure_alerts_and_orders_past_the_limit_on_hand_made_data() {
     assert_eq!(&c[4..8], ["100.00", "50.00", "150.00", "30.0"]);
     assert!(s[0].iter().all(|r| r[0] != "B"), "a customer without a limit is never on the alert list");
 }
+
+/// Service levels from hand-made contacts, through the real SQL of transforms/service_level.yaml.
+/// June 2025, phone (answer within 20 s, 4.80 a contact): P1 waits 10 s, talks 300 s, resolved,
+/// rated 5; P2 waits 40 s, talks 60 s and is then abandoned (abandoned after answering); P3 is
+/// abandoned in the queue. Email (within a day, 1.60): E1 answered after 23 h, 600 s, resolved, 4.
+#[tokio::test]
+async fn service_levels_from_hand_made_contacts_with_an_abandon_after_answering() {
+    let ctx = datafusion::prelude::SessionContext::new();
+    for sql in [
+        "CREATE TABLE dim_date AS SELECT CAST(column1 AS DATE) AS date, column2 AS month FROM (VALUES ('2025-06-01', '2025-06'), ('2025-06-02', '2025-06'))",
+        "CREATE TABLE fact_interaction AS SELECT column1 AS interaction_id, column2 AS channel, CAST(column3 AS TIMESTAMP) AS queued_at,
+                CAST(column4 AS TIMESTAMP) AS answered_at, CAST(column5 AS TIMESTAMP) AS ended_at, column6 AS outcome, CAST(column7 AS INT) AS satisfaction
+         FROM (VALUES ('P1', 'phone', '2025-06-02 10:00:00', '2025-06-02 10:00:10', '2025-06-02 10:05:10', 'resolved', 5),
+                      ('P2', 'phone', '2025-06-02 11:00:00', '2025-06-02 11:00:40', '2025-06-02 11:01:40', 'abandoned', NULL),
+                      ('P3', 'phone', '2025-06-02 12:00:00', NULL, NULL, 'abandoned', NULL),
+                      ('E1', 'email', '2025-06-02 09:00:00', '2025-06-03 08:00:00', '2025-06-03 08:10:00', 'resolved', 4))",
+    ] {
+        ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    }
+    let project = &crate::common::loaded().test.project;
+    let transforms = crmcube::etl::TransformSet::load(project).unwrap();
+    let crmcube::etl::TransformBody::Derived { sql } = &transforms.get("service_level").unwrap().body else { panic!("derived") };
+    let df = ctx.sql(sql).await.unwrap();
+    ctx.register_table("service_level", df.into_view()).unwrap();
+    let options = crmcube::report::Options { date: Some("2025-06-30".parse().unwrap()), ..Default::default() };
+    let report = crmcube::report::run(&ctx, "service", &options).await.unwrap();
+    let rows = crate::common::cells(&report.sections[0].batches);
+    // channel, contacts, answered, abandoned, abandonment %, service level %, avg wait s, avg handle s, FCR %, satisfaction, cost/contact
+    assert_eq!(
+        rows,
+        [
+            row(&["phone", "3", "2", "2", "66.67", "33.33", "25.0", "180.0", "50.0", "5.0", "4.8"]),
+            row(&["email", "1", "1", "0", "0.0", "100.0", "82800.0", "600.0", "100.0", "4.0", "1.6"]),
+        ]
+    );
+    // All channels: 4 contacts, 2 answered in time (P1, E1), waits 10 + 40 + 82800 over 3 answered.
+    let month = &crate::common::cells(&report.sections[1].batches)[0];
+    assert_eq!(&month[..7], row(&["2025-06", "4", "3", "2", "50.0", "50.0", &format!("{:.1}", (10.0 + 40.0 + 82800.0) / 3.0)]).as_slice());
+    assert!((month[10].parse::<f64>().unwrap() - (3.0 * 4.80 + 1.60) / 4.0).abs() < 0.005, "{}", month[10]);
+}
