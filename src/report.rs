@@ -12,12 +12,13 @@ use datafusion::prelude::SessionContext;
 use crate::error::{QueryError, Result};
 
 /// The reports there are, with what each answers.
-pub const REPORTS: [(&str, &str); 6] = [
+pub const REPORTS: [(&str, &str); 7] = [
     ("rfm", "customers by RFM segment: how many, how recent, how frequent, what they are worth"),
     ("key-accounts", "top customers, revenue concentration (top 1 %, 10 %, 20 %), ABC classes, Pareto curve"),
     ("cohorts", "retention % of each first-purchase month's customers over the following months"),
     ("aging", "open receivables by days overdue and region, DSO, and the overdue accounts to chase (--date)"),
     ("credit", "credit exposure (open receivables + uninvoiced orders) against limits; accounts at ≥ --threshold %; orders past the limit"),
+    ("lifecycle", "customers by lifecycle stage per month, and the flows between stages in the month of --date (where customers are lost)"),
     ("service", "service levels per channel for the month of --date (default the latest), and the monthly trend"),
 ];
 
@@ -110,6 +111,7 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
     let date = match options.date {
         Some(d) => d,
         None if matches!(name, "aging" | "credit") => latest_date(ctx, "SELECT max(invoice_date) FROM fact_invoice", "invoices").await?,
+        None if name == "lifecycle" => latest_date(ctx, "SELECT max(order_date) FROM fact_sales", "orders").await?,
         None if name == "service" => latest_date(ctx, "SELECT max(month_first) FROM service_level", "service contacts").await?,
         None => chrono::NaiveDate::MIN,
     };
@@ -270,6 +272,28 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
                 ),
             ]
         }
+        "lifecycle" => {
+            let month = date.format("%Y-%m").to_string();
+            let stage = |s: &str| format!("count(CASE WHEN stage = '{s}' THEN 1 END) AS {s}");
+            let stages: Vec<String> = ["new", "active", "at_risk", "lost", "reactivated"].iter().map(|s| stage(s)).collect();
+            vec![
+                (
+                    format!("Customers by lifecycle stage (last {top} months to {month}; thresholds in README, Customer lifecycle)"),
+                    format!(
+                        "SELECT * FROM (SELECT month AS time_month, {} FROM customer_lifecycle WHERE month <= '{month}'
+                         GROUP BY month ORDER BY month DESC LIMIT {top}) ORDER BY time_month",
+                        stages.join(", ")
+                    ),
+                ),
+                (
+                    format!("Flows into {month}: stage the month before → stage in {month}"),
+                    format!(
+                        "SELECT coalesce(previous_stage, '(first purchase)') AS from_stage, stage AS to_stage, count(*) AS customers
+                         FROM customer_lifecycle WHERE month = '{month}' GROUP BY 1, 2 ORDER BY customers DESC, 1, 2"
+                    ),
+                ),
+            ]
+        }
         "service" => {
             let month = date.format("%Y-%m").to_string();
             vec![
@@ -304,6 +328,7 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
     let chart = match name {
         "rfm" => Some((0, vec!["customers_pct".to_string(), "revenue_pct".to_string()])),
         "key-accounts" => Some((3, Vec::new())),
+        "lifecycle" => Some((0, vec!["active".to_string(), "at_risk".to_string(), "lost".to_string(), "reactivated".to_string()])),
         "service" => Some((1, vec!["service_level_pct".to_string(), "abandonment_pct".to_string(), "fcr_pct".to_string()])),
         _ => None,
     };

@@ -325,3 +325,62 @@ async fn service_levels_from_hand_made_contacts_with_an_abandon_after_answering(
     assert_eq!(&month[..7], row(&["2025-06", "4", "3", "2", "50.0", "50.0", &format!("{:.1}", (10.0 + 40.0 + 82800.0) / 3.0)]).as_slice());
     assert!((month[10].parse::<f64>().unwrap() - (3.0 * 4.80 + 1.60) / 4.0).abs() < 0.005, "{}", month[10]);
 }
+
+/// The stage rules as README states them, applied month by month to each customer's purchases.
+#[tokio::test]
+async fn lifecycle_stages_and_flows_follow_the_documented_rules() {
+    use chrono::Datelike;
+    let orders = orders_by_customer().await;
+    let end = orders.values().flatten().map(|o| o.date).max().unwrap();
+    let index = |d: chrono::NaiveDate| d.year() * 12 + d.month() as i32;
+    let name = |i: i32| format!("{:04}-{:02}", (i - 1) / 12, (i - 1) % 12 + 1);
+    let mut expected: Vec<(String, String, String, String)> = Vec::new();
+    for (id, os) in &orders {
+        let months: std::collections::BTreeSet<i32> = os.iter().map(|o| index(o.date)).collect();
+        let first = *months.first().unwrap();
+        let (mut last, mut previous_gap, mut previous_stage) = (first, 0, String::new());
+        for m in first..=index(end) {
+            if months.contains(&m) {
+                last = m;
+            }
+            let gap = m - last;
+            let stage = if m == first {
+                "new"
+            } else if gap == 0 && previous_gap >= 6 {
+                "reactivated"
+            } else if gap <= 2 {
+                "active"
+            } else if gap <= 5 {
+                "at_risk"
+            } else {
+                "lost"
+            };
+            expected.push((id.clone(), name(m), stage.to_string(), previous_stage.clone()));
+            previous_gap = gap;
+            previous_stage = stage.to_string();
+        }
+    }
+    let got: Vec<(String, String, String, String)> = sql(
+        &session().await,
+        "SELECT customer_id, month, stage, coalesce(previous_stage, '') FROM customer_lifecycle ORDER BY 1, 2",
+    )
+    .await
+    .into_iter()
+    .map(|r| (r[0].clone(), r[1].clone(), r[2].clone(), r[3].clone()))
+    .collect();
+    assert_eq!(got.len(), expected.len());
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g, e);
+    }
+    // Every stage occurs, and the flows of the last month add up to its customers.
+    for stage in ["new", "active", "at_risk", "lost", "reactivated"] {
+        assert!(expected.iter().any(|e| e.2 == stage), "{stage}");
+    }
+    let report = crmcube::report::run(&session().await, "lifecycle", &Default::default()).await.unwrap();
+    let flows = crate::common::cells(&report.sections[1].batches);
+    let last = name(index(end));
+    let in_last = expected.iter().filter(|e| e.1 == last).count();
+    assert_eq!(flows.iter().map(|r| r[2].parse::<usize>().unwrap()).sum::<usize>(), in_last);
+    let lost_from_risk = expected.iter().filter(|e| e.1 == last && e.3 == "at_risk" && e.2 == "lost").count();
+    assert!(flows.contains(&row(&["at_risk", "lost", &lost_from_risk.to_string()])), "{flows:?}");
+}
