@@ -12,7 +12,8 @@ use datafusion::prelude::SessionContext;
 use crate::error::{QueryError, Result};
 
 /// The reports there are, with what each answers.
-pub const REPORTS: [(&str, &str); 7] = [
+pub const REPORTS: [(&str, &str); 8] = [
+    ("exec", "executive summary for the month of --date against the month before: revenue, margin, customers, churn, DSO, service level"),
     ("rfm", "customers by RFM segment: how many, how recent, how frequent, what they are worth"),
     ("key-accounts", "top customers, revenue concentration (top 1 %, 10 %, 20 %), ABC classes, Pareto curve"),
     ("cohorts", "retention % of each first-purchase month's customers over the following months"),
@@ -91,6 +92,83 @@ pub struct Report {
 /// Months after the first purchase a cohort report shows as columns.
 pub const COHORT_MONTHS: i64 = 12;
 
+/// The executive summary: each metric for the month of `date` and the month before.
+async fn exec(ctx: &SessionContext, date: chrono::NaiveDate) -> Result<Report> {
+    use chrono::{Datelike, Months};
+    use datafusion::arrow::array::{Float64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let first = date.with_day(1).expect("day 1 exists");
+    let periods = [first, first - Months::new(1)];
+    // Each metric as SQL of one number for the month {month} ending on {month_end}.
+    let metrics: [(&str, String); 7] = [
+        ("revenue", "SELECT CAST(sum(revenue) AS DOUBLE) FROM fact_sales WHERE to_char(order_date, '%Y-%m') = '{month}'".into()),
+        ("margin %", "SELECT 100 * CAST(sum(revenue) - sum(cost) AS DOUBLE) / CAST(sum(revenue) AS DOUBLE) FROM fact_sales WHERE to_char(order_date, '%Y-%m') = '{month}'".into()),
+        ("orders", "SELECT CAST(count(DISTINCT order_id) AS DOUBLE) FROM fact_sales WHERE to_char(order_date, '%Y-%m') = '{month}'".into()),
+        ("active customers", "SELECT CAST(count(*) AS DOUBLE) FROM customer_lifecycle WHERE month = '{month}' AND stage IN ('new', 'active', 'reactivated')".into()),
+        ("customers lost", "SELECT CAST(count(*) AS DOUBLE) FROM customer_lifecycle WHERE month = '{month}' AND stage = 'lost' AND previous_stage <> 'lost'".into()),
+        (
+            "DSO (days)",
+            format!(
+                "WITH {OPEN_INVOICES} SELECT CAST((SELECT sum(open_amount) FROM open_invoices) AS DOUBLE) * 90
+                 / CAST(sum(amount) AS DOUBLE) FROM fact_invoice WHERE invoice_date > {{date}} - INTERVAL '90 days' AND invoice_date <= {{date}}"
+            ),
+        ),
+        ("service level %", "SELECT 100 * CAST(sum(answered_in_time) AS DOUBLE) / CAST(sum(contacts) AS DOUBLE) FROM service_level WHERE month = '{month}'".into()),
+    ];
+    let mut values = vec![[None::<f64>; 2]; metrics.len()];
+    for (p, start) in periods.iter().enumerate() {
+        let end = (*start + Months::new(1)).pred_opt().expect("a day before");
+        for (i, (_, sql)) in metrics.iter().enumerate() {
+            let sql = sql.replace("{month}", &start.format("%Y-%m").to_string()).replace("{date}", &format!("DATE '{end}'"));
+            let batches = ctx.sql(&sql).await?.collect().await?;
+            values[i][p] = batches.first().and_then(|b| {
+                let c = b.column(0).as_any().downcast_ref::<Float64Array>()?;
+                (b.num_rows() > 0 && c.is_valid(0)).then(|| c.value(0))
+            });
+        }
+    }
+    let round = |v: f64| (v * 100.0).round() / 100.0;
+    let mark = |now: Option<f64>, before: Option<f64>| match (now, before) {
+        (Some(a), Some(b)) if a > b => "▲",
+        (Some(a), Some(b)) if a < b => "▼",
+        (Some(_), Some(_)) => "=",
+        _ => "",
+    };
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new("metric", DataType::Utf8, false),
+        Field::new(first.format("%Y-%m").to_string(), DataType::Float64, true),
+        Field::new(periods[1].format("%Y-%m").to_string(), DataType::Float64, true),
+        Field::new("change", DataType::Float64, true),
+        Field::new("change_pct", DataType::Float64, true),
+        Field::new("trend", DataType::Utf8, false),
+    ]));
+    let now: Vec<Option<f64>> = values.iter().map(|v| v[0].map(round)).collect();
+    let before: Vec<Option<f64>> = values.iter().map(|v| v[1].map(round)).collect();
+    let change: Vec<Option<f64>> = now.iter().zip(&before).map(|(a, b)| Some(round((*a)? - (*b)?))).collect();
+    let pct: Vec<Option<f64>> =
+        values.iter().map(|v| match (v[0], v[1]) { (Some(a), Some(b)) if b != 0.0 => Some((1000.0 * (a - b) / b.abs()).round() / 10.0), _ => None }).collect();
+    let marks: Vec<&str> = values.iter().map(|v| mark(v[0], v[1])).collect();
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            std::sync::Arc::new(StringArray::from(metrics.iter().map(|(m, _)| *m).collect::<Vec<_>>())),
+            std::sync::Arc::new(Float64Array::from(now)),
+            std::sync::Arc::new(Float64Array::from(before)),
+            std::sync::Arc::new(Float64Array::from(change)),
+            std::sync::Arc::new(Float64Array::from(pct)),
+            std::sync::Arc::new(StringArray::from(marks)),
+        ],
+    )?;
+    Ok(Report {
+        sections: vec![Section {
+            title: format!("Executive summary: {} against {} (definitions in README)", first.format("%Y-%m"), periods[1].format("%Y-%m")),
+            batches: vec![batch],
+            chart_only: false,
+        }],
+        chart: None,
+    })
+}
+
 /// The date `sql` answers (one date, e.g. the latest invoice date): the day a report defaults to.
 async fn latest_date(ctx: &SessionContext, sql: &str, what: &str) -> Result<chrono::NaiveDate> {
     let batches = ctx.sql(&format!("SELECT CAST(({sql}) AS VARCHAR)")).await?.collect().await?;
@@ -111,7 +189,7 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
     let date = match options.date {
         Some(d) => d,
         None if matches!(name, "aging" | "credit") => latest_date(ctx, "SELECT max(invoice_date) FROM fact_invoice", "invoices").await?,
-        None if name == "lifecycle" => latest_date(ctx, "SELECT max(order_date) FROM fact_sales", "orders").await?,
+        None if matches!(name, "lifecycle" | "exec") => latest_date(ctx, "SELECT max(order_date) FROM fact_sales", "orders").await?,
         None if name == "service" => latest_date(ctx, "SELECT max(month_first) FROM service_level", "service contacts").await?,
         None => chrono::NaiveDate::MIN,
     };
@@ -272,6 +350,7 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
                 ),
             ]
         }
+        "exec" => return exec(ctx, date).await,
         "lifecycle" => {
             let month = date.format("%Y-%m").to_string();
             let stage = |s: &str| format!("count(CASE WHEN stage = '{s}' THEN 1 END) AS {s}");

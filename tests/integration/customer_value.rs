@@ -384,3 +384,40 @@ async fn lifecycle_stages_and_flows_follow_the_documented_rules() {
     let lost_from_risk = expected.iter().filter(|e| e.1 == last && e.3 == "at_risk" && e.2 == "lost").count();
     assert!(flows.contains(&row(&["at_risk", "lost", &lost_from_risk.to_string()])), "{flows:?}");
 }
+
+#[tokio::test]
+async fn the_executive_summary_agrees_with_the_other_reports_and_the_base_tables() {
+    let ctx = session().await;
+    let options = crmcube::report::Options { date: Some("2025-03-15".parse().unwrap()), ..Default::default() };
+    let exec = crate::common::cells(&crmcube::report::run(&ctx, "exec", &options).await.unwrap().sections[0].batches);
+    let value = |metric: &str, column: usize| -> f64 { exec.iter().find(|r| r[0] == metric).unwrap()[column].parse().unwrap() };
+    // Revenue of March and February 2025 from order lines by hand.
+    let revenue = |month: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let q = format!(
+                "SELECT CAST(sum(CAST(l.quantity * l.unit_price * (100 - l.discount_pct) / 100 AS DECIMAL(18, 2))) AS VARCHAR)
+                 FROM order_lines l JOIN orders o ON l.order_id = o.order_id
+                 WHERE o.status = 'completed' AND to_char(o.order_date, '%Y-%m') = '{month}'"
+            );
+            cents(&sql(&ctx, &q).await[0][0]) as f64 / 100.0
+        }
+    };
+    let (march, february) = (revenue("2025-03").await, revenue("2025-02").await);
+    assert!((value("revenue", 1) - march).abs() < 0.006 && (value("revenue", 2) - february).abs() < 0.006);
+    assert!((value("revenue", 3) - (march - february)).abs() < 0.011);
+    assert!((value("revenue", 4) - (1000.0 * (march - february) / february).round() / 10.0).abs() < 1e-9);
+    assert_eq!(exec.iter().find(|r| r[0] == "revenue").unwrap()[5], if march > february { "▲" } else { "▼" });
+    // Active customers: the lifecycle stages new, active and reactivated of March.
+    let lifecycle = crmcube::report::run(&ctx, "lifecycle", &options).await.unwrap();
+    let stages = crate::common::cells(&lifecycle.sections[0].batches);
+    let march_row = stages.iter().find(|r| r[0] == "2025-03").unwrap();
+    let active: f64 = [1, 2, 5].iter().map(|i| march_row[*i].parse::<f64>().unwrap()).sum();
+    assert_eq!(value("active customers", 1), active);
+    // DSO at the month end equals the aging report's on 2025-03-31.
+    let aging = crmcube::report::run(&ctx, "aging", &crmcube::report::Options { date: Some("2025-03-31".parse().unwrap()), ..Default::default() })
+        .await
+        .unwrap();
+    let dso: f64 = crate::common::cells(&aging.sections[1].batches)[0][2].parse().unwrap();
+    assert!((value("DSO (days)", 1) - dso).abs() < 0.051, "{} vs {dso}", value("DSO (days)", 1));
+}
