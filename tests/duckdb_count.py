@@ -10,16 +10,23 @@ import sys
 
 import duckdb
 
-table, version = sys.argv[1], int(sys.argv[2])
-log = os.path.join(table, "_delta_log")
-active = {}
-for v in range(version + 1):
-    with open(os.path.join(log, f"{v:020d}.json")) as f:
-        for line in f:
-            action = json.loads(line)
-            if "add" in action:
-                active[action["add"]["path"]] = True
-            if "remove" in action:
-                active.pop(action["remove"]["path"], None)
-files = [os.path.join(table, p) for p in active]
-print(duckdb.sql(f"SELECT count(*) FROM read_parquet({files!r})").fetchall()[0][0])
+
+def active_files(table, version):
+    """The Parquet files of Delta table folder `table` at `version`: adds minus removes."""
+    log = os.path.join(table, "_delta_log")
+    active = {}
+    for v in range(version + 1):
+        with open(os.path.join(log, f"{v:020d}.json")) as f:
+            for line in f:
+                action = json.loads(line)
+                if "add" in action:
+                    active[action["add"]["path"]] = True
+                if "remove" in action:
+                    active.pop(action["remove"]["path"], None)
+    return [os.path.join(table, p) for p in active]
+
+
+if __name__ == "__main__":
+    table, version = sys.argv[1], int(sys.argv[2])
+    files = active_files(table, version)
+    print(duckdb.sql(f"SELECT count(*) FROM read_parquet({files!r})").fetchall()[0][0])
