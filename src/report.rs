@@ -12,7 +12,8 @@ use datafusion::prelude::SessionContext;
 use crate::error::{QueryError, Result};
 
 /// The reports there are, with what each answers.
-pub const REPORTS: [(&str, &str); 8] = [
+pub const REPORTS: [(&str, &str); 9] = [
+    ("clv", "predicted lifetime value (BG/NBD + Gamma-Gamma fitted at load): the model, top customers, value by RFM segment"),
     ("exec", "executive summary for the month of --date against the month before: revenue, margin, customers, churn, DSO, service level"),
     ("rfm", "customers by RFM segment: how many, how recent, how frequent, what they are worth"),
     ("key-accounts", "top customers, revenue concentration (top 1 %, 10 %, 20 %), ABC classes, Pareto curve"),
@@ -351,6 +352,35 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
             ]
         }
         "exec" => return exec(ctx, date).await,
+        "clv" => vec![
+            (
+                "Lifetime value models fitted by the load of this snapshot (times in weeks)".into(),
+                "SELECT customers, repeat_customers, round(r, 4) AS r, round(alpha, 4) AS alpha, round(a, 4) AS a, round(b, 4) AS b,
+                        round(bgnbd_log_likelihood, 2) AS bgnbd_ll, round(p, 4) AS p, round(q, 4) AS q, round(v, 2) AS v,
+                        round(gamma_gamma_log_likelihood, 2) AS gamma_gamma_ll, horizon_weeks, monthly_discount
+                 FROM clv_model"
+                    .into(),
+            ),
+            (
+                format!("Top {top} customers by predicted lifetime value (next 52 weeks, discounted 1 % a month)"),
+                format!(
+                    "SELECT v.customer_id, c.name, c.region, CAST(v.repeat_purchases AS BIGINT) AS repeat_purchases,
+                            round(v.p_alive, 3) AS p_alive, round(v.expected_purchases, 2) AS expected_purchases,
+                            round(v.expected_average_value, 2) AS expected_value, round(v.clv, 2) AS lifetime_value
+                     FROM customer_clv v LEFT JOIN dim_customer c ON c.customer_id = v.customer_id
+                     ORDER BY lifetime_value DESC, v.customer_id LIMIT {top}"
+                ),
+            ),
+            (
+                "Predicted value by RFM segment".into(),
+                "SELECT s.segment, count(*) AS customers, round(avg(v.p_alive), 3) AS avg_p_alive,
+                        round(sum(v.expected_purchases), 1) AS expected_purchases, round(sum(v.clv), 2) AS lifetime_value,
+                        round(100 * sum(v.clv) / sum(sum(v.clv)) OVER (), 1) AS lifetime_value_pct
+                 FROM customer_clv v JOIN customer_value s ON s.customer_id = v.customer_id
+                 GROUP BY s.segment ORDER BY lifetime_value DESC"
+                    .into(),
+            ),
+        ],
         "lifecycle" => {
             let month = date.format("%Y-%m").to_string();
             let stage = |s: &str| format!("count(CASE WHEN stage = '{s}' THEN 1 END) AS {s}");

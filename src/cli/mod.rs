@@ -362,7 +362,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 // written too; each rollup is built, then written.
                 let set = TransformSet::load(&project)?;
                 let rollups = CubeSet::load(&project, &set).map(|c| c.cubes.iter().map(|c| c.rollups.len()).sum::<usize>()).unwrap_or(0);
-                let tables = (set.transforms.len() + rollups) as u64;
+                let models = if set.get("fact_sales").is_some() { 2 } else { 0 };
+                let tables = (set.transforms.len() + rollups + models) as u64;
                 progress::start(2 * tables + 1);
             }
             let report = crate::etl::load_with(&project, &warehouse(&cli, &project), &options).await;

@@ -246,6 +246,18 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     }
     outputs.push((QUARANTINE_TABLE.to_string(), quarantine_schema(), quarantine));
 
+    // Lifetime value models, fitted over the whole customer base (see etl::models).
+    if set.get("fact_sales").is_some() {
+        let table_started = Instant::now();
+        for (name, schema, rows) in super::models::clv_tables(&ctx).await? {
+            crate::fault::point(&format!("fitted {name}"));
+            let n = count_rows(&rows);
+            tracing::info!(table = %name, rows = n, "derived");
+            reports.push(TableReport { table: name.clone(), kind: "model", read: n, loaded: n, quarantined: 0, duplicates: 0, millis: table_started.elapsed().as_millis() as u64 });
+            outputs.push((name, schema, rows));
+        }
+    }
+
     // Rollups, from the tables just derived (see crate::rollup).
     let cubes = crate::cube::CubeSet::load(project, &set)?;
     let mut partitions: BTreeMap<String, Vec<String>> = BTreeMap::new();

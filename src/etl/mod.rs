@@ -10,6 +10,7 @@
 pub mod clean;
 pub mod extract;
 pub mod load;
+pub mod models;
 pub mod parse;
 pub mod spec;
 pub mod validate;

@@ -4,6 +4,7 @@
 mod common;
 mod access;
 mod cli_output;
+mod clv;
 mod crash;
 mod cube_queries;
 mod customer_value;

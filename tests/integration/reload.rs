@@ -29,7 +29,7 @@ fn loading_the_same_exports_twice_leaves_identical_tables() {
         let second = load(&p, &w).await.unwrap();
         let after = checksums(&w).await;
         assert_eq!((first.snapshot, second.snapshot), (1, 2));
-        assert_eq!(before.len(), 23, "sixteen tables, the quarantine and six rollups");
+        assert_eq!(before.len(), 25, "sixteen tables, the quarantine, two model tables and six rollups");
         assert_eq!(before, after, "row counts and content checksums of every table");
         let counts = |r: &crmcube::etl::LoadReport| {
             r.tables.iter().map(|t| (t.table.clone(), t.read, t.loaded, t.quarantined, t.duplicates)).collect::<Vec<_>>()

@@ -1,0 +1,122 @@
+//! Model tables a load fits after the derived tables: the customer lifetime value models
+//! ([`crate::analytics::clv`]) over `fact_sales`.
+//!
+//! `clv_model` holds one row per snapshot — the fitted BG/NBD and Gamma-Gamma parameters, their
+//! log-likelihoods, the customers fitted and the settings — so every snapshot keeps the model its
+//! predictions came from; `customer_clv` holds each buying customer's inputs and predictions.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::prelude::SessionContext;
+
+use crate::analytics::clv::{self, Customer};
+use crate::error::{Error, Result};
+
+/// Per customer, in weeks: repeat purchase days (x), first → last purchase (t_x), first purchase →
+/// the observation end (t, the last order date), mean value of the repeat purchase days (m).
+pub const SUMMARY_SQL: &str = "WITH days AS (
+    SELECT customer_id, order_date, sum(revenue) AS value FROM fact_sales GROUP BY 1, 2
+  ), firsts AS (
+    SELECT customer_id, min(order_date) AS first_day, max(order_date) AS last_day, count(*) - 1 AS x FROM days GROUP BY 1
+  ), repeats AS (
+    SELECT d.customer_id, avg(CAST(d.value AS DOUBLE)) AS m FROM days d JOIN firsts f ON d.customer_id = f.customer_id
+    WHERE d.order_date > f.first_day GROUP BY 1
+  ), obs AS (SELECT max(order_date) AS end_day FROM fact_sales)
+  SELECT f.customer_id, CAST(f.x AS DOUBLE) AS x, CAST(f.last_day - f.first_day AS DOUBLE) / 7 AS t_x,
+         CAST(o.end_day - f.first_day AS DOUBLE) / 7 AS t, coalesce(r.m, 0) AS m
+  FROM firsts f CROSS JOIN obs o LEFT JOIN repeats r ON r.customer_id = f.customer_id ORDER BY 1";
+
+/// The customers of `SUMMARY_SQL`, with their ids.
+pub async fn summary(ctx: &SessionContext) -> Result<(Vec<String>, Vec<Customer>)> {
+    let mut ids = Vec::new();
+    let mut customers = Vec::new();
+    for b in ctx.sql(SUMMARY_SQL).await?.collect().await? {
+        let id = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+        let id = id.as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("customer ids are not text".into()))?;
+        let f = |i: usize| -> Result<Float64Array> {
+            let c = datafusion::arrow::compute::cast(b.column(i), &DataType::Float64)?;
+            Ok(c.as_any().downcast_ref::<Float64Array>().cloned().ok_or_else(|| Error::Internal("not a number".into()))?)
+        };
+        let (x, t_x, t, m) = (f(1)?, f(2)?, f(3)?, f(4)?);
+        for i in 0..b.num_rows() {
+            ids.push(id.value(i).to_string());
+            customers.push(Customer { x: x.value(i), t_x: t_x.value(i), t: t.value(i), m: m.value(i) });
+        }
+    }
+    Ok((ids, customers))
+}
+
+/// Fits the models over the customers of `ctx` and returns the `clv_model` and `customer_clv`
+/// tables. A fit that fails (too few customers, no repeat buyers) leaves both tables empty and
+/// says why in the log: the rest of the load does not depend on it.
+pub async fn clv_tables(ctx: &SessionContext) -> Result<Vec<(String, SchemaRef, Vec<RecordBatch>)>> {
+    let model_schema = Arc::new(Schema::new(
+        ["r", "alpha", "a", "b", "bgnbd_log_likelihood", "p", "q", "v", "gamma_gamma_log_likelihood", "horizon_weeks", "monthly_discount"]
+            .iter()
+            .map(|n| Field::new(*n, DataType::Float64, false))
+            .chain([Field::new("customers", DataType::Int64, false), Field::new("repeat_customers", DataType::Int64, false)])
+            .collect::<Vec<_>>(),
+    ));
+    let customer_schema = Arc::new(Schema::new(vec![
+        Field::new("customer_id", DataType::Utf8, false),
+        Field::new("repeat_purchases", DataType::Float64, false),
+        Field::new("recency_weeks", DataType::Float64, false),
+        Field::new("age_weeks", DataType::Float64, false),
+        Field::new("mean_repeat_value", DataType::Float64, false),
+        Field::new("p_alive", DataType::Float64, false),
+        Field::new("expected_purchases", DataType::Float64, false),
+        Field::new("expected_average_value", DataType::Float64, false),
+        Field::new("clv", DataType::Float64, false),
+    ]));
+    let (ids, customers) = summary(ctx).await?;
+    let fitted = clv::fit_bgnbd(&customers).and_then(|bg| Ok((bg, clv::fit_gamma_gamma(&customers)?)));
+    let (bg, gg) = match fitted {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(customers = customers.len(), "the lifetime value models did not fit: {e}; clv_model and customer_clv are empty");
+            return Ok(vec![
+                ("clv_model".into(), model_schema, Vec::new()),
+                ("customer_clv".into(), customer_schema, Vec::new()),
+            ]);
+        }
+    };
+    tracing::info!(r = bg.r, alpha = bg.alpha, a = bg.a, b = bg.b, ll = bg.log_likelihood, p = gg.p, q = gg.q, v = gg.v, "lifetime value models fitted");
+    let repeat = customers.iter().filter(|c| c.x > 0.0 && c.m > 0.0).count() as i64;
+    let f = |v: f64| -> Arc<dyn Array> { Arc::new(Float64Array::from(vec![v])) };
+    let model = RecordBatch::try_new(
+        model_schema.clone(),
+        vec![
+            f(bg.r),
+            f(bg.alpha),
+            f(bg.a),
+            f(bg.b),
+            f(bg.log_likelihood),
+            f(gg.p),
+            f(gg.q),
+            f(gg.v),
+            f(gg.log_likelihood),
+            f(clv::HORIZON_WEEKS),
+            f(clv::MONTHLY_DISCOUNT),
+            Arc::new(Int64Array::from(vec![customers.len() as i64])),
+            Arc::new(Int64Array::from(vec![repeat])),
+        ],
+    )?;
+    let col = |g: &dyn Fn(&Customer) -> f64| -> Arc<dyn Array> { Arc::new(Float64Array::from(customers.iter().map(g).collect::<Vec<_>>())) };
+    let rows = RecordBatch::try_new(
+        customer_schema.clone(),
+        vec![
+            Arc::new(StringArray::from(ids)),
+            col(&|c| c.x),
+            col(&|c| c.t_x),
+            col(&|c| c.t),
+            col(&|c| c.m),
+            col(&|c| bg.p_alive(c)),
+            col(&|c| bg.expected_purchases(clv::HORIZON_WEEKS, c)),
+            col(&|c| gg.expected_average_value(c)),
+            col(&|c| clv::clv(&bg, &gg, c)),
+        ],
+    )?;
+    Ok(vec![("clv_model".into(), model_schema, vec![model]), ("customer_clv".into(), customer_schema, vec![rows])])
+}
