@@ -15,13 +15,15 @@ use crate::analytics::clv::{self, Customer};
 use crate::error::{Error, Result};
 
 /// Per customer, in weeks: repeat purchase days (x), first → last purchase (t_x), first purchase →
-/// the observation end (t, the last order date), mean value of the repeat purchase days (m).
+/// the observation end (t, the last order date), mean value of the repeat purchase days (m). The
+/// mean is taken in decimal and only then made a float: a float sum depends on the order rows
+/// arrive in, and two loads of the same exports must give the same tables.
 pub const SUMMARY_SQL: &str = "WITH days AS (
     SELECT customer_id, order_date, sum(revenue) AS value FROM fact_sales GROUP BY 1, 2
   ), firsts AS (
     SELECT customer_id, min(order_date) AS first_day, max(order_date) AS last_day, count(*) - 1 AS x FROM days GROUP BY 1
   ), repeats AS (
-    SELECT d.customer_id, avg(CAST(d.value AS DOUBLE)) AS m FROM days d JOIN firsts f ON d.customer_id = f.customer_id
+    SELECT d.customer_id, CAST(avg(d.value) AS DOUBLE) AS m FROM days d JOIN firsts f ON d.customer_id = f.customer_id
     WHERE d.order_date > f.first_day GROUP BY 1
   ), obs AS (SELECT max(order_date) AS end_day FROM fact_sales)
   SELECT f.customer_id, CAST(f.x AS DOUBLE) AS x, CAST(f.last_day - f.first_day AS DOUBLE) / 7 AS t_x,
