@@ -211,6 +211,49 @@ impl GammaGamma {
     }
 }
 
+/// `n` customers drawn from the BG/NBD story with parameters (r, α, a, b), each observed for `t`
+/// time units from their first purchase: purchase rates from Gamma(r, α), dropout probabilities
+/// from Beta(a, b); after each repeat purchase the customer drops out with their probability.
+/// For tests and the fit benchmark (`cargo bench --bench clv`).
+pub fn simulate(n: usize, r: f64, alpha: f64, a: f64, b: f64, t: f64, seed: u64) -> Vec<Customer> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    // Marsaglia & Tsang's method; shapes below 1 via Gamma(shape + 1) × U^(1/shape).
+    let gamma = |rng: &mut rand_chacha::ChaCha8Rng, shape: f64, rate: f64| -> f64 {
+        let boost = if shape < 1.0 { rng.random::<f64>().powf(1.0 / shape) } else { 1.0 };
+        let d = if shape < 1.0 { shape + 1.0 } else { shape } - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let (u1, u2): (f64, f64) = (rng.random(), rng.random());
+            let z = (-2.0 * (1.0 - u1).ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            let v = (1.0 + c * z).powi(3);
+            if v > 0.0 && (1.0 - rng.random::<f64>()).ln() < 0.5 * z * z + d - d * v + d * v.ln() {
+                return boost * d * v / rate;
+            }
+        }
+    };
+    (0..n)
+        .map(|_| {
+            let lambda = gamma(&mut rng, r, alpha);
+            let (ga, gb) = (gamma(&mut rng, a, 1.0), gamma(&mut rng, b, 1.0));
+            let p = ga / (ga + gb);
+            let (mut now, mut x, mut t_x) = (0.0, 0.0, 0.0);
+            loop {
+                now += -(1.0 - rng.random::<f64>()).ln() / lambda;
+                if now > t {
+                    break;
+                }
+                x += 1.0;
+                t_x = now;
+                if rng.random::<f64>() < p {
+                    break;
+                }
+            }
+            Customer { x, t_x, t, m: 0.0 }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,44 +269,8 @@ mod tests {
 
     #[test]
     fn the_bgnbd_fit_recovers_the_parameters_that_generated_a_sample() {
-        // Simulate the BG/NBD story (r, α, a, b known) and fit it back.
-        use rand::{Rng, SeedableRng};
         let (r, alpha, a, b) = (0.8, 5.0, 0.9, 3.0);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let gamma = |rng: &mut rand_chacha::ChaCha8Rng, shape: f64, rate: f64| -> f64 {
-            // Marsaglia-Tsang for shape ≥ 1, boosted for shape < 1.
-            let boost = if shape < 1.0 { rng.random::<f64>().powf(1.0 / shape) } else { 1.0 };
-            let d = if shape < 1.0 { shape + 1.0 } else { shape } - 1.0 / 3.0;
-            let c = 1.0 / (9.0 * d).sqrt();
-            loop {
-                let (u1, u2): (f64, f64) = (rng.random(), rng.random());
-                let n = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                let v = (1.0 + c * n).powi(3);
-                if v > 0.0 && rng.random::<f64>().ln() < 0.5 * n * n + d - d * v + d * v.ln() {
-                    return boost * d * v / rate;
-                }
-            }
-        };
-        let mut customers = Vec::new();
-        for _ in 0..4000 {
-            let lambda = gamma(&mut rng, r, alpha);
-            let (ga, gb) = (gamma(&mut rng, a, 1.0), gamma(&mut rng, b, 1.0));
-            let p = ga / (ga + gb);
-            let t_end = 52.0;
-            let (mut now, mut x, mut t_x) = (0.0, 0.0, 0.0);
-            loop {
-                now += -rng.random::<f64>().ln() / lambda;
-                if now > t_end {
-                    break;
-                }
-                x += 1.0;
-                t_x = now;
-                if rng.random::<f64>() < p {
-                    break;
-                }
-            }
-            customers.push(Customer { x, t_x, t: t_end, m: 0.0 });
-        }
+        let customers = simulate(4000, r, alpha, a, b, 52.0, 7);
         let fit = fit_bgnbd(&customers).unwrap();
         for (got, want) in [(fit.r, r), (fit.alpha, alpha), (fit.a, a), (fit.b, b)] {
             assert!((got - want).abs() / want < 0.25, "{fit:?}");
