@@ -34,7 +34,7 @@ use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, TableReference};
 use datafusion::datasource::provider_as_source;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct, max, min, sum};
+use datafusion::functions_aggregate::expr_fn::{count_distinct, max, min, sum};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, Projection, SubqueryAlias, TableSource, cast};
 use datafusion::optimizer::AnalyzerRule;
@@ -47,14 +47,7 @@ use crate::warehouse::Snapshot;
 
 /// Output column names of a rollup's levels, each followed by its label when it has one.
 pub fn level_columns(cube: &Cube, rollup: &Rollup) -> Vec<String> {
-    let mut out = Vec::new();
-    for l in rollup.level_refs(cube) {
-        out.push(l.output_name());
-        if l.level().label.is_some() {
-            out.push(format!("{}_name", l.output_name()));
-        }
-    }
-    out
+    crate::query::level_columns(&rollup.level_refs(cube))
 }
 
 /// The rows of `rollup`, planned over the cube's tables in `ctx`, sorted by its partition and
@@ -68,15 +61,8 @@ pub async fn build(ctx: &SessionContext, cube: &Cube, rollup: &Rollup) -> Result
     for name in &rollup.measures {
         let m = cube.measure(name)?;
         let MeasureKind::Base { agg, .. } = &m.kind else { continue };
-        let c = col(name.as_str());
-        aggs.push(match agg {
-            Aggregation::Sum => sum(c),
-            Aggregation::Count => count(c),
-            Aggregation::CountDistinct => count_distinct(c),
-            Aggregation::Min => min(c),
-            Aggregation::Max => max(c),
-            Aggregation::Avg => unreachable!("the cube model refuses averages in rollups"),
-        });
+        // The cube model refuses averages in rollups, so every call here re-aggregates.
+        aggs.push(crate::query::aggregate_call(*agg, col(name.as_str())));
     }
     // Aggregates unaliased in the Aggregate node (see query::aggregate), named above it.
     let grouped = rows.aggregate(groups.iter().map(|g| col(g.as_str())).collect(), aggs)?;

@@ -309,7 +309,7 @@ fn filter_expr(df: &DataFrame, l: &LevelRef<'_>, f: &Filter) -> Result<Expr> {
 }
 
 /// Output column names of levels, each followed by its label when it has one.
-fn level_columns(levels: &[LevelRef<'_>]) -> Vec<String> {
+pub(crate) fn level_columns(levels: &[LevelRef<'_>]) -> Vec<String> {
     let mut out = Vec::new();
     for l in levels {
         out.push(l.output_name());
@@ -366,15 +366,7 @@ fn aggregate(rows: Rows, group_cols: &[String], b: &Bound<'_>) -> Result<DataFra
         .filter_map(|m| match &m.kind {
             MeasureKind::Base { agg, column, semi_additive: None } => {
                 let c = col(if by_measure { m.name.as_str() } else { column.as_str() });
-                let e = match agg {
-                    Aggregation::Sum => sum(c),
-                    Aggregation::Count => count(c),
-                    Aggregation::CountDistinct => count_distinct(c),
-                    Aggregation::Min => min(c),
-                    Aggregation::Max => max(c),
-                    Aggregation::Avg => avg(c),
-                };
-                Some((e, m.name.as_str()))
+                Some((aggregate_call(*agg, c), m.name.as_str()))
             }
             _ => None,
         })
@@ -410,6 +402,18 @@ fn aggregate(rows: Rows, group_cols: &[String], b: &Bound<'_>) -> Result<DataFra
         }
     }
     Ok(out)
+}
+
+/// A base measure's aggregation applied to `c`.
+pub(crate) fn aggregate_call(agg: Aggregation, c: Expr) -> Expr {
+    match agg {
+        Aggregation::Sum => sum(c),
+        Aggregation::Count => count(c),
+        Aggregation::CountDistinct => count_distinct(c),
+        Aggregation::Min => min(c),
+        Aggregation::Max => max(c),
+        Aggregation::Avg => avg(c),
+    }
 }
 
 /// Adds one semi-additive measure to `main` (already grouped by `group_cols`).
