@@ -505,7 +505,7 @@ pub async fn refresh(warehouse: &crate::warehouse::Warehouse, cubes: &CubeSet, a
             let version = warehouse.write_partitioned(&rollup.table, schema, rows, &partition).await?;
             crate::fault::point(&format!("refreshed {}", rollup.table));
             tracing::info!(table = %rollup.table, rows = n, version, "written");
-            tables.insert(rollup.table.clone(), crate::warehouse::TableEntry { version, rows: n });
+            tables.insert(rollup.table.clone(), crate::warehouse::TableEntry::new(version, n));
             rebuilt.push((rollup.table.clone(), n));
         }
     }

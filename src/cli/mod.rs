@@ -651,8 +651,13 @@ async fn shutdown_signal() {
 fn print_load(out: &mut dyn Write, report: &LoadReport) -> Result<()> {
     let io = |e| Error::io("<stdout>", e);
     let w = report.tables.iter().map(|t| t.table.len()).max().unwrap_or(0).max(18);
-    writeln!(out, "{:<w$} {:>8} {:>10} {:>8} {:>11} {:>11}", "table", "kind", "read", "loaded", "quarantined", "duplicates")
-        .map_err(io)?;
+    let n = |v: u64| output::group_thousands(&v.to_string());
+    writeln!(
+        out,
+        "{:<w$} {:>8} {:>11} {:>10} {:>10} {:>8} {:>11} {:>10} {:>10}",
+        "table", "kind", "mode", "read", "loaded", "updated", "quarantined", "duplicates", "rows"
+    )
+    .map_err(io)?;
     let mut read = 0;
     for t in &report.tables {
         if t.kind == "source" {
@@ -660,21 +665,35 @@ fn print_load(out: &mut dyn Write, report: &LoadReport) -> Result<()> {
         }
         writeln!(
             out,
-            "{:<w$} {:>8} {:>10} {:>8} {:>11} {:>11}",
+            "{:<w$} {:>8} {:>11} {:>10} {:>10} {:>8} {:>11} {:>10} {:>10}",
             t.table,
             t.kind,
-            output::group_thousands(&t.read.to_string()),
-            output::group_thousands(&t.loaded.to_string()),
+            t.mode,
+            n(t.read),
+            n(t.loaded),
+            n(t.updated),
             t.quarantined,
-            t.duplicates
+            t.duplicates,
+            n(t.rows)
         )
         .map_err(io)?;
+        if t.skipped > 0 || t.watermark_after.is_some() {
+            writeln!(
+                out,
+                "{:<w$}   watermark {} → {} ({} rows at or before it skipped)",
+                "",
+                t.watermark_before.as_deref().unwrap_or("none"),
+                t.watermark_after.as_deref().unwrap_or("none"),
+                n(t.skipped)
+            )
+            .map_err(io)?;
+        }
     }
     let f = &report.files;
     if let Some(since) = f.since {
         writeln!(
             out,
-            "{} export file(s) read: {} new, {} changed and {} gone since snapshot {since}",
+            "{} export file(s) matched: {} new, {} changed and {} gone since snapshot {since}",
             f.read,
             f.new.len(),
             f.changed.len(),
@@ -685,11 +704,14 @@ fn print_load(out: &mut dyn Write, report: &LoadReport) -> Result<()> {
             writeln!(out, "  changed since it was loaded: {path}").map_err(io)?;
         }
     }
+    if report.unchanged {
+        return writeln!(out, "nothing changed since snapshot {}: no snapshot written ({:.2} s)", report.snapshot, report.seconds).map_err(io);
+    }
     writeln!(
         out,
-        "snapshot {} committed: {} source rows in {:.2} s ({} rows/s)",
+        "snapshot {} committed: {} source rows read in {:.2} s ({} rows/s)",
         report.snapshot,
-        output::group_thousands(&read.to_string()),
+        n(read),
         report.seconds,
         output::group_thousands(&format!("{:.0}", read as f64 / report.seconds.max(1e-9)))
     )

@@ -71,13 +71,15 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ProgressLayer {
         let Some(bar) = guard.as_ref() else { return };
         let mut f = Fields::default();
         event.record(&mut f);
-        let verb = match f.message.as_str() {
-            "cleaned" => "cleaned",
-            "derived" => "derived",
-            "written" => "wrote",
+        let (verb, steps) = match f.message.as_str() {
+            "cleaned" => ("cleaned", 1),
+            "derived" => ("derived", 1),
+            "written" => ("wrote", 1),
+            // A kept table is neither built nor written.
+            "unchanged" => ("kept", 2),
             _ => return,
         };
-        bar.inc(1);
+        bar.inc(steps);
         bar.set_message(format!("{verb} {}", f.table));
     }
 }

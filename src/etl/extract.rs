@@ -47,8 +47,8 @@ pub struct Extracted {
     pub files: Vec<PathBuf>,
 }
 
-/// Reads every file matching the source's glob under `sources_dir`.
-pub fn extract(table: &str, spec: &SourceTransform, sources_dir: &Path, display_root: &Path) -> Result<Extracted> {
+/// Every file matching the source's glob under `sources_dir`, sorted; an error when none does.
+pub fn list_files(table: &str, spec: &SourceTransform, sources_dir: &Path) -> Result<Vec<PathBuf>> {
     let pattern = sources_dir.join(&spec.source.path);
     let pattern_text = pattern.to_string_lossy().to_string();
     let mut files: Vec<PathBuf> = glob::glob(&pattern_text)
@@ -69,12 +69,43 @@ pub fn extract(table: &str, spec: &SourceTransform, sources_dir: &Path, display_
         }
         .into());
     }
+    Ok(files)
+}
+
+/// Each file's path under `sources_dir`, size and SHA-256 (what a snapshot records of it).
+pub fn survey(files: &[PathBuf], sources_dir: &Path) -> Result<Vec<SourceFile>> {
+    files
+        .par_iter()
+        .map(|f| {
+            let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
+            Ok(SourceFile::of(source_key(f, sources_dir), &bytes))
+        })
+        .collect()
+}
+
+fn source_key(file: &Path, sources_dir: &Path) -> String {
+    file.strip_prefix(sources_dir).unwrap_or(file).to_string_lossy().to_string()
+}
+
+/// Reads every file matching the source's glob under `sources_dir`.
+pub fn extract(table: &str, spec: &SourceTransform, sources_dir: &Path, display_root: &Path) -> Result<Extracted> {
+    let files = list_files(table, spec, sources_dir)?;
+    extract_files(table, spec, files, sources_dir, display_root)
+}
+
+/// Reads the given files of a source (an incremental load reads only the new ones).
+pub fn extract_files(
+    table: &str,
+    spec: &SourceTransform,
+    files: Vec<PathBuf>,
+    sources_dir: &Path,
+    display_root: &Path,
+) -> Result<Extracted> {
     let parts: Vec<(FileRows, SourceFile)> = files
         .par_iter()
         .map(|f| {
             let shown = f.strip_prefix(display_root).unwrap_or(f).to_string_lossy().to_string();
-            let key = f.strip_prefix(sources_dir).unwrap_or(f).to_string_lossy().to_string();
-            read_file(table, spec, f, &shown, key)
+            read_file(table, spec, f, &shown, source_key(f, sources_dir))
         })
         .collect::<Result<_>>()?;
     let mut all = FileRows::new(spec.columns.len());

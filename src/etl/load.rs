@@ -15,9 +15,14 @@ use datafusion::prelude::SessionContext;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use std::path::PathBuf;
+
+use datafusion::arrow::array::Array;
+
 use super::clean::{clean, count_rows};
-use super::extract::{Extracted, Reject, extract};
-use super::validate::{TransformBody, TransformSet};
+use super::extract::{self, Extracted, Reject};
+use super::spec::LoadMode;
+use super::validate::{History, SourceTransform, Transform, TransformBody, TransformSet};
 use crate::error::{DataError, Error, Result};
 use crate::project::Project;
 use crate::warehouse::{Snapshot, SourceFile, TableEntry, Warehouse};
@@ -26,17 +31,31 @@ use crate::warehouse::{Snapshot, SourceFile, TableEntry, Warehouse};
 pub const QUARANTINE_TABLE: &str = "quarantine";
 
 /// What happened to one table in a load.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
 pub struct TableReport {
     pub table: String,
-    /// `source` or `derived`.
+    /// `source`, `history`, `derived`, `model` or `rollup`.
     pub kind: &'static str,
-    /// Records read from the export(s); for derived tables, rows produced.
+    /// `full` (rebuilt from all its input), `incremental` (new rows merged into the previous
+    /// snapshot's) or `unchanged` (nothing it reads changed: the previous version is kept).
+    pub mode: &'static str,
+    /// Records read from the export(s); for other kinds, rows produced.
     pub read: u64,
+    /// Rows written from what was read (for an incremental load: inserted plus updated).
     pub loaded: u64,
+    /// Of `loaded`, rows that replaced a row with the same key (incremental loads).
+    pub updated: u64,
     pub quarantined: u64,
     /// Rows superseded by a later row with the same key.
     pub duplicates: u64,
+    /// Rows at or before the stored watermark (incremental loads), left out.
+    pub skipped: u64,
+    /// Rows in the table after the load.
+    pub rows: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark_before: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark_after: Option<String>,
     /// Time spent on this table (extraction is shared and counted in the load's total).
     pub millis: u64,
 }
@@ -44,7 +63,11 @@ pub struct TableReport {
 /// The outcome of a load.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
+    /// The snapshot readers see after the load: a new one, or the previous one when nothing
+    /// changed (`unchanged`).
     pub snapshot: u64,
+    /// Nothing the load reads changed since the previous snapshot: no snapshot was written.
+    pub unchanged: bool,
     pub tables: Vec<TableReport>,
     /// Export files compared with the ones the previous snapshot was loaded from.
     pub files: FilesReport,
@@ -54,6 +77,7 @@ pub struct LoadReport {
 /// Export files of this load against the previous snapshot's (paths under the sources folder).
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct FilesReport {
+    /// Files the export paths match tonight.
     pub read: usize,
     /// Not in the previous snapshot.
     pub new: Vec<String>,
@@ -114,9 +138,15 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
 
 /// [`load`] with options.
 ///
-/// Every table is a full refresh, so an export that arrives empty (a failed extract upstream, a
-/// truncated transfer) would wipe its table. Such a load stops before committing unless the
-/// table is named in `allow_empty`.
+/// A `full` table is rebuilt from all its export files, unless those files, its transform and
+/// the tables it references are exactly as the previous snapshot loaded them: then it is kept.
+/// An `incremental` table reads only files the previous snapshot did not load (or that changed)
+/// and merges their rows into the previous rows. A history, derived, model or rollup table is
+/// rebuilt only when something it reads changed. When nothing changed at all, no snapshot is
+/// written: running the same night's load twice is a no-op.
+///
+/// A full table whose export arrives empty (a failed extract upstream, a truncated transfer)
+/// would be wiped; such a load stops before committing unless the table is in `allow_empty`.
 pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadOptions) -> Result<LoadReport> {
     let started = Instant::now();
     let set = TransformSet::load(project)?;
@@ -131,54 +161,301 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     let _lock = warehouse.lock()?;
     let previous = warehouse.current()?;
     let ctx = warehouse.context()?;
+    let mut run = Run::new(project, warehouse, &ctx, previous.as_ref());
 
-    // Extract every source in parallel: decoding and splitting is CPU work outside DataFusion.
-    let sources: Vec<_> = set
+    // Survey every source's files (path and checksum) before reading any: what changed decides
+    // what is read.
+    let sources: Vec<(&Transform, &SourceTransform)> = set
         .transforms
         .iter()
         .filter_map(|t| match &t.body {
             TransformBody::Source(s) => Some((t, s)),
-            TransformBody::Derived { .. } => None,
+            _ => None,
         })
         .collect();
-    let extracted: Vec<Extracted> = sources
-        .par_iter()
-        .map(|(t, s)| extract(&t.name, s, &project.sources, &project.root))
-        .collect::<Result<_>>()?;
-    for (t, _) in &sources {
-        crate::fault::point(&format!("extracted {}", t.name));
-    }
-    let files: BTreeMap<String, SourceFile> =
-        extracted.iter().flat_map(|e| e.sources.iter().map(|f| (f.path.clone(), f.clone()))).collect();
-    let files_report = FilesReport::compare(&files, previous.as_ref());
+    let listed: Vec<Vec<PathBuf>> =
+        sources.iter().map(|(t, s)| extract::list_files(&t.name, s, &project.sources)).collect::<Result<_>>()?;
+    let surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources)).collect::<Result<_>>()?;
+    let files_now: BTreeMap<String, SourceFile> = surveyed.iter().flatten().map(|f| (f.path.clone(), f.clone())).collect();
+    let files_report = FilesReport::compare(&files_now, previous.as_ref());
     for path in &files_report.changed {
         tracing::warn!(file = %path, since = ?files_report.since, "export file changed since the previous snapshot loaded it");
     }
 
-    let mut reports = Vec::new();
-    let mut outputs: Vec<(String, SchemaRef, Vec<RecordBatch>)> = Vec::new();
-    let mut quarantine: Vec<RecordBatch> = Vec::new();
-    for ((t, spec), ex) in sources.iter().zip(extracted) {
+    // What each source reads tonight.
+    let mut plans = Vec::new();
+    for (((t, spec), files), hashes) in sources.iter().zip(listed).zip(&surveyed) {
+        plans.push(run.plan_source(t, spec, files, hashes)?);
+    }
+    // Extract the files to read, every source in parallel (decoding and splitting is CPU work
+    // outside DataFusion).
+    let extracted: Vec<Option<Extracted>> = sources
+        .par_iter()
+        .zip(plans.par_iter())
+        .map(|((t, s), plan)| match plan {
+            SourcePlan::Keep => Ok(None),
+            SourcePlan::Full(files) | SourcePlan::Incremental(files) => {
+                extract::extract_files(&t.name, s, files.clone(), &project.sources, &project.root).map(Some)
+            }
+        })
+        .collect::<Result<_>>()?;
+    for ((t, _), e) in sources.iter().zip(&extracted) {
+        if e.is_some() {
+            crate::fault::point(&format!("extracted {}", t.name));
+        }
+    }
+    let mut extracted = extracted.into_iter();
+    let mut plans = plans.into_iter();
+    for t in &set.transforms {
+        match &t.body {
+            TransformBody::Source(spec) => {
+                let (plan, ex) = (plans.next().unwrap_or(SourcePlan::Keep), extracted.next().flatten());
+                run.source(t, spec, plan, ex, options).await?;
+            }
+            TransformBody::History(h) => run.history(t, h).await?,
+            TransformBody::Derived { .. } => {}
+        }
+    }
+
+    // Derived tables, each once all the tables its SQL reads are registered.
+    let mut pending: Vec<&Transform> = set.transforms.iter().filter(|t| matches!(t.body, TransformBody::Derived { .. })).collect();
+    let pending_names: BTreeSet<String> = pending.iter().map(|t| t.name.clone()).collect();
+    while !pending.is_empty() {
+        let mut progressed = false;
+        let mut i = 0;
+        while i < pending.len() {
+            let t = pending[i];
+            let TransformBody::Derived { sql } = &t.body else { unreachable!("only derived tables are pending") };
+            let inputs = referenced_tables(&ctx, sql)?;
+            if inputs.iter().any(|n| pending_names.contains(n) && !run.done.contains(n)) {
+                i += 1;
+                continue;
+            }
+            run.derived(&set, t, sql, &inputs).await?;
+            pending.remove(i);
+            progressed = true;
+        }
+        if !progressed {
+            let names: Vec<_> = pending.iter().map(|t| t.name.as_str()).collect();
+            return Err(DataError::Input {
+                file: project.display_path(&project.transforms),
+                line: None,
+                message: format!("derived tables depend on each other in a cycle: {}", names.join(", ")),
+            }
+            .into());
+        }
+    }
+
+    // Lifetime value models, fitted over the whole customer base (see etl::models).
+    if set.get("fact_sales").is_some() {
+        run.models().await?;
+    }
+
+    // Rollups, from the tables just derived (see crate::rollup).
+    let cubes = crate::cube::CubeSet::load(project, &set)?;
+    for cube in &cubes.cubes {
+        for rollup in &cube.rollups {
+            run.rollup(cube, rollup).await?;
+        }
+    }
+
+    if run.changed.is_empty()
+        && let Some(prev) = previous.as_ref()
+        && run.ledger(&set, &files_now) == prev.files
+    {
+        tracing::info!(snapshot = prev.id, "nothing changed since the previous snapshot; none written");
+        return Ok(LoadReport { snapshot: prev.id, unchanged: true, tables: run.reports, files: files_report, seconds: started.elapsed().as_secs_f64() });
+    }
+    run.quarantine().await?;
+
+    // Commit: every table first, then the snapshot that names them.
+    let files = run.ledger(&set, &files_now);
+    let mut entries = std::mem::take(&mut run.entries);
+    for out in std::mem::take(&mut run.outputs) {
+        let n = count_rows(&out.rows);
+        let version = if out.append {
+            warehouse.append_table(&out.name, out.schema, out.rows).await?
+        } else {
+            warehouse.write_partitioned(&out.name, out.schema, out.rows, &out.partition).await?
+        };
+        crate::fault::point(&format!("wrote {}", out.name));
+        tracing::info!(table = %out.name, version, rows = n, "written");
+        entries.insert(out.name, TableEntry { version, rows: out.total_rows, spec: out.spec, watermark: out.watermark });
+    }
+    let snapshot: Snapshot = warehouse.commit(entries, files, crate::rollup::fingerprints(&cubes))?;
+    tracing::info!(snapshot = snapshot.id, "snapshot committed");
+    Ok(LoadReport { snapshot: snapshot.id, unchanged: false, tables: run.reports, files: files_report, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// What a load does with one source table.
+#[derive(Debug)]
+enum SourcePlan {
+    /// Keep the previous snapshot's version.
+    Keep,
+    /// Rebuild from these files (all the export path matches).
+    Full(Vec<PathBuf>),
+    /// Merge the rows of these files (new or changed since loaded) into the previous rows.
+    Incremental(Vec<PathBuf>),
+}
+
+/// A table a load writes.
+struct Output {
+    name: String,
+    schema: SchemaRef,
+    rows: Vec<RecordBatch>,
+    /// Rows in the table after the write (more than `rows` when appending).
+    total_rows: u64,
+    /// Add `rows` to the previous version instead of replacing it.
+    append: bool,
+    partition: Vec<String>,
+    spec: Option<String>,
+    watermark: Option<String>,
+}
+
+/// The state of one load: which tables changed, what is kept, what will be written.
+struct Run<'a> {
+    project: &'a Project,
+    warehouse: &'a Warehouse,
+    ctx: &'a SessionContext,
+    previous: Option<&'a Snapshot>,
+    /// Tables whose content may differ from the previous snapshot's.
+    changed: BTreeSet<String>,
+    /// Tables registered in `ctx` with their content after this load.
+    done: BTreeSet<String>,
+    /// Kept tables: the previous snapshot's entries.
+    entries: BTreeMap<String, TableEntry>,
+    outputs: Vec<Output>,
+    reports: Vec<TableReport>,
+    /// This load's quarantine rows, and the tables whose earlier quarantine rows they replace.
+    quarantine: Vec<RecordBatch>,
+    requarantined: BTreeSet<String>,
+    /// Full tables: their files are the ones matched tonight; other files of theirs leave the ledger.
+    full_patterns: Vec<glob::Pattern>,
+}
+
+impl<'a> Run<'a> {
+    fn new(project: &'a Project, warehouse: &'a Warehouse, ctx: &'a SessionContext, previous: Option<&'a Snapshot>) -> Self {
+        Self {
+            project,
+            warehouse,
+            ctx,
+            previous,
+            changed: BTreeSet::new(),
+            done: BTreeSet::new(),
+            entries: BTreeMap::new(),
+            outputs: Vec::new(),
+            reports: Vec::new(),
+            quarantine: Vec::new(),
+            requarantined: BTreeSet::new(),
+            full_patterns: Vec::new(),
+        }
+    }
+
+    fn previous_entry(&self, table: &str) -> Option<&'a TableEntry> {
+        self.previous.and_then(|p| p.tables.get(table))
+    }
+
+    /// Fingerprint of a transform: its file's text (a changed rule or column rebuilds the table).
+    fn fingerprint(&self, t: &Transform) -> Result<String> {
+        let path = self.project.root.join(&t.file);
+        let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let kind = if matches!(t.body, TransformBody::History(_)) { "history" } else { "table" };
+        Ok(SourceFile::of(kind.into(), &text).sha256)
+    }
+
+    /// The previous snapshot's version of `table`, registered under `name`.
+    async fn register_previous(&self, table: &str, name: &str) -> Result<bool> {
+        let Some(entry) = self.previous_entry(table) else { return Ok(false) };
+        let provider = self.warehouse.provider(self.ctx, table, entry.version).await?;
+        self.ctx.register_table(name, provider)?;
+        Ok(true)
+    }
+
+    /// Keeps the previous snapshot's version of a table (nothing it reads changed).
+    async fn keep(&mut self, table: &str, kind: &'static str) -> Result<()> {
+        let entry = self.previous_entry(table).ok_or_else(|| Error::Internal(format!("no previous version of '{table}' to keep")))?;
+        self.register_previous(table, table).await?;
+        self.entries.insert(table.to_string(), entry.clone());
+        self.done.insert(table.to_string());
+        tracing::info!(table = %table, rows = entry.rows, "unchanged");
+        self.reports.push(TableReport { table: table.to_string(), kind, mode: "unchanged", rows: entry.rows, ..Default::default() });
+        Ok(())
+    }
+
+    fn plan_source(&mut self, t: &Transform, spec: &SourceTransform, files: Vec<PathBuf>, hashes: &[SourceFile]) -> Result<SourcePlan> {
+        let pattern = glob::Pattern::new(&spec.source.path).map_err(|e| DataError::Input {
+            file: t.file.clone(),
+            line: None,
+            message: format!("invalid source path pattern '{}': {e}", spec.source.path),
+        })?;
+        let before: BTreeMap<&str, &str> = self
+            .previous
+            .map(|p| p.files.iter().filter(|(k, _)| pattern.matches(k)).map(|(k, f)| (k.as_str(), f.sha256.as_str())).collect())
+            .unwrap_or_default();
+        let Some(entry) = self.previous_entry(&t.name) else {
+            if spec.mode == LoadMode::Full {
+                self.full_patterns.push(pattern);
+            }
+            return Ok(SourcePlan::Full(files));
+        };
+        let same_spec = entry.spec.as_deref() == Some(self.fingerprint(t)?.as_str());
+        let unseen: Vec<PathBuf> = files
+            .iter()
+            .zip(hashes)
+            .filter(|(_, h)| before.get(h.path.as_str()) != Some(&h.sha256.as_str()))
+            .map(|(f, _)| f.clone())
+            .collect();
+        match spec.mode {
+            LoadMode::Full => {
+                self.full_patterns.push(pattern);
+                let same_files = unseen.is_empty() && before.len() == hashes.len();
+                let references_changed = spec.references.iter().any(|r| self.changed.contains(&r.table));
+                Ok(if same_spec && same_files && !references_changed { SourcePlan::Keep } else { SourcePlan::Full(files) })
+            }
+            LoadMode::Incremental => {
+                if spec.key.is_empty() && spec.watermark.is_none() {
+                    let rewritten: Vec<&str> =
+                        hashes.iter().filter(|h| before.get(h.path.as_str()).is_some_and(|b| *b != h.sha256)).map(|h| h.path.as_str()).collect();
+                    if let Some(path) = rewritten.first() {
+                        return Err(DataError::Input {
+                            file: self.project.display_path(&self.project.sources.join(path)),
+                            line: None,
+                            message: format!(
+                                "this export changed after it was loaded into '{}', an incremental table with neither a key nor a watermark: \
+                                 loading it again would double its rows. Restore the file as it was and deliver the new rows in a new file, \
+                                 or declare a `key:` or `watermark:` in {}",
+                                t.name,
+                                t.file.display()
+                            ),
+                        }
+                        .into());
+                    }
+                }
+                Ok(if unseen.is_empty() && same_spec { SourcePlan::Keep } else { SourcePlan::Incremental(unseen) })
+            }
+        }
+    }
+
+    async fn source(&mut self, t: &Transform, spec: &SourceTransform, plan: SourcePlan, ex: Option<Extracted>, options: &LoadOptions) -> Result<()> {
+        let Some(ex) = ex else { return self.keep(&t.name, "source").await };
+        let incremental = matches!(plan, SourcePlan::Incremental(_));
         let table_started = Instant::now();
-        let cleaned = clean(&ctx, &t.name, spec, ex.batch).await?;
+        let cleaned = clean(self.ctx, &t.name, spec, ex.batch).await?;
         crate::fault::point(&format!("cleaned {}", t.name));
         let quarantined = cleaned.quarantined + ex.rejects.len() as u64;
-        let report = TableReport {
+        let mut report = TableReport {
             table: t.name.clone(),
             kind: "source",
+            mode: if incremental { "incremental" } else { "full" },
             read: ex.read,
             loaded: cleaned.loaded,
             quarantined,
             duplicates: cleaned.duplicates,
-            millis: table_started.elapsed().as_millis() as u64,
+            ..Default::default()
         };
-        tracing::info!(table = %t.name, read = report.read, loaded = report.loaded, quarantined, duplicates = report.duplicates, "cleaned");
-        let had = previous.as_ref().and_then(|s| s.tables.get(&t.name)).map(|e| e.rows).unwrap_or(0);
-        if report.read == 0 && had > 0 && !options.allow_empty.contains(&t.name) {
+        let had = self.previous_entry(&t.name).map(|e| e.rows).unwrap_or(0);
+        if !incremental && report.read == 0 && had > 0 && !options.allow_empty.contains(&t.name) {
             return Err(DataError::EmptySource { table: t.name.clone(), previous: had }.into());
-        }
-        if report.read != report.loaded + report.quarantined + report.duplicates {
-            return Err(Error::Internal(format!("row accounting does not add up for table '{}': {report:?}", t.name)));
         }
         if quarantined as f64 > spec.reject_threshold * report.read as f64 {
             return Err(DataError::RejectThreshold {
@@ -190,113 +467,350 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
             }
             .into());
         }
-        quarantine.push(rejects_batch(&ex.rejects)?);
-        quarantine.extend(cleaned.rejected);
+        self.quarantine.push(rejects_batch(&ex.rejects)?);
+        self.quarantine.extend(cleaned.rejected);
+        let fingerprint = Some(self.fingerprint(t)?);
         let schema = cleaned.schema.clone();
-        ctx.register_batch(t.name.as_str(), datafusion::arrow::compute::concat_batches(&schema, &cleaned.rows)?)?;
-        outputs.push((t.name.clone(), schema, cleaned.rows));
-        reports.push(report);
+        let output = if incremental {
+            self.merge(t, spec, schema, cleaned.rows, &mut report).await?
+        } else {
+            self.requarantined.insert(t.name.clone());
+            report.rows = report.loaded;
+            if let Some(w) = &spec.watermark {
+                report.watermark_after = max_text(self.ctx, &schema, &cleaned.rows, w).await?;
+            }
+            self.register(&t.name, &schema, &cleaned.rows)?;
+            let watermark = report.watermark_after.clone();
+            Output { name: t.name.clone(), schema, rows: cleaned.rows, total_rows: report.loaded, append: false, partition: vec![], spec: None, watermark }
+        };
+        if report.read != report.loaded + report.quarantined + report.duplicates + report.skipped {
+            return Err(Error::Internal(format!("row accounting does not add up for table '{}': {report:?}", t.name)));
+        }
+        report.millis = table_started.elapsed().as_millis() as u64;
+        tracing::info!(table = %t.name, read = report.read, loaded = report.loaded, updated = report.updated, quarantined, duplicates = report.duplicates, "cleaned");
+        self.changed.insert(t.name.clone());
+        self.done.insert(t.name.clone());
+        self.outputs.push(Output { spec: fingerprint, ..output });
+        self.reports.push(report);
+        Ok(())
     }
 
-    // Derived tables, each once all the tables its SQL reads are registered.
-    let mut pending: Vec<(String, String)> = set
-        .transforms
-        .iter()
-        .filter_map(|t| match &t.body {
-            TransformBody::Derived { sql } => Some((t.name.clone(), sql.clone())),
-            TransformBody::Source(_) => None,
-        })
-        .collect();
-    let pending_names: BTreeSet<String> = pending.iter().map(|(n, _)| n.clone()).collect();
-    let mut done: BTreeSet<String> = outputs.iter().map(|(n, _, _)| n.clone()).collect();
-    while !pending.is_empty() {
-        let mut progressed = false;
-        let mut i = 0;
-        while i < pending.len() {
-            let (name, sql) = &pending[i];
-            let inputs = referenced_tables(&ctx, sql)?;
-            if inputs.iter().any(|t| pending_names.contains(t) && !done.contains(t)) {
-                i += 1;
-                continue;
-            }
-            let table_started = Instant::now();
-            let df = ctx.sql(sql).await.map_err(|e| derived_error(&set, name, e))?;
-            let schema = Arc::new(df.schema().as_arrow().clone());
-            let rows = df.collect().await.map_err(|e| derived_error(&set, name, e))?;
-            ctx.register_batch(name.as_str(), datafusion::arrow::compute::concat_batches(&schema, &rows)?)?;
-            crate::fault::point(&format!("derived {name}"));
-            let n = count_rows(&rows);
-            let millis = table_started.elapsed().as_millis() as u64;
-            tracing::info!(table = %name, rows = n, "derived");
-            reports.push(TableReport { table: name.clone(), kind: "derived", read: n, loaded: n, quarantined: 0, duplicates: 0, millis });
-            outputs.push((name.clone(), schema, rows));
-            done.insert(name.clone());
-            pending.remove(i);
-            progressed = true;
-        }
-        if !progressed {
-            let names: Vec<_> = pending.iter().map(|(n, _)| n.as_str()).collect();
-            return Err(DataError::Input {
-                file: project.display_path(&project.transforms),
-                line: None,
-                message: format!("derived tables depend on each other in a cycle: {}", names.join(", ")),
-            }
-            .into());
-        }
+    /// Registers a table's rows (after this load) under its name.
+    fn register(&self, name: &str, schema: &SchemaRef, rows: &[RecordBatch]) -> Result<()> {
+        self.ctx.deregister_table(name)?;
+        self.ctx.register_batch(name, datafusion::arrow::compute::concat_batches(schema, rows)?)?;
+        Ok(())
     }
-    outputs.push((QUARANTINE_TABLE.to_string(), quarantine_schema(), quarantine));
 
-    // Lifetime value models, fitted over the whole customer base (see etl::models).
-    if set.get("fact_sales").is_some() {
+    /// An incremental source: rows past the watermark upsert the previous rows by key (or are
+    /// appended to them when the table has no key).
+    async fn merge(&mut self, t: &Transform, spec: &SourceTransform, schema: SchemaRef, rows: Vec<RecordBatch>, report: &mut TableReport) -> Result<Output> {
+        use datafusion::prelude::{cast, col, lit};
+        let ctx = self.ctx;
+        let previous_entry = self.previous_entry(&t.name);
+        let mut delta = ctx.read_batches(with_empty(&schema, rows))?;
+        report.watermark_before = previous_entry.and_then(|e| e.watermark.clone());
+        if let (Some(w), Some(before)) = (&spec.watermark, &report.watermark_before) {
+            let ty = schema.field_with_name(w)?.data_type().clone();
+            let kept = delta.clone().filter(col(w.as_str()).gt(cast(lit(before.as_str()), ty)))?;
+            let kept = crate::warehouse::materialize(ctx, kept).await?;
+            let n = kept.clone().count().await? as u64;
+            report.skipped = report.loaded - n;
+            report.loaded = n;
+            delta = kept;
+        }
+        let delta_rows = delta.clone().collect().await?;
+        report.watermark_after = match &spec.watermark {
+            Some(w) => max_text(ctx, &schema, &delta_rows, w).await?.or_else(|| report.watermark_before.clone()),
+            None => None,
+        };
+
+        // The previous rows, in tonight's columns (a column added to the transform reads NULL).
+        let previous_name = format!("__previous_{}", t.name);
+        let had_previous = self.register_previous(&t.name, &previous_name).await?;
+        let previous = if had_previous {
+            let old = ctx.table(previous_name.as_str()).await?;
+            let old_columns: BTreeSet<String> = old.schema().fields().iter().map(|f| f.name().clone()).collect();
+            let select: Vec<_> = schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let value = if old_columns.contains(f.name()) { col(f.name().as_str()) } else { lit(datafusion::scalar::ScalarValue::Null) };
+                    cast(value, f.data_type().clone()).alias(f.name())
+                })
+                .collect();
+            let same_columns = old.schema().fields().len() == schema.fields().len() && schema.fields().iter().all(|f| old_columns.contains(f.name()));
+            Some((old.select(select)?, same_columns))
+        } else {
+            None
+        };
+        let mut append = matches!(previous, Some((_, true)));
+        let merged = match previous {
+            None => delta,
+            Some((old, _)) if spec.key.is_empty() => old.union(delta)?,
+            Some((old, _)) => {
+                let keys: Vec<&str> = spec.key.iter().map(String::as_str).collect();
+                let new_keys = delta.clone().select_columns(&keys)?;
+                let replaced = old.clone().join(new_keys.clone(), datafusion::logical_expr::JoinType::LeftSemi, &keys, &keys, None)?;
+                report.updated = replaced.count().await? as u64;
+                if report.updated > 0 {
+                    append = false;
+                }
+                old.join(new_keys, datafusion::logical_expr::JoinType::LeftAnti, &keys, &keys, None)?.union(delta)?
+            }
+        };
+        let merged_rows = merged.collect().await?;
+        let total = count_rows(&merged_rows);
+        report.rows = total;
+        self.register(&t.name, &schema, &merged_rows)?;
+        // Append only onto the very version the previous snapshot names: a killed load may have
+        // written later versions no snapshot names, which an append would inherit.
+        if append && let Some(entry) = previous_entry {
+            append = self.warehouse.latest_version(&t.name).await? == Some(entry.version);
+        }
+        let rows = if append { delta_rows } else { merged_rows };
+        Ok(Output { name: t.name.clone(), schema, rows, total_rows: total, append, partition: vec![], spec: None, watermark: report.watermark_after.clone() })
+    }
+
+    /// A type-2 history: the previous history, versions closed and opened where a tracked
+    /// column changed, other columns corrected from the table's current rows.
+    async fn history(&mut self, t: &Transform, h: &History) -> Result<()> {
+        let fingerprint = self.fingerprint(t)?;
+        let same_spec = self.previous_entry(&t.name).and_then(|e| e.spec.as_deref()) == Some(fingerprint.as_str());
+        if !self.changed.contains(&h.of) && same_spec {
+            return self.keep(&t.name, "history").await;
+        }
         let table_started = Instant::now();
-        for (name, schema, rows) in super::models::clv_tables(&ctx).await? {
+        let previous_name = format!("__previous_{}", t.name);
+        let had_previous = same_spec && self.register_previous(&t.name, &previous_name).await?;
+        if had_previous {
+            // The stored history in the types of the table's current rows (Delta stores
+            // timestamps in microseconds; the rows just cleaned may carry nanoseconds).
+            let stored = self.ctx.table(previous_name.as_str()).await?;
+            let current = self.ctx.table(h.of.as_str()).await?;
+            let changed_at = current.schema().field_with_unqualified_name(&h.changed_at)?.data_type().clone();
+            let select: Vec<_> = stored
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| {
+                    let ty = match current.schema().field_with_unqualified_name(f.name()) {
+                        Ok(c) => c.data_type().clone(),
+                        Err(_) if f.name() == "valid_from" || f.name() == "valid_to" => changed_at.clone(),
+                        Err(_) => f.data_type().clone(),
+                    };
+                    datafusion::prelude::cast(datafusion::prelude::col(f.name().as_str()), ty).alias(f.name())
+                })
+                .collect();
+            let typed = stored.select(select)?;
+            self.ctx.deregister_table(previous_name.as_str())?;
+            self.ctx.register_table(previous_name.as_str(), typed.into_view())?;
+        }
+        let sql = history_sql(self.ctx, h, had_previous.then_some(previous_name.as_str())).await?;
+        let df = self.ctx.sql(&sql).await?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let rows = df.collect().await?;
+        self.register(&t.name, &schema, &rows)?;
+        crate::fault::point(&format!("derived {}", t.name));
+        let n = count_rows(&rows);
+        tracing::info!(table = %t.name, rows = n, "derived");
+        self.reports.push(TableReport {
+            table: t.name.clone(),
+            kind: "history",
+            mode: if had_previous { "incremental" } else { "full" },
+            read: n,
+            loaded: n,
+            rows: n,
+            millis: table_started.elapsed().as_millis() as u64,
+            ..Default::default()
+        });
+        self.changed.insert(t.name.clone());
+        self.done.insert(t.name.clone());
+        self.outputs.push(Output { name: t.name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None });
+        Ok(())
+    }
+
+    async fn derived(&mut self, set: &TransformSet, t: &Transform, sql: &str, inputs: &[String]) -> Result<()> {
+        let fingerprint = self.fingerprint(t)?;
+        let same_spec = self.previous_entry(&t.name).and_then(|e| e.spec.as_deref()) == Some(fingerprint.as_str());
+        if same_spec && !inputs.iter().any(|i| self.changed.contains(i)) {
+            return self.keep(&t.name, "derived").await;
+        }
+        let name = &t.name;
+        let table_started = Instant::now();
+        let df = self.ctx.sql(sql).await.map_err(|e| derived_error(set, name, e))?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let rows = df.collect().await.map_err(|e| derived_error(set, name, e))?;
+        self.register(name, &schema, &rows)?;
+        crate::fault::point(&format!("derived {name}"));
+        let n = count_rows(&rows);
+        tracing::info!(table = %name, rows = n, "derived");
+        self.reports.push(TableReport {
+            table: name.clone(),
+            kind: "derived",
+            mode: "full",
+            read: n,
+            loaded: n,
+            rows: n,
+            millis: table_started.elapsed().as_millis() as u64,
+            ..Default::default()
+        });
+        self.changed.insert(name.clone());
+        self.done.insert(name.clone());
+        self.outputs.push(Output { name: name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None });
+        Ok(())
+    }
+
+    async fn models(&mut self) -> Result<()> {
+        let names = super::models::TABLES;
+        if !self.changed.contains("fact_sales") && names.iter().all(|n| self.previous_entry(n).is_some()) {
+            for n in names {
+                self.keep(n, "model").await?;
+            }
+            return Ok(());
+        }
+        let table_started = Instant::now();
+        for (name, schema, rows) in super::models::clv_tables(self.ctx).await? {
             crate::fault::point(&format!("fitted {name}"));
             let n = count_rows(&rows);
             tracing::info!(table = %name, rows = n, "derived");
-            reports.push(TableReport { table: name.clone(), kind: "model", read: n, loaded: n, quarantined: 0, duplicates: 0, millis: table_started.elapsed().as_millis() as u64 });
-            outputs.push((name, schema, rows));
+            let millis = table_started.elapsed().as_millis() as u64;
+            self.reports.push(TableReport { table: name.clone(), kind: "model", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
+            self.changed.insert(name.clone());
+            self.outputs.push(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None });
         }
+        Ok(())
     }
 
-    // Rollups, from the tables just derived (see crate::rollup).
-    let cubes = crate::cube::CubeSet::load(project, &set)?;
-    let mut partitions: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for cube in &cubes.cubes {
-        for rollup in &cube.rollups {
-            let table_started = Instant::now();
-            let df = crate::rollup::build(&ctx, cube, rollup).await?;
-            let schema = Arc::new(df.schema().as_arrow().clone());
-            let rows = df.collect().await?;
-            crate::fault::point(&format!("built {}", rollup.table));
-            let n = count_rows(&rows);
-            tracing::info!(table = %rollup.table, rows = n, "derived");
-            reports.push(TableReport {
-                table: rollup.table.clone(),
-                kind: "rollup",
-                read: n,
-                loaded: n,
-                quarantined: 0,
-                duplicates: 0,
-                millis: table_started.elapsed().as_millis() as u64,
-            });
-            partitions.insert(rollup.table.clone(), rollup.partition_column(cube).into_iter().collect());
-            outputs.push((rollup.table.clone(), schema, rows));
+    async fn rollup(&mut self, cube: &crate::cube::Cube, rollup: &crate::cube::Rollup) -> Result<()> {
+        let current = self.previous.and_then(|p| p.rollups.get(&rollup.table)) == Some(&rollup.fingerprint(cube));
+        let mut inputs = std::iter::once(&cube.fact).chain(cube.dimensions.iter().filter_map(|d| d.join.as_ref().map(|j| &j.table)));
+        if current && self.previous_entry(&rollup.table).is_some() && !inputs.any(|t| self.changed.contains(t)) {
+            return self.keep(&rollup.table, "rollup").await;
         }
-    }
-
-    // Commit: every table first, then the snapshot that names them.
-    let mut entries = BTreeMap::new();
-    for (name, schema, rows) in outputs {
+        let table_started = Instant::now();
+        let df = crate::rollup::build(self.ctx, cube, rollup).await?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let rows = df.collect().await?;
+        crate::fault::point(&format!("built {}", rollup.table));
         let n = count_rows(&rows);
-        let partition = partitions.get(&name).map(Vec::as_slice).unwrap_or(&[]);
-        let version = warehouse.write_partitioned(&name, schema, rows, partition).await?;
-        crate::fault::point(&format!("wrote {name}"));
-        tracing::info!(table = %name, version, rows = n, "written");
-        entries.insert(name, TableEntry { version, rows: n });
+        tracing::info!(table = %rollup.table, rows = n, "derived");
+        let millis = table_started.elapsed().as_millis() as u64;
+        self.reports.push(TableReport { table: rollup.table.clone(), kind: "rollup", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
+        self.changed.insert(rollup.table.clone());
+        let partition = rollup.partition_column(cube).into_iter().collect();
+        self.outputs.push(Output { name: rollup.table.clone(), schema, rows, total_rows: n, append: false, partition, spec: None, watermark: None });
+        Ok(())
     }
-    let snapshot: Snapshot = warehouse.commit(entries, files, crate::rollup::fingerprints(&cubes))?;
-    tracing::info!(snapshot = snapshot.id, "snapshot committed");
-    Ok(LoadReport { snapshot: snapshot.id, tables: reports, files: files_report, seconds: started.elapsed().as_secs_f64() })
+
+    /// The quarantine after this load: earlier rows of tables not rebuilt in full tonight, then
+    /// tonight's rows.
+    async fn quarantine(&mut self) -> Result<()> {
+        let mut rows = Vec::new();
+        if self.register_previous(QUARANTINE_TABLE, "__previous_quarantine").await? {
+            let kept = self.ctx.table("__previous_quarantine").await?;
+            let replaced: Vec<_> = self.requarantined.iter().map(|t| datafusion::prelude::lit(t.as_str())).collect();
+            let kept = if replaced.is_empty() { kept } else { kept.filter(datafusion::prelude::col("table_name").in_list(replaced, true))? };
+            rows.extend(kept.collect().await?);
+        }
+        rows.append(&mut self.quarantine);
+        let n = count_rows(&rows);
+        self.outputs.push(Output { name: QUARANTINE_TABLE.into(), schema: quarantine_schema(), rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None });
+        Ok(())
+    }
+
+    /// The export files the new snapshot stands for: tonight's, plus files incremental tables
+    /// loaded on earlier nights (a full table's files are only tonight's).
+    fn ledger(&self, set: &TransformSet, now: &BTreeMap<String, SourceFile>) -> BTreeMap<String, SourceFile> {
+        let _ = set;
+        let mut files: BTreeMap<String, SourceFile> = self
+            .previous
+            .map(|p| p.files.iter().filter(|(k, _)| !self.full_patterns.iter().any(|p| p.matches(k))).map(|(k, f)| (k.clone(), f.clone())).collect())
+            .unwrap_or_default();
+        files.extend(now.iter().map(|(k, f)| (k.clone(), f.clone())));
+        files
+    }
+}
+
+/// The SQL of a history table (see [`History`]) from the current rows of its table and the
+/// previous history registered as `previous` (None: every key starts at version 1, valid since
+/// the start).
+async fn history_sql(ctx: &SessionContext, h: &History, previous: Option<&str>) -> Result<String> {
+    let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+    let current = ctx.table(h.of.as_str()).await?;
+    let columns: Vec<String> = current.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let key_text = |alias: &str| {
+        let parts: Vec<String> = h.key.iter().map(|k| format!("CAST({alias}.{} AS VARCHAR)", q(k))).collect();
+        if parts.len() == 1 { parts[0].clone() } else { format!("concat_ws('|', {})", parts.join(", ")) }
+    };
+    let on = |a: &str, b: &str| h.key.iter().map(|k| format!("{a}.{k} = {b}.{k}", k = q(k))).collect::<Vec<_>>().join(" AND ");
+    let changed_at = format!("n.{}", q(&h.changed_at));
+    // A NULL of the changed_at column's own type (every UNION branch must agree on types).
+    let never = format!("CASE WHEN FALSE THEN {changed_at} END");
+    let n_all = columns.iter().map(|c| format!("n.{}", q(c))).collect::<Vec<_>>().join(", ");
+    let first = format!(
+        "SELECT {n_all}, CAST(1 AS BIGINT) AS version, {never} AS valid_from, {never} AS valid_to, TRUE AS is_current, \
+         {key} || '#1' AS version_key FROM {of} n",
+        key = key_text("n"),
+        of = q(&h.of),
+    );
+    let Some(prev) = previous else { return Ok(first) };
+    let differs = h.columns.iter().map(|c| format!("(n.{c} IS DISTINCT FROM p.{c})", c = q(c))).collect::<Vec<_>>().join(" OR ");
+    // Earlier versions: tracked columns as they were, the others as the table has them now.
+    let key0 = q(&h.key[0]);
+    let kept_columns = columns
+        .iter()
+        .map(|c| {
+            if h.columns.contains(c) || h.key.contains(c) {
+                format!("p.{}", q(c))
+            } else {
+                format!("CASE WHEN n.{key0} IS NULL THEN p.{c} ELSE n.{c} END AS {c}", c = q(c))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let changed = format!("(p.is_current AND n.{key0} IS NOT NULL AND ({differs}))");
+    Ok(format!(
+        "SELECT {kept_columns}, p.version, p.valid_from,
+                CASE WHEN {changed} THEN {changed_at} ELSE p.valid_to END AS valid_to,
+                p.is_current AND NOT {changed} AS is_current, p.version_key
+         FROM {prev} p LEFT JOIN {of} n ON {on_pn}
+         UNION ALL
+         SELECT {n_all}, p.version + 1 AS version, {changed_at} AS valid_from, {never} AS valid_to, TRUE AS is_current,
+                {key} || '#' || CAST(p.version + 1 AS VARCHAR) AS version_key
+         FROM {of} n JOIN {prev} p ON {on_pn} AND p.is_current WHERE {differs}
+         UNION ALL
+         {first} WHERE NOT EXISTS (SELECT 1 FROM {prev} p WHERE {on_pn})",
+        key = key_text("n"),
+        of = q(&h.of),
+        on_pn = on("p", "n"),
+    ))
+}
+
+/// `rows`, or one empty batch of `schema` (DataFusion's `read_batches` needs one).
+fn with_empty(schema: &SchemaRef, mut rows: Vec<RecordBatch>) -> Vec<RecordBatch> {
+    if rows.is_empty() {
+        rows.push(RecordBatch::new_empty(schema.clone()));
+    }
+    rows
+}
+
+/// The greatest value of `column` in `rows`, as text (None when there is none).
+async fn max_text(ctx: &SessionContext, schema: &SchemaRef, rows: &[RecordBatch], column: &str) -> Result<Option<String>> {
+    let df = ctx.read_batches(with_empty(schema, rows.to_vec()))?;
+    let max = df.aggregate(vec![], vec![datafusion::functions_aggregate::expr_fn::max(datafusion::prelude::col(column))])?;
+    first_text(&max.collect().await?)
+}
+
+/// The first value of a one-row result as text (None when NULL).
+fn first_text(batches: &[RecordBatch]) -> Result<Option<String>> {
+    let Some(b) = batches.iter().find(|b| b.num_rows() > 0) else { return Ok(None) };
+    if b.column(0).is_null(0) {
+        return Ok(None);
+    }
+    let text = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+    let text = text.as_any().downcast_ref::<datafusion::arrow::array::StringArray>().ok_or_else(|| Error::Internal("cast to text".into()))?;
+    Ok(Some(text.value(0).to_string()))
 }
 
 /// Names of the tables a SQL statement reads.

@@ -30,6 +30,9 @@ pub const SUMMARY_SQL: &str = "WITH days AS (
          CAST(o.end_day - f.first_day AS DOUBLE) / 7 AS t, coalesce(r.m, 0) AS m
   FROM firsts f CROSS JOIN obs o LEFT JOIN repeats r ON r.customer_id = f.customer_id ORDER BY 1";
 
+/// The tables [`clv_tables`] returns.
+pub const TABLES: [&str; 2] = ["clv_model", "customer_clv"];
+
 /// The customers of `SUMMARY_SQL`, with their ids.
 pub async fn summary(ctx: &SessionContext) -> Result<(Vec<String>, Vec<Customer>)> {
     let mut ids = Vec::new();

@@ -37,6 +37,39 @@ pub struct TransformSpec {
     /// Row-level access rules (see [`crate::access`]); absent: every role reads every row.
     #[serde(default)]
     pub access: Option<Vec<AccessSpec>>,
+    /// How a load refreshes a source table: `full` (default) or `incremental`.
+    #[serde(default)]
+    pub load: LoadMode,
+    /// Incremental sources: a date, timestamp or integer column; a load keeps only rows past the
+    /// greatest value already loaded (stored in the snapshot).
+    #[serde(default)]
+    pub watermark: Option<Spanned<String>>,
+    /// Keep the history of these columns as a slowly changing dimension (type 2) in the table
+    /// `<table>_history`.
+    #[serde(default)]
+    pub history: Option<HistorySpec>,
+}
+
+/// How a load refreshes a source table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadMode {
+    /// Every load replaces the table with what its export files hold.
+    #[default]
+    Full,
+    /// A load reads only export files it has not loaded before (or that changed), keeps rows past
+    /// the watermark, and upserts them by key (appends them when the table has no key).
+    Incremental,
+}
+
+/// Type-2 history of a source table's attributes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySpec {
+    /// The columns whose changes open a new version (the others are corrected in place).
+    pub columns: Vec<Spanned<String>>,
+    /// The date or timestamp column telling when a row changed: a new version is valid from it.
+    pub changed_at: Spanned<String>,
 }
 
 /// One row-level rule: which rows of the table a role reads.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_saphyr::Spanned;
 
-use super::spec::{Case, ColumnType, SourceSpec, TransformSpec};
+use super::spec::{Case, ColumnType, LoadMode, SourceSpec, TransformSpec};
 use crate::error::{Diagnostic, Result, SpecErrors, valid_names_hint};
 use crate::project::{Project, check_version, diagnostic_at as diag, load_folder};
 
@@ -32,6 +32,33 @@ pub enum TransformBody {
     Source(SourceTransform),
     /// A SELECT over other warehouse tables, run after its inputs are loaded.
     Derived { sql: String },
+    /// The type-2 history of a source table that declares `history:` (see [`History`]); built by
+    /// the load from the previous snapshot's history and the table's new rows.
+    History(History),
+}
+
+/// The history table `<of>_history`: every column of the source table `of`, then
+/// [`History::VERSION_COLUMNS`]. A key gets a new version when one of `columns` changes; the
+/// other columns are corrected in every version (type 1).
+#[derive(Debug, Clone)]
+pub struct History {
+    /// The source table whose history this is.
+    pub of: String,
+    pub key: Vec<String>,
+    pub columns: Vec<String>,
+    pub changed_at: String,
+}
+
+impl History {
+    /// Columns the history adds: `version` (1, 2, …), `valid_from` (NULL: since the start),
+    /// `valid_to` (NULL: still valid), `is_current`, and `version_key` (`<key>#<version>`, the
+    /// surrogate key facts join on).
+    pub const VERSION_COLUMNS: [&'static str; 5] = ["version", "valid_from", "valid_to", "is_current", "version_key"];
+
+    /// Name of the history table of `table`.
+    pub fn table_of(table: &str) -> String {
+        format!("{table}_history")
+    }
 }
 
 /// A source table: where its export lives, its columns and rules.
@@ -43,6 +70,9 @@ pub struct SourceTransform {
     pub latest_by: Option<String>,
     pub references: Vec<Reference>,
     pub reject_threshold: f64,
+    pub mode: LoadMode,
+    /// Incremental sources: rows at or before the stored watermark are skipped.
+    pub watermark: Option<String>,
 }
 
 /// A validated column with its parse and validation rules.
@@ -98,7 +128,7 @@ pub fn resolve(specs: Vec<(PathBuf, TransformSpec)>, errors: &mut Vec<Diagnostic
     let columns_of = |table: &str| {
         transforms.iter().find(|t| t.name == table).and_then(|t| match &t.body {
             TransformBody::Source(s) => Some(s.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>()),
-            TransformBody::Derived { .. } => None,
+            TransformBody::Derived { .. } | TransformBody::History(_) => None,
         })
     };
     let mut cross = Vec::new();
@@ -123,6 +153,39 @@ pub fn resolve(specs: Vec<(PathBuf, TransformSpec)>, errors: &mut Vec<Diagnostic
         }
     }
     errors.extend(cross);
+    // Each `history:` brings its table, governed by the same access rules as the table itself.
+    let histories: Vec<Transform> = specs
+        .iter()
+        .zip(&transforms)
+        .filter_map(|((_, spec), t)| {
+            let h = spec.history.as_ref()?;
+            let TransformBody::Source(s) = &t.body else { return None };
+            Some(Transform {
+                name: History::table_of(&t.name),
+                file: t.file.clone(),
+                body: TransformBody::History(History {
+                    of: t.name.clone(),
+                    key: s.key.clone(),
+                    columns: h.columns.iter().map(|c| c.value.clone()).collect(),
+                    changed_at: h.changed_at.value.clone(),
+                }),
+                access: t.access.clone(),
+            })
+        })
+        .collect();
+    for h in histories {
+        if let Some(other) = transforms.iter().find(|t| t.name == h.name) {
+            errors.push(Diagnostic {
+                file: other.file.clone(),
+                line: 0,
+                column: 0,
+                key: format!("table '{}'", h.name),
+                message: format!("table '{}' is the history of '{}' (its `history:`); name this table otherwise", h.name, h.name.trim_end_matches("_history")),
+                hint: None,
+            });
+        }
+        transforms.push(h);
+    }
     order_sources(&mut transforms, errors);
     TransformSet { transforms }
 }
@@ -219,7 +282,7 @@ fn resolve_source(file: &Path, spec: &TransformSpec, source: &SourceSpec, errors
         });
     }
     let column_names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-    let mut check_column = |at: &Spanned<String>, what: &str| {
+    let check_column = |errors: &mut Vec<Diagnostic>, at: &Spanned<String>, what: &str| {
         if !column_names.contains(&at.value.as_str()) {
             errors.push(diag(
                 file,
@@ -231,13 +294,13 @@ fn resolve_source(file: &Path, spec: &TransformSpec, source: &SourceSpec, errors
         }
     };
     for k in &spec.key {
-        check_column(k, "key");
+        check_column(errors, k, "key");
     }
     if let Some(d) = &spec.duplicates {
-        check_column(&d.latest_by, "duplicates › latest_by");
+        check_column(errors, &d.latest_by, "duplicates › latest_by");
     }
     for r in &spec.references {
-        check_column(&r.column, "references › column");
+        check_column(errors, &r.column, "references › column");
     }
     let reject_threshold = spec.reject_threshold.unwrap_or(DEFAULT_REJECT_THRESHOLD);
     if !(0.0..=1.0).contains(&reject_threshold) {
@@ -252,6 +315,42 @@ fn resolve_source(file: &Path, spec: &TransformSpec, source: &SourceSpec, errors
     if spec.duplicates.is_some() && spec.key.is_empty() {
         errors.push(diag(file, &spec.table, format!("table '{table}' › duplicates"), "duplicates need a `key:`".into(), None));
     }
+    let type_of = |name: &str| columns.iter().find(|c| c.name == name).map(|c| c.ty);
+    if let Some(w) = &spec.watermark {
+        check_column(errors, w, "watermark");
+        if spec.load != LoadMode::Incremental {
+            errors.push(diag(file, w, format!("table '{table}' › watermark"), "a watermark applies to `load: incremental` tables".into(), Some("add `load: incremental`, or remove `watermark:`".into())));
+        } else if let Some(ty) = type_of(&w.value)
+            && !matches!(ty, ColumnType::Date | ColumnType::Timestamp | ColumnType::Integer)
+        {
+            errors.push(diag(file, w, format!("table '{table}' › watermark"), format!("column '{}' is {}; a watermark is a date, timestamp or integer column", w.value, ty.describe()), None));
+        }
+    }
+    if let Some(h) = &spec.history {
+        if spec.key.is_empty() {
+            errors.push(diag(file, &spec.table, format!("table '{table}' › history"), "a history needs a `key:` (the versions of one key make its history)".into(), None));
+        }
+        for c in &h.columns {
+            check_column(errors, c, "history › columns");
+            if spec.key.iter().any(|k| k.value == c.value) {
+                errors.push(diag(file, c, format!("table '{table}' › history › columns"), format!("'{}' is the key; a key column identifies a row and never changes", c.value), None));
+            }
+        }
+        if h.columns.is_empty() {
+            errors.push(diag(file, &spec.table, format!("table '{table}' › history › columns"), "name at least one column whose changes to keep".into(), None));
+        }
+        check_column(errors, &h.changed_at, "history › changed_at");
+        if let Some(ty) = type_of(&h.changed_at.value)
+            && !matches!(ty, ColumnType::Date | ColumnType::Timestamp)
+        {
+            errors.push(diag(file, &h.changed_at, format!("table '{table}' › history › changed_at"), format!("column '{}' is {}; changed_at is a date or timestamp column", h.changed_at.value, ty.describe()), None));
+        }
+        for c in columns.iter().map(|c| c.name.as_str()) {
+            if History::VERSION_COLUMNS.contains(&c) {
+                errors.push(diag(file, &spec.table, format!("table '{table}' › column '{c}'"), format!("'{c}' is a column the history adds; rename it"), None));
+            }
+        }
+    }
     SourceTransform {
         source: source.clone(),
         columns,
@@ -263,6 +362,8 @@ fn resolve_source(file: &Path, spec: &TransformSpec, source: &SourceSpec, errors
             .map(|r| Reference { column: r.column.value.clone(), table: r.table.value.clone(), key: r.key.value.clone() })
             .collect(),
         reject_threshold,
+        mode: spec.load,
+        watermark: spec.watermark.as_ref().map(|w| w.value.clone()),
     }
 }
 
@@ -270,7 +371,8 @@ fn resolve_source(file: &Path, spec: &TransformSpec, source: &SourceSpec, errors
 /// derived tables keep their file order after the sources (the loader orders them by SQL).
 fn order_sources(transforms: &mut Vec<Transform>, errors: &mut Vec<Diagnostic>) {
     let mut remaining: Vec<Transform> = std::mem::take(transforms);
-    let (mut sources, derived): (Vec<_>, Vec<_>) = remaining.drain(..).partition(|t| matches!(t.body, TransformBody::Source(_)));
+    let (mut sources, derived): (Vec<_>, Vec<_>) =
+        remaining.drain(..).partition(|t| matches!(t.body, TransformBody::Source(_) | TransformBody::History(_)));
     let source_names: BTreeSet<String> = sources.iter().map(|t| t.name.clone()).collect();
     let mut done: BTreeSet<String> = BTreeSet::new();
     while !sources.is_empty() {
@@ -279,6 +381,8 @@ fn order_sources(transforms: &mut Vec<Transform>, errors: &mut Vec<Diagnostic>) 
                 .references
                 .iter()
                 .all(|r| r.table == t.name || done.contains(&r.table) || !source_names.contains(&r.table)),
+            // A history follows its table.
+            TransformBody::History(h) => done.contains(&h.of),
             TransformBody::Derived { .. } => true,
         });
         match ready {

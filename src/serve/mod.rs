@@ -278,7 +278,7 @@ impl Service {
                 TransformBody::Source(s) => {
                     s.references.iter().map(|r| (t.name.clone(), r.column.clone(), r.table.clone(), r.key.clone())).collect()
                 }
-                TransformBody::Derived { .. } => Vec::new(),
+                TransformBody::Derived { .. } | TransformBody::History(_) => Vec::new(),
             })
             .collect()
     }

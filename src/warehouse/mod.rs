@@ -39,6 +39,19 @@ pub struct TableEntry {
     /// The Delta version readers open.
     pub version: u64,
     pub rows: u64,
+    /// Fingerprint of the metadata the table was built from (its transform file); a table whose
+    /// transform changed is rebuilt even when its inputs did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<String>,
+    /// Incremental sources: the greatest watermark value loaded so far, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
+}
+
+impl TableEntry {
+    pub fn new(version: u64, rows: u64) -> Self {
+        Self { version, rows, spec: None, watermark: None }
+    }
 }
 
 /// A consistent state of the whole warehouse: what one load produced.
@@ -164,6 +177,23 @@ impl Warehouse {
             .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
             .with_table_name(name)
             .with_partition_columns(partition.to_vec())
+            .await
+            .map_err(delta_err)?;
+        table
+            .version()
+            .ok_or_else(|| Error::Internal(format!("table '{name}' has no version after a write")))
+    }
+
+    /// Adds `batches` to a table as a new Delta version (only the new rows are written; columns
+    /// the table lacks are added, nullable); returns the version.
+    pub async fn append_table(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<u64> {
+        let delta_err = |source| Error::Delta { table: name.to_string(), source };
+        let (_, batches) = delta_compatible(schema, batches)?;
+        let table = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(delta_err)?;
+        let table = table
+            .write(batches)
+            .with_save_mode(SaveMode::Append)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Merge)
             .await
             .map_err(delta_err)?;
         table
@@ -329,18 +359,33 @@ impl Warehouse {
     /// Registers every table of `snapshot` in `ctx`, each at the Delta version it names.
     pub async fn register(&self, ctx: &SessionContext, snapshot: &Snapshot) -> Result<()> {
         for (name, entry) in &snapshot.tables {
-            let delta_err = |source| Error::Delta { table: name.to_string(), source };
-            let table = DeltaTableBuilder::from_url(self.table_url(name)?)
-                .map_err(delta_err)?
-                .with_version(entry.version)
-                .load()
-                .await
-                .map_err(delta_err)?;
-            table.update_datafusion_session(&ctx.state()).map_err(delta_err)?;
-            let provider = table.table_provider().await.map_err(|e| Error::Internal(e.to_string()))?;
+            let provider = self.provider(ctx, name, entry.version).await?;
             ctx.register_table(name.as_str(), provider)?;
         }
         Ok(())
+    }
+
+    /// A table at one Delta version, to register in a session.
+    pub async fn provider(&self, ctx: &SessionContext, name: &str, version: u64) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+        let delta_err = |source| Error::Delta { table: name.to_string(), source };
+        let table = DeltaTableBuilder::from_url(self.table_url(name)?)
+            .map_err(delta_err)?
+            .with_version(version)
+            .load()
+            .await
+            .map_err(delta_err)?;
+        table.update_datafusion_session(&ctx.state()).map_err(delta_err)?;
+        table.table_provider().await.map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    /// The newest Delta version of a table (a killed load may have written versions no snapshot
+    /// names); None when the table was never written.
+    pub async fn latest_version(&self, name: &str) -> Result<Option<u64>> {
+        if !self.table_path(name).join("_delta_log").exists() {
+            return Ok(None);
+        }
+        let table = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(|source| Error::Delta { table: name.to_string(), source })?;
+        Ok(table.version().map(|v| v as u64))
     }
 }
 

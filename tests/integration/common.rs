@@ -44,6 +44,16 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A copy of the sample exports under `dir` with one file's text changed by `edit`; returns the
+/// folder (to use as a project's `sources`).
+pub fn edited_sources(dir: &Path, file: &str, edit: impl Fn(&str) -> String) -> PathBuf {
+    let to = dir.join(format!("sources-{}", dir.read_dir().map(|d| d.count()).unwrap_or(0)));
+    copy_dir(&repo().join("sample-data"), &to);
+    let text = std::fs::read_to_string(to.join(file)).unwrap();
+    std::fs::write(to.join(file), edit(&text)).unwrap();
+    to
+}
+
 /// Runs an async block on a fresh runtime in its own thread (usable from any test).
 pub fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> T {
     std::thread::spawn(move || tokio::runtime::Runtime::new().unwrap().block_on(f)).join().unwrap()

@@ -98,7 +98,7 @@ async fn customer_value_matches_the_base_tables_and_the_documented_rules() {
         }
         s
     };
-    let mut by = |key: &dyn Fn(&Expected) -> (i128, String)| {
+    let by = |key: &dyn Fn(&Expected) -> (i128, String)| {
         let mut idx: Vec<usize> = (0..n).collect();
         idx.sort_by_key(|&i| key(&expected[i]));
         score(idx)

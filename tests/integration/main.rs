@@ -9,6 +9,7 @@ mod crash;
 mod cube_queries;
 mod customer_value;
 mod flight;
+mod incremental;
 mod load_sample;
 mod metadata_errors;
 mod olap_ops;

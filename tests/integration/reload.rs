@@ -19,22 +19,30 @@ async fn checksums(w: &crmcube::warehouse::Warehouse) -> BTreeMap<String, (u64, 
     out
 }
 
+/// Re-running a night's load is a no-op; loading the same exports into an empty warehouse gives
+/// the same tables, row for row.
 #[test]
-fn loading_the_same_exports_twice_leaves_identical_tables() {
+fn loading_the_same_exports_twice_is_a_no_op_and_a_fresh_load_is_identical() {
     let t = test_project();
-    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    let other = test_project();
+    let (p, w, w2) = (t.project.clone(), t.warehouse.clone(), other.warehouse.clone());
     block_on(async move {
         let first = load(&p, &w).await.unwrap();
         let before = checksums(&w).await;
         let second = load(&p, &w).await.unwrap();
-        let after = checksums(&w).await;
-        assert_eq!((first.snapshot, second.snapshot), (1, 2));
-        assert_eq!(before.len(), 25, "sixteen tables, the quarantine, two model tables and six rollups");
-        assert_eq!(before, after, "row counts and content checksums of every table");
+        assert_eq!((first.snapshot, second.snapshot), (1, 1), "no second snapshot");
+        assert!(!first.unchanged && second.unchanged);
+        assert_eq!(w.snapshots().unwrap().len(), 1);
+        assert!(second.tables.iter().all(|t| t.mode == "unchanged" && t.read == 0), "{:?}", second.tables);
+        assert_eq!(before, checksums(&w).await);
+        assert_eq!(before.len(), 26, "sixteen tables, a history, the quarantine, two model tables and six rollups");
+
+        let fresh = load(&p, &w2).await.unwrap();
+        assert_eq!(before, checksums(&w2).await, "row counts and content checksums of every table");
         let counts = |r: &crmcube::etl::LoadReport| {
             r.tables.iter().map(|t| (t.table.clone(), t.read, t.loaded, t.quarantined, t.duplicates)).collect::<Vec<_>>()
         };
-        assert_eq!(counts(&first), counts(&second), "per-table read/loaded/quarantined/duplicates");
+        assert_eq!(counts(&first), counts(&fresh), "per-table read/loaded/quarantined/duplicates");
     });
 }
 
@@ -149,9 +157,13 @@ fn vacuum_deletes_old_snapshots_files_but_keeps_retained_snapshots_readable() {
     let parquet_files = |w: &crmcube::warehouse::Warehouse| {
         std::fs::read_dir(w.table_path("fact_sales")).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "parquet")).count()
     };
+    // Three nights whose order lines differ (a trailing blank line), so each commits a snapshot.
+    let edited = crate::common::edited_sources(t.dir.path(), "order_lines.csv", |text| format!("{text}\n"));
+    let next_night = edited.clone();
     let (files_before, second_before) = block_on(async move {
-        for _ in 0..3 {
-            load(&p, &w).await.unwrap();
+        for sources in [p.sources.clone(), edited, p.sources.clone()] {
+            let night = crmcube::project::Project { sources, ..p.clone() };
+            load(&night, &w).await.unwrap();
         }
         let ctx = w.session_at(Some(2)).await.unwrap();
         (parquet_files(&w), content_checksum(&ctx, "fact_sales").await.unwrap())
@@ -169,7 +181,7 @@ fn vacuum_deletes_old_snapshots_files_but_keeps_retained_snapshots_readable() {
     assert_eq!(second_after, second_before, "a retained snapshot reads the same rows after vacuum");
     assert!(first_gone, "a vacuumed snapshot is no longer readable");
     assert_eq!(current, 3);
-    let (p, w) = (t.project.clone(), t.warehouse.clone());
+    let (p, w) = (crmcube::project::Project { sources: next_night, ..t.project.clone() }, t.warehouse.clone());
     let next = block_on(async move { load(&p, &w).await.unwrap().snapshot });
     assert_eq!(next, 4, "loads go on after a vacuum");
 }

@@ -1,0 +1,225 @@
+//! Incremental loads: a second night's export files are merged into the first night's tables,
+//! a customer who moved region keeps a type-2 history, and the result equals a full load of
+//! both nights' files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crmcube::etl::{LoadReport, load};
+use crmcube::project::Project;
+use crmcube::warehouse::{Warehouse, content_checksum};
+
+use crate::common::{block_on, cents, copy_dir, repo, scalar, sql};
+
+/// The customer who moves, and the day the move is recorded.
+const MOVER: &str = "C000001";
+const MOVED_AT: &str = "2026-11-01 08:00:00";
+
+/// A project over a private copy of the sample exports whose customers, orders and order lines
+/// load incrementally from `customers*.csv`, `orders*.csv` and `order_lines*.csv`.
+fn incremental_project(dir: &Path, incremental: bool) -> Project {
+    copy_dir(&repo().join("transforms"), &dir.join("transforms"));
+    copy_dir(&repo().join("cubes"), &dir.join("cubes"));
+    for (file, export, extra) in [
+        ("dim_customer.yaml", "customers", "load: incremental\nwatermark: updated_at\n"),
+        ("orders.yaml", "orders", "load: incremental\n"),
+        ("order_lines.yaml", "order_lines", "load: incremental\n"),
+    ] {
+        let path = dir.join("transforms").join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut text = text.replace(&format!("path: {export}.csv"), &format!("path: '{export}*.csv'"));
+        if incremental {
+            text = text.replacen("\nsource:\n", &format!("\n{extra}source:\n"), 1);
+        }
+        std::fs::write(&path, text).unwrap();
+    }
+    let sources = dir.join("sources");
+    if !sources.exists() {
+        copy_dir(&repo().join("sample-data"), &sources);
+    }
+    std::fs::write(dir.join("crmcube.yaml"), format!("version: 1\nname: nightly\nsources: {}\n", sources.display())).unwrap();
+    Project::open(dir).unwrap()
+}
+
+/// The second night's files: the mover in region West (and a corrected name), a new customer,
+/// three new orders with their lines, and one of the mover's old orders re-exported cancelled.
+/// Returns the revenue (cents) of the new orders' lines by customer.
+fn write_second_night(sources: &Path, cancelled_line: &str) -> BTreeMap<&'static str, i128> {
+    let customers = format!(
+        "customer_id,name,segment,region,province,city,credit_limit,email,signup_date,updated_at\n\
+         {MOVER},Tang Ming,smb,West,Sichuan,Chengdu,131900.00,c000001@example.com,2023-01-16,{MOVED_AT}\n\
+         C900001,New Customer,consumer,North,Beijing,Beijing,5000.00,new@example.com,2026-11-01,2026-11-01 09:30:00\n"
+    );
+    std::fs::write(sources.join("customers_2026-11-01.csv"), customers).unwrap();
+    let orders = format!(
+        "order_id,customer_id,rep_id,channel,order_date,status,updated_at\n\
+         O9000001,{MOVER},R004,online,2026-11-02,completed,2026-11-02 10:00:00\n\
+         O9000002,{MOVER},R004,store,2026-11-03,completed,2026-11-03 10:00:00\n\
+         O9000003,C900001,R004,online,2026-11-03,completed,2026-11-03 11:00:00\n\
+         {cancelled_line}\n"
+    );
+    std::fs::write(sources.join("orders_2026-11-01.csv"), orders).unwrap();
+    let lines = [
+        ("O9000001", 1, "P0059", 4, "489.00", 5),
+        ("O9000001", 2, "P0047", 1, "2019.00", 0),
+        ("O9000002", 1, "P0047", 2, "2019.00", 10),
+        ("O9000003", 1, "P0059", 1, "489.00", 0),
+    ];
+    let mut text = "order_id,line_no,product_id,quantity,unit_price,discount_pct\n".to_string();
+    let mut revenue = BTreeMap::new();
+    for (order, line, product, quantity, price, discount) in lines {
+        text.push_str(&format!("{order},{line},{product},{quantity},{price},{discount}\n"));
+        // revenue = quantity × unit_price × (100 − discount) / 100, in cents (exact here).
+        let cents_value = quantity as i128 * cents(price) * (100 - discount as i128) / 100;
+        *revenue.entry(if order == "O9000003" { "C900001" } else { MOVER }).or_insert(0) += cents_value;
+    }
+    std::fs::write(sources.join("order_lines_2026-11-01.csv"), text).unwrap();
+    revenue
+}
+
+fn table<'a>(r: &'a LoadReport, name: &str) -> &'a crmcube::etl::TableReport {
+    r.table(name).unwrap_or_else(|| panic!("no report for {name}"))
+}
+
+async fn count(w: &Warehouse, table: &str) -> i64 {
+    scalar(&w.session().await.unwrap(), &format!("SELECT count(*) FROM {table}")).await.parse().unwrap()
+}
+
+#[test]
+fn a_second_nights_files_add_exactly_the_new_and_changed_rows_with_history() {
+    let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let project = incremental_project(dir.path(), true);
+    let w = Warehouse::new(project.warehouse.clone());
+    let sources = project.sources.clone();
+    let (p, w1, night_sources) = (project.clone(), w.clone(), sources.clone());
+    block_on(async move {
+        let first = load(&p, &w1).await.unwrap();
+        assert_eq!(table(&first, "dim_customer").mode, "full", "the first load reads everything");
+        let ctx = w1.session().await.unwrap();
+        let before: BTreeMap<&str, i64> = {
+            let mut m = BTreeMap::new();
+            for t in ["dim_customer", "orders", "order_lines", "fact_sales", "dim_customer_history"] {
+                m.insert(t, count(&w1, t).await);
+            }
+            m
+        };
+        let watermark = scalar(&ctx, "SELECT CAST(max(updated_at) AS VARCHAR) FROM dim_customer").await;
+        // One of the mover's completed orders, re-exported tonight as cancelled.
+        let old = sql(&ctx, &format!(
+            "SELECT order_id, rep_id, channel, CAST(order_date AS VARCHAR) FROM orders WHERE customer_id = '{MOVER}' AND status = 'completed' ORDER BY order_id LIMIT 1"
+        ))
+        .await;
+        let [cancelled, rep, channel, date] = [&old[0][0], &old[0][1], &old[0][2], &old[0][3]];
+        let cancelled_revenue = cents(&scalar(&ctx, &format!("SELECT sum(revenue) FROM fact_sales WHERE order_id = '{cancelled}'")).await);
+        let mover_revenue_before = cents(&scalar(&ctx, &format!("SELECT sum(revenue) FROM fact_sales WHERE customer_id = '{MOVER}'")).await);
+        let old_region = scalar(&ctx, &format!("SELECT region FROM dim_customer WHERE customer_id = '{MOVER}'")).await;
+        assert_ne!(old_region, "West");
+        drop(ctx);
+
+        let new_revenue = write_second_night(
+            &night_sources,
+            &format!("{cancelled},{MOVER},{rep},{channel},{date},cancelled,2026-11-01 12:00:00"),
+        );
+        let second = load(&p, &w1).await.unwrap();
+        assert!(!second.unchanged);
+        assert_eq!(second.files.new.len(), 3, "{:?}", second.files);
+
+        // Exactly the new and changed rows: read, inserted, updated, and the counts after.
+        let c = table(&second, "dim_customer");
+        assert_eq!((c.mode, c.read, c.loaded, c.updated, c.skipped), ("incremental", 2, 2, 1, 0), "{c:?}");
+        assert_eq!(c.watermark_before.as_deref(), Some(watermark.as_str()));
+        assert_eq!(c.watermark_after.as_deref(), Some("2026-11-01T09:30:00"));
+        let o = table(&second, "orders");
+        assert_eq!((o.mode, o.read, o.loaded, o.updated), ("incremental", 4, 4, 1), "{o:?}");
+        let l = table(&second, "order_lines");
+        assert_eq!((l.mode, l.read, l.loaded, l.updated), ("incremental", 4, 4, 0), "{l:?}");
+        for t in ["dim_product", "dim_sales_rep", "fact_payment", "fact_invoice", "fact_interaction"] {
+            assert_eq!(table(&second, t).mode, "unchanged", "{t} read nothing new");
+        }
+        assert_eq!(count(&w1, "dim_customer").await, before["dim_customer"] + 1);
+        assert_eq!(count(&w1, "orders").await, before["orders"] + 3);
+        assert_eq!(count(&w1, "order_lines").await, before["order_lines"] + 4);
+        let cancelled_lines: i64 = scalar(&w1.session().await.unwrap(), &format!("SELECT count(*) FROM order_lines WHERE order_id = '{cancelled}'")).await.parse().unwrap();
+        assert_eq!(count(&w1, "fact_sales").await, before["fact_sales"] + 4 - cancelled_lines, "new lines in, the cancelled order's out");
+
+        // History: the mover has two versions split at the move; the new customer one.
+        let ctx = w1.session().await.unwrap();
+        assert_eq!(count(&w1, "dim_customer_history").await, before["dim_customer_history"] + 2);
+        let versions = sql(&ctx, &format!(
+            "SELECT version, region, name, CAST(valid_from AS VARCHAR), CAST(valid_to AS VARCHAR), is_current, version_key \
+             FROM dim_customer_history WHERE customer_id = '{MOVER}' ORDER BY version"
+        ))
+        .await;
+        let moved = "2026-11-01T08:00:00";
+        assert_eq!(versions.len(), 2, "{versions:?}");
+        assert_eq!(versions[0], ["1", old_region.as_str(), "Tang Ming", "", moved, "false", &format!("{MOVER}#1")]);
+        assert_eq!(versions[1], ["2", "West", "Tang Ming", moved, "", "true", &format!("{MOVER}#2")]);
+
+        // Past sales stay in the old region, tonight's are in the new one (cube and base SQL).
+        let cubes = crmcube::cube::CubeSet::load(&p, &crmcube::etl::TransformSet::load(&p).unwrap()).unwrap();
+        let q = crmcube::query::CubeQuery {
+            cube: "sales".into(),
+            measures: vec!["revenue".into()],
+            by: vec!["customer.region".into()],
+            filters: vec![format!("customer.customer={MOVER}")],
+            ..Default::default()
+        };
+        let answer = crate::common::cells(&crmcube::query::run(&ctx, cubes.get("sales").unwrap(), &q).await.unwrap());
+        let by_region: BTreeMap<String, i128> = answer.iter().map(|r| (r[0].clone(), cents(&r[1]))).collect();
+        assert_eq!(by_region.get(&old_region).copied(), Some(mover_revenue_before - cancelled_revenue), "{answer:?}");
+        assert_eq!(by_region.get("West").copied(), Some(new_revenue[MOVER]), "{answer:?}");
+        let new_customer = sql(&ctx, "SELECT CAST(sum(revenue) AS VARCHAR) FROM fact_sales WHERE customer_id = 'C900001'").await;
+        assert_eq!(cents(&new_customer[0][0]), new_revenue["C900001"]);
+
+        // The same night again: a no-op.
+        let again = load(&p, &w1).await.unwrap();
+        assert!(again.unchanged && again.snapshot == second.snapshot, "{again:?}");
+    });
+
+    // A full load of both nights' files gives the same tables (the history aside: a first load
+    // knows one version per customer, and facts join it).
+    let full_dir = tempfile::Builder::new().prefix("crmcube-full").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    copy_dir(&sources, &full_dir.path().join("sources"));
+    let full = incremental_project(full_dir.path(), false);
+    let wf = Warehouse::new(full.warehouse.clone());
+    block_on(async move {
+        load(&full, &wf).await.unwrap();
+        let (a, b) = (w.session().await.unwrap(), wf.session().await.unwrap());
+        for t in ["dim_customer", "orders", "order_lines", "dim_product", "fact_payment", "fact_invoice", "customer_value", "customer_clv"] {
+            assert_eq!(content_checksum(&a, t).await.unwrap(), content_checksum(&b, t).await.unwrap(), "{t}");
+        }
+        let without_version = "SELECT order_id, line_no, order_date, customer_id, product_id, quantity, revenue, cost FROM fact_sales";
+        for ctx in [&a, &b] {
+            ctx.register_table("sales_rows", ctx.sql(without_version).await.unwrap().into_view()).unwrap();
+        }
+        assert_eq!(content_checksum(&a, "sales_rows").await.unwrap(), content_checksum(&b, "sales_rows").await.unwrap());
+    });
+}
+
+/// An export rewritten after it was loaded is reported; in an incremental table with a key its
+/// rows upsert again (nothing doubles).
+#[test]
+fn a_rewritten_incremental_export_is_reported_and_upserted_not_doubled() {
+    let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let project = incremental_project(dir.path(), true);
+    let w = Warehouse::new(project.warehouse.clone());
+    let lines: PathBuf = project.sources.join("order_lines.csv");
+    let (p, w1) = (project.clone(), w.clone());
+    block_on(async move {
+        load(&p, &w1).await.unwrap();
+        let rows = count(&w1, "order_lines").await;
+        // The exporter rewrote yesterday's file: same rows, one quantity corrected.
+        let text = std::fs::read_to_string(&lines).unwrap();
+        let first_line = text.lines().nth(1).unwrap().to_string();
+        let mut fields: Vec<String> = first_line.split(',').map(str::to_string).collect();
+        fields[3] = "7".into();
+        std::fs::write(&lines, text.replacen(&first_line, &fields.join(","), 1)).unwrap();
+        let report = load(&p, &w1).await.unwrap();
+        assert_eq!(report.files.changed, vec!["order_lines.csv".to_string()]);
+        let l = table(&report, "order_lines");
+        assert_eq!(l.updated, l.loaded, "every row of the rewritten file replaces its earlier self: {l:?}");
+        assert_eq!(count(&w1, "order_lines").await, rows, "nothing doubled");
+        let q = format!("SELECT quantity FROM order_lines WHERE order_id = '{}' AND line_no = {}", fields[0], fields[1]);
+        assert_eq!(scalar(&w1.session().await.unwrap(), &q).await, "7");
+    });
+}
