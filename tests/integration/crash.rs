@@ -10,10 +10,10 @@ use crmcube::warehouse::{Warehouse, content_checksum};
 
 use crate::common::{block_on, copy_dir, repo};
 
-/// Fault points of one load (see `crmcube::fault`): 8 sources extracted and cleaned, 8 derived
-/// tables, 2 model tables fitted, 6 rollups built, 25 tables written (19 + the rollups), and both
-/// sides of the snapshot manifest.
-const FAULT_POINTS: u32 = 8 + 8 + 8 + 2 + 6 + 25 + 2;
+/// Fault points of one full load (see `crmcube::fault`): 8 sources extracted and cleaned, 8
+/// derived tables and the customer history, 2 model tables fitted, 6 rollups built, 26 tables
+/// written (20 + the rollups), and both sides of the snapshot manifest.
+const FAULT_POINTS: u32 = 8 + 8 + 9 + 2 + 6 + 26 + 2;
 
 fn crmcube(project: &Path, args: &[&str], fault: Option<u32>) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_crmcube"));
@@ -48,42 +48,99 @@ fn project_with_sources(dir: &Path, seed: u64) -> std::path::PathBuf {
     root
 }
 
-#[test]
-fn a_load_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
-    let tmp = tempfile::Builder::new().prefix("crmcube-crash").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    // Night 1 is loaded; night 2's exports differ (another seed).
-    let night1 = project_with_sources(tmp.path(), 1);
-    let night2 = project_with_sources(tmp.path(), 2);
-    assert!(crmcube(&night1, &["load"], None).status.success());
+/// Loads `night1`, then kills the load of `night2` (same warehouse) at fault point 1, 2, …: after
+/// each kill readers see night 1 unchanged, and a rerun equals an uninterrupted night-2 load.
+/// With `points`, the load must have exactly that many; without, the points are counted until a
+/// load runs through. Returns the number of points.
+fn kill_at_every_point(tmp: &Path, night1: &Path, night2: &Path, points: Option<u32>) -> u32 {
+    assert!(crmcube(night1, &["load"], None).status.success());
     let before = state(&night1.join("warehouse"));
     // What an uninterrupted second night produces.
-    let reference = tmp.path().join("reference");
+    let reference = tmp.join("reference");
     copy_dir_all(&night1.join("warehouse"), &reference.join("warehouse"));
-    let out = crmcube(&night2, &["--warehouse", reference.join("warehouse").to_str().unwrap(), "load"], None);
+    let out = crmcube(night2, &["--warehouse", reference.join("warehouse").to_str().unwrap(), "load"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (reference_id, reference_tables) = state(&reference.join("warehouse"));
     assert_eq!(reference_id, 2);
     assert_ne!(reference_tables, before.1, "night 2 changes the warehouse");
 
-    assert!(FAULT_POINTS >= 20);
-    for point in 1..=FAULT_POINTS {
-        let warehouse = tmp.path().join(format!("killed-{point}"));
+    let mut point = 1;
+    loop {
+        let warehouse = tmp.join(format!("killed-{point}"));
         copy_dir_all(&night1.join("warehouse"), &warehouse);
         let wh = warehouse.to_str().unwrap();
-        let out = crmcube(&night2, &["--warehouse", wh, "load"], Some(point));
+        let out = crmcube(night2, &["--warehouse", wh, "load"], Some(point));
+        if out.status.success() {
+            // Past the load's last fault point: nothing was killed.
+            assert!(points.is_none_or(|n| n + 1 == point), "the load has {} fault points, not {points:?}", point - 1);
+            assert_eq!(state(&warehouse), (reference_id, reference_tables));
+            return point - 1;
+        }
         assert_eq!(out.status.signal(), Some(9), "point {point}: the load was killed: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(state(&warehouse), before, "point {point}: readers still see snapshot 1, unchanged");
-        let out = crmcube(&night2, &["--warehouse", wh, "load"], None);
+        let out = crmcube(night2, &["--warehouse", wh, "load"], None);
         assert!(out.status.success(), "point {point}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stderr).contains("stale load lock"), "point {point}: the dead load's lock is taken over");
         let (id, tables) = state(&warehouse);
         assert_eq!(id, 2, "point {point}");
         assert_eq!(tables, reference_tables, "point {point}: the rerun equals an uninterrupted load");
         std::fs::remove_dir_all(&warehouse).unwrap();
+        point += 1;
+        assert!(points.is_none_or(|n| point <= n + 1), "more fault points than {points:?}");
     }
-    // Killed past its last fault point there is nothing left to test: one more point is a no-op.
-    let out = crmcube(&night2, &["--warehouse", reference.join("warehouse").to_str().unwrap(), "load"], Some(FAULT_POINTS + 1));
-    assert!(out.status.success(), "a load has exactly {FAULT_POINTS} fault points");
+}
+
+#[test]
+fn a_load_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
+    let tmp = tempfile::Builder::new().prefix("crmcube-crash").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // Night 1 is loaded; night 2's exports differ (another seed).
+    let night1 = project_with_sources(tmp.path(), 1);
+    let night2 = project_with_sources(tmp.path(), 2);
+    kill_at_every_point(tmp.path(), &night1, &night2, Some(FAULT_POINTS));
+}
+
+/// The same for an incremental night: new files appended to order lines and orders, a customer
+/// upserted (and its history versioned). An append must never inherit the rows of a killed
+/// load's Delta version that no snapshot names.
+#[test]
+fn an_incremental_load_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
+    let tmp = tempfile::Builder::new().prefix("crmcube-crash-incr").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let night1 = project_with_sources(tmp.path(), 1);
+    for (file, export, extra) in [
+        ("dim_customer.yaml", "customers", "load: incremental\nwatermark: updated_at\n"),
+        ("orders.yaml", "orders", "load: incremental\n"),
+        ("order_lines.yaml", "order_lines", "load: incremental\n"),
+    ] {
+        let path = night1.join("transforms").join(file);
+        let text = std::fs::read_to_string(&path).unwrap().replace(&format!("path: {export}.csv"), &format!("path: '{export}*.csv'"));
+        std::fs::write(&path, text.replacen("\nsource:\n", &format!("\n{extra}source:\n"), 1)).unwrap();
+    }
+    // Night 2: the same project and exports plus tonight's files.
+    let night2 = tmp.path().join("night-2");
+    copy_dir(&night1.join("transforms"), &night2.join("transforms"));
+    copy_dir(&night1.join("cubes"), &night2.join("cubes"));
+    copy_dir(&night1.join("exports"), &night2.join("exports"));
+    std::fs::copy(night1.join("crmcube.yaml"), night2.join("crmcube.yaml")).unwrap();
+    let exports = night2.join("exports");
+    std::fs::write(
+        exports.join("customers_2.csv"),
+        "customer_id,name,segment,region,province,city,credit_limit,email,signup_date,updated_at\n\
+         C000001,Moved,smb,West,Sichuan,Chengdu,1000.00,m@example.com,2023-01-16,2099-01-01 00:00:00\n",
+    )
+    .unwrap();
+    std::fs::write(
+        exports.join("orders_2.csv"),
+        "order_id,customer_id,rep_id,channel,order_date,status,updated_at\n\
+         O9000001,C000001,R001,online,2099-01-02,completed,2099-01-02 10:00:00\n",
+    )
+    .unwrap();
+    std::fs::write(
+        exports.join("order_lines_2.csv"),
+        "order_id,line_no,product_id,quantity,unit_price,discount_pct\nO9000001,1,P0001,2,10.00,0\nO9000001,2,P0002,1,5.00,0\n",
+    )
+    .unwrap();
+    let points = kill_at_every_point(tmp.path(), &night1, &night2, None);
+    assert!(points >= 20, "only {points} fault points");
 }
 
 fn copy_dir_all(from: &Path, to: &Path) {
