@@ -177,7 +177,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         sources.iter().map(|(t, s)| extract::list_files(&t.name, s, &project.sources)).collect::<Result<_>>()?;
     let surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources)).collect::<Result<_>>()?;
     let files_now: BTreeMap<String, SourceFile> = surveyed.iter().flatten().map(|f| (f.path.clone(), f.clone())).collect();
-    let files_report = FilesReport::compare(&files_now, previous.as_ref());
+    let mut files_report = FilesReport::compare(&files_now, previous.as_ref());
     for path in &files_report.changed {
         tracing::warn!(file = %path, since = ?files_report.since, "export file changed since the previous snapshot loaded it");
     }
@@ -187,6 +187,8 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     for (((t, spec), files), hashes) in sources.iter().zip(listed).zip(&surveyed) {
         plans.push(run.plan_source(t, spec, files, hashes)?);
     }
+    // An incremental table's files may be removed once loaded; only a full table's are missed.
+    files_report.gone.retain(|path| run.full_patterns.iter().any(|p| p.matches(path)));
     // Extract the files to read, every source in parallel (decoding and splitting is CPU work
     // outside DataFusion).
     let extracted: Vec<Option<Extracted>> = sources
@@ -555,21 +557,31 @@ impl<'a> Run<'a> {
                 report.updated = replaced.count().await? as u64;
                 if report.updated > 0 {
                     append = false;
+                    old.join(new_keys, datafusion::logical_expr::JoinType::LeftAnti, &keys, &keys, None)?.union(delta)?
+                } else {
+                    old.union(delta)?
                 }
-                old.join(new_keys, datafusion::logical_expr::JoinType::LeftAnti, &keys, &keys, None)?.union(delta)?
             }
         };
-        let merged_rows = merged.collect().await?;
-        let total = count_rows(&merged_rows);
-        report.rows = total;
-        self.register(&t.name, &schema, &merged_rows)?;
         // Append only onto the very version the previous snapshot names: a killed load may have
         // written later versions no snapshot names, which an append would inherit.
         if append && let Some(entry) = previous_entry {
             append = self.warehouse.latest_version(&t.name).await? == Some(entry.version);
         }
-        let rows = if append { delta_rows } else { merged_rows };
-        Ok(Output { name: t.name.clone(), schema, rows, total_rows: total, append, partition: vec![], spec: None, watermark: report.watermark_after.clone() })
+        if append && let Some(entry) = previous_entry {
+            // The table after the load is the previous version plus tonight's rows: read it from
+            // there when needed rather than holding it all in memory.
+            let total = entry.rows + count_rows(&delta_rows);
+            report.rows = total;
+            self.ctx.deregister_table(t.name.as_str())?;
+            self.ctx.register_table(t.name.as_str(), merged.into_view())?;
+            return Ok(Output { name: t.name.clone(), schema, rows: delta_rows, total_rows: total, append, partition: vec![], spec: None, watermark: report.watermark_after.clone() });
+        }
+        let merged_rows = merged.collect().await?;
+        let total = count_rows(&merged_rows);
+        report.rows = total;
+        self.register(&t.name, &schema, &merged_rows)?;
+        Ok(Output { name: t.name.clone(), schema, rows: merged_rows, total_rows: total, append: false, partition: vec![], spec: None, watermark: report.watermark_after.clone() })
     }
 
     /// A type-2 history: the previous history, versions closed and opened where a tracked
@@ -582,26 +594,30 @@ impl<'a> Run<'a> {
         }
         let table_started = Instant::now();
         let previous_name = format!("__previous_{}", t.name);
-        let had_previous = same_spec && self.register_previous(&t.name, &previous_name).await?;
+        // The stored history is kept whatever changed in the transform: in tonight's columns and
+        // types (a column added reads NULL in earlier versions; Delta stores timestamps in
+        // microseconds where the rows just cleaned may carry nanoseconds).
+        let had_previous = self.register_previous(&t.name, &previous_name).await?;
         if had_previous {
-            // The stored history in the types of the table's current rows (Delta stores
-            // timestamps in microseconds; the rows just cleaned may carry nanoseconds).
+            use datafusion::prelude::{cast, col, lit};
             let stored = self.ctx.table(previous_name.as_str()).await?;
             let current = self.ctx.table(h.of.as_str()).await?;
             let changed_at = current.schema().field_with_unqualified_name(&h.changed_at)?.data_type().clone();
-            let select: Vec<_> = stored
+            let has = |name: &str| stored.schema().field_with_unqualified_name(name).is_ok();
+            let mut select: Vec<_> = current
                 .schema()
                 .fields()
                 .iter()
                 .map(|f| {
-                    let ty = match current.schema().field_with_unqualified_name(f.name()) {
-                        Ok(c) => c.data_type().clone(),
-                        Err(_) if f.name() == "valid_from" || f.name() == "valid_to" => changed_at.clone(),
-                        Err(_) => f.data_type().clone(),
-                    };
-                    datafusion::prelude::cast(datafusion::prelude::col(f.name().as_str()), ty).alias(f.name())
+                    let value = if has(f.name()) { col(f.name().as_str()) } else { lit(datafusion::scalar::ScalarValue::Null) };
+                    cast(value, f.data_type().clone()).alias(f.name())
                 })
                 .collect();
+            select.push(cast(col("version"), DataType::Int64).alias("version"));
+            select.push(cast(col("valid_from"), changed_at.clone()).alias("valid_from"));
+            select.push(cast(col("valid_to"), changed_at).alias("valid_to"));
+            select.push(col("is_current"));
+            select.push(col("version_key"));
             let typed = stored.select(select)?;
             self.ctx.deregister_table(previous_name.as_str())?;
             self.ctx.register_table(previous_name.as_str(), typed.into_view())?;

@@ -80,3 +80,17 @@ fn every_problem_is_reported_at_once() {
     let err = errors(&t);
     assert!(err.contains("orders.yaml") && err.contains("fact_payment.yaml"), "{err}");
 }
+
+#[test]
+fn a_misspelled_history_column_and_a_watermark_on_a_full_table_are_named() {
+    let t = test_project();
+    let file = t.project.transforms.join("dim_customer.yaml");
+    let line = break_file(&file, "columns: [segment, region,", "columns: [segment, regoin,");
+    let text = std::fs::read_to_string(&file).unwrap().replacen("reject_threshold: 0.02", "reject_threshold: 0.02\nwatermark: updated_at", 1);
+    std::fs::write(&file, text).unwrap();
+    let watermark = std::fs::read_to_string(&file).unwrap().lines().position(|l| l == "watermark: updated_at").unwrap() + 1;
+    let err = errors(&t);
+    assert!(err.contains(&format!("dim_customer.yaml:{line}:")) && err.contains("history › columns 'regoin'"), "{err}");
+    assert!(err.contains("did you mean 'region'?"), "{err}");
+    assert!(err.contains(&format!("dim_customer.yaml:{watermark}:")) && err.contains("`load: incremental`"), "{err}");
+}
