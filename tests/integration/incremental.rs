@@ -133,6 +133,11 @@ fn a_second_nights_files_add_exactly_the_new_and_changed_rows_with_history() {
         assert_eq!((o.mode, o.read, o.loaded, o.updated), ("incremental", 4, 4, 1), "{o:?}");
         let l = table(&second, "order_lines");
         assert_eq!((l.mode, l.read, l.loaded, l.updated), ("incremental", 4, 4, 0), "{l:?}");
+        // New keys only: the Delta commit appends tonight's rows, it does not rewrite the table.
+        let log = w1.table_path("order_lines").join("_delta_log");
+        let last = std::fs::read_dir(&log).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "json")).max().unwrap();
+        let commit = std::fs::read_to_string(&last).unwrap();
+        assert!(commit.contains(r#""mode":"Append""#), "{commit}");
         for t in ["dim_product", "dim_sales_rep", "fact_payment", "fact_invoice", "fact_interaction"] {
             assert_eq!(table(&second, t).mode, "unchanged", "{t} read nothing new");
         }
