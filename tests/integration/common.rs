@@ -54,6 +54,24 @@ pub fn edited_sources(dir: &Path, file: &str, edit: impl Fn(&str) -> String) -> 
     to
 }
 
+/// The nightly set-up of the incremental tests: customers, orders and order lines read every
+/// `customers*.csv`, `orders*.csv`, `order_lines*.csv`; with `incremental`, they also load
+/// incrementally (customers with an `updated_at` watermark).
+pub fn nightly_transforms(transforms: &Path, incremental: bool) {
+    for (file, export, extra) in [
+        ("dim_customer.yaml", "customers", "load: incremental\nwatermark: updated_at\n"),
+        ("orders.yaml", "orders", "load: incremental\n"),
+        ("order_lines.yaml", "order_lines", "load: incremental\n"),
+    ] {
+        let path = transforms.join(file);
+        let mut text = std::fs::read_to_string(&path).unwrap().replace(&format!("path: {export}.csv"), &format!("path: '{export}*.csv'"));
+        if incremental {
+            text = text.replacen("\nsource:\n", &format!("\n{extra}source:\n"), 1);
+        }
+        std::fs::write(&path, text).unwrap();
+    }
+}
+
 /// Runs an async block on a fresh runtime in its own thread (usable from any test).
 pub fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send + 'static) -> T {
     std::thread::spawn(move || tokio::runtime::Runtime::new().unwrap().block_on(f)).join().unwrap()

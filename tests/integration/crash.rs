@@ -106,15 +106,7 @@ fn a_load_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
 fn an_incremental_load_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
     let tmp = tempfile::Builder::new().prefix("crmcube-crash-incr").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let night1 = project_with_sources(tmp.path(), 1);
-    for (file, export, extra) in [
-        ("dim_customer.yaml", "customers", "load: incremental\nwatermark: updated_at\n"),
-        ("orders.yaml", "orders", "load: incremental\n"),
-        ("order_lines.yaml", "order_lines", "load: incremental\n"),
-    ] {
-        let path = night1.join("transforms").join(file);
-        let text = std::fs::read_to_string(&path).unwrap().replace(&format!("path: {export}.csv"), &format!("path: '{export}*.csv'"));
-        std::fs::write(&path, text.replacen("\nsource:\n", &format!("\n{extra}source:\n"), 1)).unwrap();
-    }
+    crate::common::nightly_transforms(&night1.join("transforms"), true);
     // Night 2: the same project and exports plus tonight's files.
     let night2 = tmp.path().join("night-2");
     copy_dir(&night1.join("transforms"), &night2.join("transforms"));

@@ -20,19 +20,7 @@ const MOVED_AT: &str = "2026-11-01 08:00:00";
 fn incremental_project(dir: &Path, incremental: bool) -> Project {
     copy_dir(&repo().join("transforms"), &dir.join("transforms"));
     copy_dir(&repo().join("cubes"), &dir.join("cubes"));
-    for (file, export, extra) in [
-        ("dim_customer.yaml", "customers", "load: incremental\nwatermark: updated_at\n"),
-        ("orders.yaml", "orders", "load: incremental\n"),
-        ("order_lines.yaml", "order_lines", "load: incremental\n"),
-    ] {
-        let path = dir.join("transforms").join(file);
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut text = text.replace(&format!("path: {export}.csv"), &format!("path: '{export}*.csv'"));
-        if incremental {
-            text = text.replacen("\nsource:\n", &format!("\n{extra}source:\n"), 1);
-        }
-        std::fs::write(&path, text).unwrap();
-    }
+    crate::common::nightly_transforms(&dir.join("transforms"), incremental);
     let sources = dir.join("sources");
     if !sources.exists() {
         copy_dir(&repo().join("sample-data"), &sources);
