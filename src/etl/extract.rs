@@ -39,12 +39,9 @@ pub struct Reject {
 pub struct Extracted {
     /// Declared columns as Utf8 (by their warehouse name), then `_file`, `_line`, `_raw`.
     pub batch: RecordBatch,
-    /// Each file read: its path under the sources folder, size and SHA-256.
-    pub sources: Vec<SourceFile>,
     pub rejects: Vec<Reject>,
     /// Records read, including rejected ones (header lines excluded).
     pub read: u64,
-    pub files: Vec<PathBuf>,
 }
 
 /// Every file matching the source's glob under `sources_dir`, sorted; an error when none does.
@@ -78,44 +75,28 @@ pub fn survey(files: &[PathBuf], sources_dir: &Path) -> Result<Vec<SourceFile>> 
         .par_iter()
         .map(|f| {
             let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
-            Ok(SourceFile::of(source_key(f, sources_dir), &bytes))
+            let key = f.strip_prefix(sources_dir).unwrap_or(f).to_string_lossy().to_string();
+            Ok(SourceFile::of(key, &bytes))
         })
         .collect()
 }
 
-fn source_key(file: &Path, sources_dir: &Path) -> String {
-    file.strip_prefix(sources_dir).unwrap_or(file).to_string_lossy().to_string()
-}
-
-/// Reads every file matching the source's glob under `sources_dir`.
-pub fn extract(table: &str, spec: &SourceTransform, sources_dir: &Path, display_root: &Path) -> Result<Extracted> {
-    let files = list_files(table, spec, sources_dir)?;
-    extract_files(table, spec, files, sources_dir, display_root)
-}
-
-/// Reads the given files of a source (an incremental load reads only the new ones).
-pub fn extract_files(
-    table: &str,
-    spec: &SourceTransform,
-    files: Vec<PathBuf>,
-    sources_dir: &Path,
-    display_root: &Path,
-) -> Result<Extracted> {
-    let parts: Vec<(FileRows, SourceFile)> = files
+/// Reads the given files of a source ([`list_files`], or only the new ones for an incremental
+/// load; [`survey`] has their checksums).
+pub fn extract_files(table: &str, spec: &SourceTransform, files: &[PathBuf], display_root: &Path) -> Result<Extracted> {
+    let parts: Vec<FileRows> = files
         .par_iter()
         .map(|f| {
             let shown = f.strip_prefix(display_root).unwrap_or(f).to_string_lossy().to_string();
-            read_file(table, spec, f, &shown, source_key(f, sources_dir))
+            read_file(table, spec, f, &shown)
         })
         .collect::<Result<_>>()?;
     let mut all = FileRows::new(spec.columns.len());
-    let mut sources = Vec::with_capacity(parts.len());
-    for (p, source) in parts {
+    for p in parts {
         all.append(p);
-        sources.push(source);
     }
     let batch = to_batch(spec, all.values, all.files, all.lines, all.raws)?;
-    Ok(Extracted { batch, sources, rejects: all.rejects, read: all.read, files })
+    Ok(Extracted { batch, rejects: all.rejects, read: all.read })
 }
 
 /// The schema of an extracted batch.
@@ -223,15 +204,14 @@ fn first_bad_gbk_byte(bytes: &[u8]) -> usize {
     offset
 }
 
-fn read_file(table: &str, spec: &SourceTransform, path: &Path, shown: &str, key: String) -> Result<(FileRows, SourceFile)> {
+fn read_file(table: &str, spec: &SourceTransform, path: &Path, shown: &str) -> Result<FileRows> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let source = SourceFile::of(key, &bytes);
     let text = decode(&bytes, spec.source.encoding, Path::new(shown))?;
     let rows = match spec.source.format {
         SourceFormat::Csv => read_csv(table, spec, &text, shown),
         SourceFormat::Jsonl => read_jsonl(table, spec, &text, shown),
     }?;
-    Ok((rows, source))
+    Ok(rows)
 }
 
 fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {

@@ -197,7 +197,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         .map(|((t, s), plan)| match plan {
             SourcePlan::Keep => Ok(None),
             SourcePlan::Full(files) | SourcePlan::Incremental(files) => {
-                extract::extract_files(&t.name, s, files.clone(), &project.sources, &project.root).map(Some)
+                extract::extract_files(&t.name, s, files, &project.root).map(Some)
             }
         })
         .collect::<Result<_>>()?;
@@ -263,7 +263,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
 
     if run.changed.is_empty()
         && let Some(prev) = previous.as_ref()
-        && run.ledger(&set, &files_now) == prev.files
+        && run.ledger(&files_now) == prev.files
     {
         tracing::info!(snapshot = prev.id, "nothing changed since the previous snapshot; none written");
         return Ok(LoadReport { snapshot: prev.id, unchanged: true, tables: run.reports, files: files_report, seconds: started.elapsed().as_secs_f64() });
@@ -271,7 +271,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     run.quarantine().await?;
 
     // Commit: every table first, then the snapshot that names them.
-    let files = run.ledger(&set, &files_now);
+    let files = run.ledger(&files_now);
     let mut entries = std::mem::take(&mut run.entries);
     for out in std::mem::take(&mut run.outputs) {
         let n = count_rows(&out.rows);
@@ -365,6 +365,13 @@ impl<'a> Run<'a> {
         Ok(SourceFile::of(kind.into(), &text).sha256)
     }
 
+    /// A transform's fingerprint, and whether the previous snapshot's table was built from it.
+    fn fingerprint_unchanged(&self, t: &Transform) -> Result<(String, bool)> {
+        let fingerprint = self.fingerprint(t)?;
+        let unchanged = self.previous_entry(&t.name).and_then(|e| e.spec.as_deref()) == Some(fingerprint.as_str());
+        Ok((fingerprint, unchanged))
+    }
+
     /// The previous snapshot's version of `table`, registered under `name`.
     async fn register_previous(&self, table: &str, name: &str) -> Result<bool> {
         let Some(entry) = self.previous_entry(table) else { return Ok(false) };
@@ -394,13 +401,13 @@ impl<'a> Run<'a> {
             .previous
             .map(|p| p.files.iter().filter(|(k, _)| pattern.matches(k)).map(|(k, f)| (k.as_str(), f.sha256.as_str())).collect())
             .unwrap_or_default();
-        let Some(entry) = self.previous_entry(&t.name) else {
-            if spec.mode == LoadMode::Full {
-                self.full_patterns.push(pattern);
-            }
+        if spec.mode == LoadMode::Full {
+            self.full_patterns.push(pattern);
+        }
+        if self.previous_entry(&t.name).is_none() {
             return Ok(SourcePlan::Full(files));
-        };
-        let same_spec = entry.spec.as_deref() == Some(self.fingerprint(t)?.as_str());
+        }
+        let same_spec = self.fingerprint_unchanged(t)?.1;
         let unseen: Vec<PathBuf> = files
             .iter()
             .zip(hashes)
@@ -409,7 +416,6 @@ impl<'a> Run<'a> {
             .collect();
         match spec.mode {
             LoadMode::Full => {
-                self.full_patterns.push(pattern);
                 let same_files = unseen.is_empty() && before.len() == hashes.len();
                 let references_changed = spec.references.iter().any(|r| self.changed.contains(&r.table));
                 Ok(if same_spec && same_files && !references_changed { SourcePlan::Keep } else { SourcePlan::Full(files) })
@@ -587,8 +593,7 @@ impl<'a> Run<'a> {
     /// A type-2 history: the previous history, versions closed and opened where a tracked
     /// column changed, other columns corrected from the table's current rows.
     async fn history(&mut self, t: &Transform, h: &History) -> Result<()> {
-        let fingerprint = self.fingerprint(t)?;
-        let same_spec = self.previous_entry(&t.name).and_then(|e| e.spec.as_deref()) == Some(fingerprint.as_str());
+        let (fingerprint, same_spec) = self.fingerprint_unchanged(t)?;
         if !self.changed.contains(&h.of) && same_spec {
             return self.keep(&t.name, "history").await;
         }
@@ -647,8 +652,7 @@ impl<'a> Run<'a> {
     }
 
     async fn derived(&mut self, set: &TransformSet, t: &Transform, sql: &str, inputs: &[String]) -> Result<()> {
-        let fingerprint = self.fingerprint(t)?;
-        let same_spec = self.previous_entry(&t.name).and_then(|e| e.spec.as_deref()) == Some(fingerprint.as_str());
+        let (fingerprint, same_spec) = self.fingerprint_unchanged(t)?;
         if same_spec && !inputs.iter().any(|i| self.changed.contains(i)) {
             return self.keep(&t.name, "derived").await;
         }
@@ -737,8 +741,7 @@ impl<'a> Run<'a> {
 
     /// The export files the new snapshot stands for: tonight's, plus files incremental tables
     /// loaded on earlier nights (a full table's files are only tonight's).
-    fn ledger(&self, set: &TransformSet, now: &BTreeMap<String, SourceFile>) -> BTreeMap<String, SourceFile> {
-        let _ = set;
+    fn ledger(&self, now: &BTreeMap<String, SourceFile>) -> BTreeMap<String, SourceFile> {
         let mut files: BTreeMap<String, SourceFile> = self
             .previous
             .map(|p| p.files.iter().filter(|(k, _)| !self.full_patterns.iter().any(|p| p.matches(k))).map(|(k, f)| (k.clone(), f.clone())).collect())
