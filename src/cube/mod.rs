@@ -83,6 +83,15 @@ pub struct Dimension {
     pub levels: Vec<Level>,
 }
 
+impl Dimension {
+    /// The column of `cubes.<cube>` holding the fact's key to this dimension, named
+    /// `<dimension>_<key>` (`time_date`): a semi-additive measure takes its value at the last of
+    /// these within each period. Only dimensions a semi-additive measure names have it.
+    pub fn key_column(&self) -> Option<String> {
+        self.join.as_ref().map(|j| format!("{}_{}", self.name, j.key))
+    }
+}
+
 /// How a dimension table joins the fact: `fact.foreign_key = table.key`.
 #[derive(Debug, Clone)]
 pub struct DimensionJoin {
@@ -147,6 +156,20 @@ impl PartialEq for Dimension {
 impl Eq for Dimension {}
 
 impl Cube {
+    /// The dimensions over which some measure is semi-additive (each once).
+    pub fn semi_additive_dimensions(&self) -> Vec<&Dimension> {
+        let mut out: Vec<&Dimension> = Vec::new();
+        for m in &self.measures {
+            if let MeasureKind::Base { semi_additive: Some(d), .. } = &m.kind
+                && let Some(dim) = self.dimensions.iter().find(|x| x.name == *d)
+                && !out.iter().any(|x| x.name == dim.name)
+            {
+                out.push(dim);
+            }
+        }
+        out
+    }
+
     pub fn measure(&self, name: &str) -> Result<&Measure, QueryError> {
         self.measures.iter().find(|m| m.name == name).ok_or_else(|| {
             QueryError::new(format!("cube '{}' has no measure '{name}'", self.name)).with_hint(Some(valid_names_hint(

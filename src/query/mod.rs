@@ -1,10 +1,13 @@
 //! Cube queries: binds a [`CubeQuery`] to warehouse columns and plans it with DataFusion.
 //!
-//! The plan is built with DataFrame expressions, never by pasting user values into SQL: filter
-//! values become typed literals. Its shape: fact ⟕ the dimension tables the query needs → filters
-//! → group by the requested levels with the base measures → calculated measures as expressions
-//! over the aggregates (ratios of sums at every level) → trend windows (previous period, change
-//! in %) → order and limit.
+//! One planner for the CLI and SQL: the aggregate step of every cube query is the SQL a BI tool
+//! would send, `SELECT <levels>, <measures> FROM cubes.<cube> WHERE … GROUP BY …`, planned by
+//! [`sql`] (measure semantics, rollup matching). Filter values become typed literals of the
+//! level's column type, written into that SQL by DataFusion's unparser — never user text pasted
+//! in. Above the aggregate this module adds what SQL alone does not say: trend windows (previous
+//! period, change in %, moving average, year-to-date, year-over-year), pivot, compare, the
+//! others row, forecast, order and limit. Drill-through reads the fact joined to the dimension
+//! tables it needs ([`cube_frame`], which is also what `cubes.<cube>` scans).
 
 use datafusion::arrow::array::{Array, RecordBatch};
 use datafusion::arrow::datatypes::DataType;
@@ -17,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod sql;
 
-use crate::cube::{Aggregation, Cube, LevelRef, Measure, MeasureKind};
+use crate::cube::{Aggregation, Cube, LevelRef, MeasureKind};
 use crate::error::{QueryError, Result};
 
 /// A question to a cube, as the CLI or a query file states it.
@@ -153,8 +156,6 @@ fn push<'a>(l: LevelRef<'a>, group: &mut Vec<LevelRef<'a>>) {
 /// A query with every name resolved against its cube.
 struct Bound<'c> {
     cube: &'c Cube,
-    /// Requested measures and the measures they are computed from, inputs first.
-    closure: Vec<&'c Measure>,
     /// Output group levels, in output order.
     group: Vec<LevelRef<'c>>,
     filters: Vec<(LevelRef<'c>, Filter)>,
@@ -175,7 +176,8 @@ fn bind<'c>(cube: &'c Cube, q: &CubeQuery) -> Result<Bound<'c>> {
             )))
             .into());
     }
-    let closure = cube.measure_closure(&q.measures)?;
+    // Every measure named, and every measure they are computed from, must exist.
+    cube.measure_closure(&q.measures)?;
     let mut group: Vec<LevelRef<'_>> = Vec::new();
     let trend = q.trend.as_deref().map(|t| cube.level(t)).transpose()?;
     if let Some(t) = trend {
@@ -243,7 +245,7 @@ fn bind<'c>(cube: &'c Cube, q: &CubeQuery) -> Result<Bound<'c>> {
     {
         return Err(QueryError::new(format!("level '{}' cannot be both a row and a column", l.qualified())).into());
     }
-    Ok(Bound { cube, closure, group, filters, trend, year, across })
+    Ok(Bound { cube, group, filters, trend, year, across })
 }
 
 /// The fact joined to the dimension tables that `levels` and the filters need, filtered.
@@ -320,88 +322,29 @@ pub(crate) fn level_columns(levels: &[LevelRef<'_>]) -> Vec<String> {
     out
 }
 
-/// The rows a cube query aggregates.
-struct Rows {
-    frame: DataFrame,
-    /// Base measures' values are columns named after the measures (rows of `cubes.<cube>`),
-    /// not the fact's own columns.
-    by_measure: bool,
-}
-
-/// The rows behind a query's cells: read from `cubes.<cube>` when the session has it — the
-/// same table SQL reads, where the rollup rule ([`crate::rollup`]) recognises an aggregate it
-/// can answer from a rollup — else the fact joined to its dimensions here. Semi-additive
-/// measures need the fact's date column, so they always take the second way.
-async fn query_rows(ctx: &SessionContext, b: &Bound<'_>, levels: &[LevelRef<'_>]) -> Result<Rows> {
-    let semi = b.closure.iter().any(|m| matches!(m.kind, MeasureKind::Base { semi_additive: Some(_), .. }));
-    let table = datafusion::common::TableReference::partial(sql::CUBES_SCHEMA, b.cube.name.as_str());
-    let cube_table = if semi { None } else { ctx.table(table).await.ok() };
-    let Some(df) = cube_table else { return Ok(Rows { frame: detail_frame(ctx, b, levels).await?, by_measure: false }) };
-    let used: Vec<LevelRef<'_>> = levels.iter().copied().chain(b.filters.iter().map(|(l, _)| *l)).collect();
-    let mut columns: Vec<String> = Vec::new();
-    for c in level_columns(&used) {
-        if !columns.contains(&c) {
-            columns.push(c);
-        }
+/// The aggregate step of a cube query: `SELECT <levels>, <measures> FROM cubes.<cube> WHERE
+/// <filters> GROUP BY <levels>`, planned by [`sql::plan`]. It is the SQL a BI tool would send and
+/// goes through the same measure rewrite (calculated measures as ratios of sums, balances at the
+/// last date of their period) and the same rollup matching ([`crate::rollup`]): one planner for
+/// both paths. Filter values are typed literals of the cube table's column types, written into
+/// the SQL by DataFusion's unparser, never pasted as text. `exclude` drops rows (the others row).
+async fn aggregate(ctx: &SessionContext, b: &Bound<'_>, group_cols: &[String], measures: &[String], exclude: Option<Expr>) -> Result<DataFrame> {
+    sql::ensure_registered(ctx, b.cube).await?;
+    let rows = ctx.table(datafusion::common::TableReference::partial(sql::CUBES_SCHEMA, b.cube.name.as_str())).await?;
+    let mut predicates: Vec<Expr> = b.filters.iter().map(|(l, f)| filter_expr(&rows, l, f)).collect::<Result<_>>()?;
+    predicates.extend(exclude);
+    let quoted = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+    let columns: Vec<String> = group_cols.iter().map(|c| quoted(c)).collect();
+    let outputs: Vec<String> = columns.iter().cloned().chain(measures.iter().map(|m| quoted(m))).collect();
+    let mut text = format!("SELECT {} FROM {}.{}", outputs.join(", "), quoted(sql::CUBES_SCHEMA), quoted(&b.cube.name));
+    if !predicates.is_empty() {
+        let sql_of = |p: &Expr| -> Result<String> { Ok(format!("({})", datafusion::sql::unparser::expr_to_sql(p)?)) };
+        text.push_str(&format!(" WHERE {}", predicates.iter().map(sql_of).collect::<Result<Vec<_>>>()?.join(" AND ")));
     }
-    columns.extend(b.closure.iter().filter(|m| matches!(m.kind, MeasureKind::Base { .. })).map(|m| m.name.clone()));
-    let mut df = df.select(columns.iter().map(|c| col(datafusion::common::Column::new_unqualified(c.as_str()))).collect::<Vec<Expr>>())?;
-    for (l, f) in &b.filters {
-        let predicate = filter_expr(&df, l, f)?;
-        df = df.filter(predicate)?;
+    if !columns.is_empty() {
+        text.push_str(&format!(" GROUP BY {}", columns.join(", ")));
     }
-    Ok(Rows { frame: df, by_measure: true })
-}
-
-/// Groups by `group_cols` with the base measures, then adds the calculated measures.
-///
-/// A semi-additive measure (a balance) is summed per date of its time dimension first; each
-/// group then keeps the last date of its period (the last date of the whole slice when no level
-/// of that dimension is grouped), so a year shows its last month-end balance, not twelve summed.
-fn aggregate(rows: Rows, group_cols: &[String], b: &Bound<'_>) -> Result<DataFrame> {
-    let Rows { frame: df, by_measure } = rows;
-    let aggs: Vec<(Expr, &str)> = b
-        .closure
-        .iter()
-        .filter_map(|m| match &m.kind {
-            MeasureKind::Base { agg, column, semi_additive: None } => {
-                let c = col(if by_measure { m.name.as_str() } else { column.as_str() });
-                Some((aggregate_call(*agg, c), m.name.as_str()))
-            }
-            _ => None,
-        })
-        .collect();
-    let mut aggs = aggs;
-    if aggs.is_empty() {
-        // Only semi-additive measures: a row count keeps the grouping valid (dropped later).
-        aggs.push((count(lit(1)), "__rows"));
-    }
-    let group: Vec<Expr> = group_cols.iter().map(|c| col(c.as_str())).collect();
-    // Aggregates stay unaliased inside the Aggregate node (names come from a projection above
-    // it), as the SQL planner does: optimizer rules such as the rewrite of COUNT(DISTINCT) into
-    // a two-phase GROUP BY only recognise bare aggregate calls (measured: 25 s → 2 s for the
-    // top customers of 10 M order lines).
-    let names: Vec<&str> = aggs.iter().map(|(_, n)| *n).collect();
-    let grouped = df.clone().aggregate(group.clone(), aggs.into_iter().map(|(e, _)| e).collect())?;
-    let columns = grouped.schema().columns();
-    let mut rename: Vec<Expr> = group;
-    rename.extend(names.iter().enumerate().map(|(i, name)| Expr::Column(columns[group_cols.len() + i].clone()).alias(*name)));
-    let mut out = grouped.select(rename)?;
-    for m in &b.closure {
-        if let MeasureKind::Base { column, semi_additive: Some(dim), .. } = &m.kind {
-            out = join_semi_additive(out, df.clone(), group_cols, b, &m.name, column, dim)?;
-        }
-    }
-    for m in &b.closure {
-        if let MeasureKind::Calculated { expr, .. } = &m.kind {
-            let e = out.parse_sql_expr(expr).map_err(|e| {
-                QueryError::new(format!("measure '{}' of cube '{}' has an invalid expression '{expr}': {e}", m.name, b.cube.name))
-                    .with_hint(Some(format!("fix it in {}", b.cube.file.display())))
-            })?;
-            out = out.with_column(&m.name, e)?;
-        }
-    }
-    Ok(out)
+    sql::plan(ctx, std::slice::from_ref(b.cube), &text).await
 }
 
 /// A base measure's aggregation applied to `c`.
@@ -414,40 +357,6 @@ pub(crate) fn aggregate_call(agg: Aggregation, c: Expr) -> Expr {
         Aggregation::Max => max(c),
         Aggregation::Avg => avg(c),
     }
-}
-
-/// Adds one semi-additive measure to `main` (already grouped by `group_cols`).
-fn join_semi_additive(
-    main: DataFrame,
-    detail: DataFrame,
-    group_cols: &[String],
-    b: &Bound<'_>,
-    name: &str,
-    column: &str,
-    dim: &str,
-) -> Result<DataFrame> {
-    let dimension = b.cube.dimensions.iter().find(|d| d.name == dim).ok_or_else(|| QueryError::new(format!("no dimension '{dim}'")))?;
-    let join = dimension.join.as_ref().ok_or_else(|| QueryError::new(format!("dimension '{dim}' is not joined")))?;
-    let prefix = format!("{dim}_");
-    let time_cols: Vec<Expr> = group_cols.iter().filter(|c| c.starts_with(&prefix)).map(|c| col(c.as_str())).collect();
-    let mut by_date: Vec<Expr> = group_cols.iter().map(|c| col(c.as_str())).collect();
-    by_date.push(col(join.foreign_key.as_str()).alias("__date"));
-    let last = over_rows(datafusion::functions_aggregate::min_max::max_udaf(), col("__date")).partition_by(time_cols).build()?;
-    let semi = detail
-        .aggregate(by_date, vec![sum(col(column)).alias("__value")])?
-        .window(vec![last.alias("__last")])?
-        .filter(col("__date").eq(col("__last")))?
-        .aggregate(group_cols.iter().map(|c| col(c.as_str())).collect(), vec![sum(col("__value")).alias(name)])?;
-    let names: Vec<String> = main.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let (main, semi) = (main.alias("__main")?, semi.alias("__semi")?);
-    let q = |rel: &str, c: &str| Expr::Column(datafusion::common::Column::new(Some(rel), c));
-    let mut on: Vec<Expr> = group_cols.iter().map(|c| Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr::new(Box::new(q("__main", c)), datafusion::logical_expr::Operator::IsNotDistinctFrom, Box::new(q("__semi", c))))).collect();
-    if on.is_empty() {
-        on.push(lit(true));
-    }
-    let mut select: Vec<Expr> = names.iter().map(|n| q("__main", n).alias(n.as_str())).collect();
-    select.push(q("__semi", name).alias(name));
-    Ok(main.join_on(semi, JoinType::Left, on)?.select(select)?)
 }
 
 /// Plans a cube query as one DataFusion plan over the tables registered in `ctx`.
@@ -466,8 +375,7 @@ pub async fn plan(ctx: &SessionContext, cube: &Cube, q: &CubeQuery) -> Result<Da
     if let Some((l, _)) = &b.across {
         push(*l, &mut levels);
     }
-    let group_cols = level_columns(&levels);
-    let mut df = aggregate(query_rows(ctx, &b, &levels).await?, &group_cols, &b)?;
+    let mut df = aggregate(ctx, &b, &level_columns(&levels), &q.measures, None).await?;
 
     let mut out: Vec<Expr> = level_columns(&b.group).iter().map(|c| col(c.as_str())).collect();
     if let Some((l, _)) = &b.across {
@@ -672,7 +580,7 @@ pub async fn cube_frame(ctx: &SessionContext, cube: &Cube, wanted: Option<&[Stri
         .flat_map(|d| (0..d.levels.len()).map(move |index| LevelRef { dimension: d, index }))
         .filter(|l| want(&l.output_name()) || (l.level().label.is_some() && want(&label_name(l))))
         .collect();
-    let b = Bound { cube, closure: Vec::new(), group: levels.clone(), filters: Vec::new(), trend: None, year: None, across: None };
+    let b = Bound { cube, group: levels.clone(), filters: Vec::new(), trend: None, year: None, across: None };
     let df = detail_frame(ctx, &b, &levels).await?;
     let mut select: Vec<Expr> = level_columns(&levels).iter().filter(|c| want(c)).map(|c| col(c.as_str())).collect();
     for m in &cube.measures {
@@ -680,6 +588,15 @@ pub async fn cube_frame(ctx: &SessionContext, cube: &Cube, wanted: Option<&[Stri
             && want(&m.name)
         {
             select.push(col(column.as_str()).alias(m.name.as_str()));
+        }
+    }
+    let taken = level_columns(&levels);
+    for d in cube.semi_additive_dimensions() {
+        if let (Some(name), Some(j)) = (d.key_column(), &d.join)
+            && want(&name)
+            && !taken.contains(&name)
+        {
+            select.push(col(j.foreign_key.as_str()).alias(name));
         }
     }
     Ok(df.select(select)?)
@@ -802,11 +719,7 @@ async fn with_others(ctx: &SessionContext, b: &Bound<'_>, q: &CubeQuery, top: Ve
             keep.push(row);
         }
     }
-    let mut rows = query_rows(ctx, b, &b.group).await?;
-    if let Some(any) = keep.into_iter().reduce(Expr::or) {
-        rows.frame = rows.frame.filter(any.not())?;
-    }
-    let rest = aggregate(rows, &[], b)?;
+    let rest = aggregate(ctx, b, &[], &q.measures, keep.into_iter().reduce(Expr::or).map(Expr::not)).await?;
     let mut select: Vec<Expr> = cols
         .iter()
         .enumerate()

@@ -15,6 +15,16 @@
 //! any grouping, exactly as `crmcube query` computes them (both use the measure definitions of
 //! the cube model). A measure inside an aggregate call (`SUM(revenue)`) is the raw column, as BI
 //! tools expect. WHERE clauses filter rows, so measures there are raw values too.
+//!
+//! A semi-additive measure (a balance, `semi_additive: time`) sums over every dimension but its
+//! own: `SELECT time_year, balance FROM cubes.receivables GROUP BY 1` gives each year's balance
+//! at its last month end. The cube table carries the fact's date for it (`time_date`), and
+//! [`last_values`] turns the FROM into a derived table where each row's balance counts only if
+//! its date is the last date of its period within the WHERE slice. Such a query must read the
+//! cube table alone (joins go in an outer query).
+//!
+//! `crmcube query` plans its aggregates through [`plan`] as well, so the CLI and SQL share one
+//! planner.
 
 use std::ops::ControlFlow;
 
@@ -28,7 +38,7 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{DataFrame, SessionContext, col};
 use datafusion::sql::sqlparser::ast::{
-    Expr as SqlExpr, GroupByExpr, Ident, Query, SelectItem, SetExpr, Statement, TableFactor, Value, VisitMut, VisitorMut,
+    Expr as SqlExpr, GroupByExpr, Ident, Query, Select, SelectItem, SetExpr, Statement, TableFactor, Value, VisitMut, VisitorMut,
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -121,6 +131,11 @@ impl TableProvider for CubeTable {
 
 /// Plans one SQL statement, giving measures of cube tables their cube semantics.
 pub async fn sql(ctx: &SessionContext, cubes: &CubeSet, text: &str) -> Result<DataFrame> {
+    plan(ctx, &cubes.cubes, text).await
+}
+
+/// [`sql`] with the cubes given as a slice: `crmcube query` plans its aggregates through here.
+pub(crate) async fn plan(ctx: &SessionContext, cubes: &[Cube], text: &str) -> Result<DataFrame> {
     let mut statements = Parser::parse_sql(&GenericDialect {}, text).map_err(|e| QueryError::new(format!("SQL does not parse: {e}")))?;
     if statements.len() != 1 {
         return Err(QueryError::new(format!("expected one SQL statement, found {}", statements.len())).into());
@@ -158,9 +173,18 @@ impl VisitorMut for Placeholders {
     }
 }
 
+/// Registers `cubes.<name>` for one cube unless the session has it already.
+pub(crate) async fn ensure_registered(ctx: &SessionContext, cube: &Cube) -> Result<()> {
+    let table = datafusion::common::TableReference::partial(CUBES_SCHEMA, cube.name.as_str());
+    if !ctx.table_exist(table).unwrap_or(false) {
+        register_cubes(ctx, &CubeSet { cubes: vec![cube.clone()] }).await?;
+    }
+    Ok(())
+}
+
 /// Finds SELECTs over cube tables and rewrites their measure references.
 struct CubeRewriter<'a> {
-    cubes: &'a CubeSet,
+    cubes: &'a [Cube],
     error: Option<QueryError>,
 }
 
@@ -208,12 +232,20 @@ impl VisitorMut for CubeRewriter<'_> {
                 _ => None,
             })
             .collect();
-        let mut refs = MeasureRefs { cube, depth: 0, error: None, keep: Vec::new() };
+        let mut refs = MeasureRefs { cube, depth: 0, error: None, keep: Vec::new(), semi: Vec::new() };
         let _ = select.projection.visit(&mut refs);
         let _ = select.having.visit(&mut refs);
         refs.keep = outputs;
         let _ = query.order_by.visit(&mut refs);
-        if let Some(e) = refs.error {
+        let result = match refs.error {
+            Some(e) => Err(e),
+            None if refs.semi.is_empty() => Ok(()),
+            None => {
+                let SetExpr::Select(select) = query.body.as_mut() else { unreachable!("matched above") };
+                last_values(select, cube, &refs.semi)
+            }
+        };
+        if let Err(e) = result {
             self.error = Some(e);
             return ControlFlow::Break(());
         }
@@ -226,7 +258,7 @@ impl<'a> CubeRewriter<'a> {
         let TableFactor::Table { name, .. } = relation else { return None };
         let parts: Vec<String> = name.0.iter().map(|p| p.to_string().trim_matches('"').to_string()).collect();
         match parts.as_slice() {
-            [.., schema, table] if schema == CUBES_SCHEMA => self.cubes.cubes.iter().find(|c| c.name == *table),
+            [.., schema, table] if schema == CUBES_SCHEMA => self.cubes.iter().find(|c| c.name == *table),
             _ => None,
         }
     }
@@ -251,6 +283,8 @@ struct MeasureRefs<'a> {
     error: Option<QueryError>,
     /// Names left alone (output columns).
     keep: Vec<String>,
+    /// Semi-additive measures met (directly or inside calculated ones): (measure, dimension).
+    semi: Vec<(String, String)>,
 }
 
 /// An aggregate call (not a window: `SUM(revenue) OVER (...)` over a grouped cube query sums
@@ -277,7 +311,7 @@ impl VisitorMut for MeasureRefs<'_> {
             && self.cube.measure(name).is_ok()
             && !(matches!(e, SqlExpr::Identifier(_)) && self.keep.iter().any(|k| k == name))
         {
-            match measure_expr(self.cube, name, 0) {
+            match measure_expr(self.cube, name, 0, &mut self.semi) {
                 Ok(x) => *e = x,
                 Err(err) => {
                     self.error = Some(err);
@@ -289,22 +323,22 @@ impl VisitorMut for MeasureRefs<'_> {
     }
 }
 
-/// The SQL expression of a measure over the cube table's columns.
-fn measure_expr(cube: &Cube, name: &str, depth: usize) -> Result<SqlExpr, QueryError> {
+/// The SQL expression of a measure over the cube table's columns. A semi-additive measure
+/// sums its last-date column (see [`last_values`]) and is recorded in `semi`.
+fn measure_expr(cube: &Cube, name: &str, depth: usize, semi: &mut Vec<(String, String)>) -> Result<SqlExpr, QueryError> {
     if depth > 16 {
         return Err(QueryError::new(format!("measure '{name}' of cube '{}' refers to itself", cube.name)));
     }
     let m = cube.measure(name)?;
-    if let MeasureKind::Base { semi_additive: Some(dim), .. } = &m.kind {
-        return Err(QueryError::new(format!(
-            "measure '{name}' is semi-additive over '{dim}' (a balance): SQL over cubes.{} does not compute it yet",
-            cube.name
-        ))
-        .with_hint(Some(format!("use `crmcube query {} -m {name}`, or SUM({name}) filtered to one date", cube.name))));
-    }
     let text = match &m.kind {
+        MeasureKind::Base { semi_additive: Some(dim), .. } => {
+            if !semi.iter().any(|(n, _)| *n == m.name) {
+                semi.push((m.name.clone(), dim.clone()));
+            }
+            format!("SUM({})", quoted(&last_value_name(&m.name)))
+        }
         MeasureKind::Base { agg, .. } => {
-            let column = format!("\"{}\"", m.name.replace('"', "\"\""));
+            let column = quoted(&m.name);
             match agg {
                 Aggregation::Sum => format!("SUM({column})"),
                 Aggregation::Count => format!("COUNT({column})"),
@@ -321,7 +355,7 @@ fn measure_expr(cube: &Cube, name: &str, depth: usize) -> Result<SqlExpr, QueryE
         .and_then(|mut p| p.parse_expr())
         .map_err(|e| QueryError::new(format!("measure '{name}' of cube '{}' does not parse: {e}", cube.name)))?;
     if let MeasureKind::Calculated { .. } = &m.kind {
-        let mut inner = Nested { cube, depth: depth + 1, error: None };
+        let mut inner = Nested { cube, depth: depth + 1, error: None, semi };
         let _ = parsed.visit(&mut inner);
         if let Some(e) = inner.error {
             return Err(e);
@@ -331,20 +365,21 @@ fn measure_expr(cube: &Cube, name: &str, depth: usize) -> Result<SqlExpr, QueryE
 }
 
 /// Expands the measures a calculated measure refers to.
-struct Nested<'a> {
+struct Nested<'a, 's> {
     cube: &'a Cube,
     depth: usize,
     error: Option<QueryError>,
+    semi: &'s mut Vec<(String, String)>,
 }
 
-impl VisitorMut for Nested<'_> {
+impl VisitorMut for Nested<'_, '_> {
     type Break = ();
 
     fn post_visit_expr(&mut self, e: &mut SqlExpr) -> ControlFlow<()> {
         if let Some(name) = measure_name(e)
             && self.cube.measure(name).is_ok()
         {
-            match measure_expr(self.cube, name, self.depth) {
+            match measure_expr(self.cube, name, self.depth, self.semi) {
                 Ok(x) => *e = x,
                 Err(err) => {
                     self.error = Some(err);
@@ -354,4 +389,113 @@ impl VisitorMut for Nested<'_> {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// A SQL identifier, quoted.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The column holding a semi-additive measure's values on the last date of their period only.
+fn last_value_name(measure: &str) -> String {
+    format!("__last_{measure}")
+}
+
+/// Gives a SELECT over a cube the columns its semi-additive measures sum: the cube table (with
+/// the query's WHERE, so "last" means last within the slice) becomes a derived table adding, per
+/// such measure, its value where the row's date is the last date of its period — a period being
+/// a value of the query's grouping expressions over the measure's dimension (none grouped: the
+/// whole slice). A year then shows its last month-end balance, a region its balance at the slice's
+/// last date, exactly as `crmcube query` computes it (it plans through here).
+fn last_values(select: &mut Select, cube: &Cube, semi: &[(String, String)]) -> Result<(), QueryError> {
+    let alone = || {
+        QueryError::new(format!(
+            "semi-additive measure '{}' needs cubes.{} alone in FROM (no joins): its last date is found within the query's rows",
+            semi[0].0, cube.name
+        ))
+        .with_hint(Some("join in an outer query: SELECT … FROM (SELECT … FROM cubes.… GROUP BY …) t JOIN …".into()))
+    };
+    let [from] = select.from.as_slice() else { return Err(alone()) };
+    let TableFactor::Table { name, alias, .. } = &from.relation else { return Err(alone()) };
+    if !from.joins.is_empty() {
+        return Err(alone());
+    }
+    let alias = alias.as_ref().map(|a| a.name.to_string()).unwrap_or_else(|| quoted(&cube.name));
+    // Grouping expressions as written: ordinals and output names resolved to the projection.
+    let item = |e: &SelectItem| match e {
+        SelectItem::UnnamedExpr(x) => Some(x.clone()),
+        SelectItem::ExprWithAlias { expr, .. } => Some(expr.clone()),
+        _ => None,
+    };
+    let group: Vec<SqlExpr> = match &select.group_by {
+        GroupByExpr::All(_) => select.projection.iter().filter_map(item).collect(),
+        GroupByExpr::Expressions(exprs, _) => exprs
+            .iter()
+            .map(|g| match g {
+                SqlExpr::Value(v) => match &v.value {
+                    Value::Number(n, _) => n.parse::<usize>().ok().and_then(|i| select.projection.get(i.wrapping_sub(1))).and_then(item),
+                    _ => None,
+                }
+                .unwrap_or_else(|| g.clone()),
+                SqlExpr::Identifier(i) => select
+                    .projection
+                    .iter()
+                    .find_map(|p| match p {
+                        SelectItem::ExprWithAlias { expr, alias } if alias.value == i.value => Some(expr.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| g.clone()),
+                _ => g.clone(),
+            })
+            .collect(),
+    };
+    let filter = select.selection.take().map(|w| format!(" WHERE {w}")).unwrap_or_default();
+    let (mut columns, mut joins) = (Vec::new(), Vec::new());
+    for (measure, dim) in semi {
+        let dimension = cube.dimensions.iter().find(|d| d.name == *dim).ok_or_else(|| QueryError::new(format!("cube '{}' has no dimension '{dim}'", cube.name)))?;
+        let date = dimension.key_column().ok_or_else(|| QueryError::new(format!("dimension '{dim}' is not joined")))?;
+        let own: Vec<String> = (0..dimension.levels.len())
+            .flat_map(|index| {
+                let l = crate::cube::LevelRef { dimension, index };
+                let mut names = vec![l.output_name()];
+                if l.level().label.is_some() {
+                    names.push(format!("{}_name", l.output_name()));
+                }
+                names
+            })
+            .chain(std::iter::once(date.clone()))
+            .collect();
+        let partition: Vec<String> = group.iter().filter(|g| references_any(g, &own)).map(|g| g.to_string()).collect();
+        // The last date per period: a small grouped scan joined back, so the rows stream
+        // (a window over every row would hold them all).
+        let last = format!("__last_date_{}", joins.len());
+        let keys: Vec<String> = (0..partition.len()).map(|i| format!("{} AS __p{i}", partition[i])).collect();
+        let grouped = if partition.is_empty() { String::new() } else { format!(" GROUP BY {}", (1..=partition.len()).map(|i| i.to_string()).collect::<Vec<_>>().join(", ")) };
+        let on: Vec<String> = partition.iter().enumerate().map(|(i, p)| format!("({p}) IS NOT DISTINCT FROM {last}.__p{i}")).collect();
+        let date = quoted(&date);
+        joins.push(format!(
+            " JOIN (SELECT {}MAX({date}) AS __date FROM {name} AS {alias}{filter}{grouped}) AS {last} ON {}",
+            keys.iter().map(|k| format!("{k}, ")).collect::<String>(),
+            if on.is_empty() { "TRUE".to_string() } else { on.join(" AND ") }
+        ));
+        columns.push(format!("CASE WHEN {alias}.{date} = {last}.__date THEN {alias}.{} END AS {}", quoted(measure), quoted(&last_value_name(measure))));
+    }
+    let text = format!("SELECT 1 FROM (SELECT {alias}.*, {} FROM {name} AS {alias}{}{filter}) AS {alias}", columns.join(", "), joins.concat());
+    let parsed = Parser::parse_sql(&GenericDialect {}, &text).map_err(|e| QueryError::new(format!("internal: the last-value rewrite does not parse ({e}): {text}")))?;
+    let Some(Statement::Query(q)) = parsed.into_iter().next() else { return Err(QueryError::new("internal: the last-value rewrite is not a query")) };
+    let SetExpr::Select(inner) = *q.body else { return Err(QueryError::new("internal: the last-value rewrite is not a SELECT")) };
+    select.from = inner.from;
+    Ok(())
+}
+
+/// Whether `e` refers to a column named in `names` (bare or table-qualified).
+fn references_any(e: &SqlExpr, names: &[String]) -> bool {
+    let mut found = false;
+    let _ = datafusion::sql::sqlparser::ast::visit_expressions(e, |x| {
+        if measure_name(x).is_some_and(|n| names.iter().any(|c| c == n)) {
+            found = true;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    found
 }

@@ -56,12 +56,27 @@ async fn each_month_shows_its_own_month_end_balance() {
 }
 
 #[tokio::test]
-async fn a_balance_is_not_available_through_cube_sql_yet() {
+async fn a_balance_through_cube_sql_is_the_year_end_balance_and_joins_are_refused_with_a_hint() {
     let project = &loaded().test.project;
     let transforms = TransformSet::load(project).unwrap();
     let cubes = CubeSet::load(project, &transforms).unwrap();
     let ctx = session().await;
     crmcube::query::sql::register_cubes(&ctx, &cubes).await.unwrap();
-    let err = crmcube::query::sql::sql(&ctx, &cubes, "SELECT customer_region, balance FROM cubes.receivables GROUP BY 1").await.unwrap_err().to_string();
-    assert!(err.contains("semi-additive") && err.contains("crmcube query receivables"), "{err}");
+    let ask_sql = |text: &'static str| {
+        let (ctx, cubes) = (ctx.clone(), &cubes);
+        async move { crate::common::cells(&crmcube::query::sql::sql(&ctx, cubes, text).await.unwrap().collect().await.unwrap()) }
+    };
+    // The measure is the balance at the slice's last month end; SUM(balance) is the raw column.
+    let expected: i128 = balance_by_region_at("2025-12-31").await.values().sum();
+    let rows = ask_sql("SELECT balance FROM cubes.receivables WHERE time_year = 2025").await;
+    assert_eq!(cents(&rows[0][0]), expected);
+    let raw = ask_sql("SELECT SUM(balance) FROM cubes.receivables WHERE time_year = 2025").await;
+    let by_hand = sql(&ctx, "SELECT sum(balance) FROM fact_receivable WHERE date_part('year', snapshot_date) = 2025").await;
+    assert_eq!(cents(&raw[0][0]), cents(&by_hand[0][0]));
+    assert!(cents(&raw[0][0]) > 2 * expected, "twelve month ends summed are far more than one");
+    let err = crmcube::query::sql::sql(&ctx, &cubes, "SELECT c.region, balance FROM cubes.receivables r JOIN dim_customer c ON r.customer_customer = c.customer_id GROUP BY 1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("semi-additive") && err.contains("alone in FROM") && err.contains("outer query"), "{err}");
 }
