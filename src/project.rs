@@ -37,6 +37,9 @@ pub struct ProjectSpec {
     /// Users of the Flight SQL server (`crmcube user add`), with argon2 password hashes.
     #[serde(default = "default_users")]
     pub users: PathBuf,
+    /// How customer lifetime value is measured (time unit, horizon, discount, observation end).
+    #[serde(default)]
+    pub lifetime_value: crate::analytics::clv::Settings,
 }
 
 fn default_sources() -> PathBuf {
@@ -69,6 +72,7 @@ pub struct Project {
     pub warehouse: PathBuf,
     pub queries: PathBuf,
     pub users: PathBuf,
+    pub lifetime_value: crate::analytics::clv::Settings,
 }
 
 impl Project {
@@ -98,6 +102,16 @@ impl Project {
         let spec: ProjectSpec = load_yaml(&root.join(PROJECT_FILE))?;
         let mut errors = Vec::new();
         check_version(&root.join(PROJECT_FILE), spec.version, &mut errors);
+        for (key, message) in spec.lifetime_value.problems() {
+            errors.push(Diagnostic {
+                file: root.join(PROJECT_FILE),
+                line: 0,
+                column: 0,
+                key: format!("lifetime_value.{key}"),
+                message,
+                hint: Some("see README, \"Predicted lifetime value\"".into()),
+            });
+        }
         if !errors.is_empty() {
             return Err(SpecErrors(errors).into());
         }
@@ -110,6 +124,7 @@ impl Project {
             warehouse: root.join(spec.warehouse),
             queries: root.join(spec.queries),
             users: root.join(spec.users),
+            lifetime_value: spec.lifetime_value,
         })
     }
 

@@ -14,7 +14,7 @@ use crate::error::{QueryError, Result};
 /// The reports there are, with what each answers.
 pub const REPORTS: [(&str, &str); 9] = [
     ("clv", "predicted lifetime value (BG/NBD + Gamma-Gamma fitted at load): the model, top customers, value by RFM segment"),
-    ("exec", "executive summary for the month of --date against the month before: revenue, margin, customers, churn, DSO, service level"),
+    ("exec", "executive summary for the month of --date against the month before: revenue, margin, customers, churn, DSO, service level, lifetime value"),
     ("rfm", "customers by RFM segment: how many, how recent, how frequent, what they are worth"),
     ("key-accounts", "top customers, revenue concentration (top 1 %, 10 %, 20 %), ABC classes, Pareto curve"),
     ("cohorts", "retention % of each first-purchase month's customers over the following months"),
@@ -116,7 +116,9 @@ async fn exec(ctx: &SessionContext, date: chrono::NaiveDate) -> Result<Report> {
         ),
         ("service level %", "SELECT 100 * CAST(sum(answered_in_time) AS DOUBLE) / CAST(sum(contacts) AS DOUBLE) FROM service_level WHERE month = '{month}'".into()),
     ];
+    let mut names: Vec<&str> = metrics.iter().map(|(m, _)| *m).collect();
     let mut values = vec![[None::<f64>; 2]; metrics.len()];
+    let mut lifetime_value = [None::<f64>; 2];
     for (p, start) in periods.iter().enumerate() {
         let end = (*start + Months::new(1)).pred_opt().expect("a day before");
         for (i, (_, sql)) in metrics.iter().enumerate() {
@@ -127,7 +129,10 @@ async fn exec(ctx: &SessionContext, date: chrono::NaiveDate) -> Result<Report> {
                 (b.num_rows() > 0 && c.is_valid(0)).then(|| c.value(0))
             });
         }
+        lifetime_value[p] = lifetime_value_at(ctx, end).await?;
     }
+    names.push("lifetime value");
+    values.push(lifetime_value);
     let round = |v: f64| (v * 100.0).round() / 100.0;
     let mark = |now: Option<f64>, before: Option<f64>| match (now, before) {
         (Some(a), Some(b)) if a > b => "▲",
@@ -152,7 +157,7 @@ async fn exec(ctx: &SessionContext, date: chrono::NaiveDate) -> Result<Report> {
     let batch = RecordBatch::try_new(
         schema,
         vec![
-            std::sync::Arc::new(StringArray::from(metrics.iter().map(|(m, _)| *m).collect::<Vec<_>>())),
+            std::sync::Arc::new(StringArray::from(names)),
             std::sync::Arc::new(Float64Array::from(now)),
             std::sync::Arc::new(Float64Array::from(before)),
             std::sync::Arc::new(Float64Array::from(change)),
@@ -168,6 +173,37 @@ async fn exec(ctx: &SessionContext, date: chrono::NaiveDate) -> Result<Report> {
         }],
         chart: None,
     })
+}
+
+/// Predicted lifetime value of every customer who had bought by `end` (or by the last order
+/// date, if earlier): the snapshot's fitted models (`clv_model`, with its time unit, horizon and
+/// discount) applied to each customer's purchases up to that day. At the last order date it is
+/// the sum of `customer_clv.clv`; a month earlier, the same models scoring the customers as they
+/// were then. None when the load fitted no model.
+pub async fn lifetime_value_at(ctx: &SessionContext, end: chrono::NaiveDate) -> Result<Option<f64>> {
+    use crate::analytics::clv::{self, BgNbd, GammaGamma, Settings, TimeUnit};
+    let model = ctx
+        .sql("SELECT r, alpha, a, b, p, q, v, CAST(horizon_months AS DOUBLE), monthly_discount, time_unit FROM clv_model")
+        .await?
+        .collect()
+        .await?;
+    let Some(row) = model.iter().find(|b| b.num_rows() > 0) else { return Ok(None) };
+    let number = |i: usize| -> Result<f64> {
+        let c = datafusion::arrow::compute::cast(row.column(i), &datafusion::arrow::datatypes::DataType::Float64)?;
+        Ok(c.as_any().downcast_ref::<datafusion::arrow::array::Float64Array>().map(|a| a.value(0)).unwrap_or(f64::NAN))
+    };
+    let unit = datafusion::arrow::util::display::array_value_to_string(row.column(9), 0)?;
+    let time_unit = match unit.as_str() {
+        "day" => TimeUnit::Day,
+        "month" => TimeUnit::Month,
+        _ => TimeUnit::Week,
+    };
+    let bg = BgNbd { r: number(0)?, alpha: number(1)?, a: number(2)?, b: number(3)?, log_likelihood: f64::NAN };
+    let gg = GammaGamma { p: number(4)?, q: number(5)?, v: number(6)?, log_likelihood: f64::NAN };
+    let last = latest_date(ctx, "SELECT max(order_date) FROM fact_sales", "orders").await?;
+    let settings = Settings { time_unit, horizon_months: number(7)? as u32, monthly_discount: number(8)?, observation_end: Some(end.min(last)) };
+    let (_, customers) = crate::etl::models::summary(ctx, &settings).await?;
+    Ok(Some(customers.iter().map(|c| clv::clv(&bg, &gg, c, &settings)).sum()))
 }
 
 /// The date `sql` answers (one date, e.g. the latest invoice date): the day a report defaults to.
@@ -354,15 +390,15 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
         "exec" => return exec(ctx, date).await,
         "clv" => vec![
             (
-                "Lifetime value models fitted by the load of this snapshot (times in weeks)".into(),
+                "Lifetime value models fitted by the load of this snapshot (α and times in the time unit)".into(),
                 "SELECT customers, repeat_customers, round(r, 4) AS r, round(alpha, 4) AS alpha, round(a, 4) AS a, round(b, 4) AS b,
                         round(bgnbd_log_likelihood, 2) AS bgnbd_ll, round(p, 4) AS p, round(q, 4) AS q, round(v, 2) AS v,
-                        round(gamma_gamma_log_likelihood, 2) AS gamma_gamma_ll, horizon_weeks, monthly_discount
+                        round(gamma_gamma_log_likelihood, 2) AS gamma_gamma_ll, time_unit, horizon_months, monthly_discount, observation_end
                  FROM clv_model"
                     .into(),
             ),
             (
-                format!("Top {top} customers by predicted lifetime value (next 52 weeks, discounted 1 % a month)"),
+                format!("Top {top} customers by predicted lifetime value (over the model's horizon, discounted monthly)"),
                 format!(
                     "SELECT v.customer_id, c.name, c.region, CAST(v.repeat_purchases AS BIGINT) AS repeat_purchases,
                             round(v.p_alive, 3) AS p_alive, round(v.expected_purchases, 2) AS expected_purchases,

@@ -7,7 +7,7 @@
 //! - `t` (age): time from the first purchase to the end of observation;
 //! - `m` (monetary): mean value of the repeat purchase days (a day's purchases summed);
 //!
-//! all times in one unit (weeks by default). The likelihoods are maximised over the logarithms of
+//! all times in one unit ([`Settings::time_unit`], weeks by default). The likelihoods are maximised over the logarithms of
 //! the parameters (so they stay positive) with argmin's Nelder-Mead; `ln Γ` is libm's `lgamma`
 //! and the Gauss hypergeometric function a power series (the argument is below 1 here).
 
@@ -178,22 +178,89 @@ impl BgNbd {
     }
 }
 
-/// Weeks ahead the predictions look (`expected_purchases`, `clv`).
-pub const HORIZON_WEEKS: f64 = 52.0;
-/// Discount rate per month applied to future value in `clv`.
-pub const MONTHLY_DISCOUNT: f64 = 0.01;
+/// How lifetime value is measured: the `lifetime_value:` section of crmcube.yaml (every key
+/// optional; a change refits the models at the next load).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// The unit of recency, age and the BG/NBD purchase rate.
+    pub time_unit: TimeUnit,
+    /// How far ahead expected purchases and the lifetime value look, in months.
+    pub horizon_months: u32,
+    /// Discount rate per month applied to future value (0.01 = 1 % a month).
+    pub monthly_discount: f64,
+    /// The end of observation: purchases after it are ignored. Default: the last order date.
+    pub observation_end: Option<chrono::NaiveDate>,
+}
 
-/// Discounted lifetime value over [`HORIZON_WEEKS`]: the horizon in 12 monthly steps; each
-/// step's expected purchases × the expected average value, discounted by [`MONTHLY_DISCOUNT`]
-/// per month (the scheme of `lifetimes.customer_lifetime_value`). In the currency of revenue.
-pub fn clv(bg: &BgNbd, gg: &GammaGamma, c: &Customer) -> f64 {
+impl Default for Settings {
+    fn default() -> Self {
+        Self { time_unit: TimeUnit::Week, horizon_months: 12, monthly_discount: 0.01, observation_end: None }
+    }
+}
+
+/// The unit times are measured in. A month is 365.25 / 12 days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeUnit {
+    Day,
+    Week,
+    Month,
+}
+
+impl TimeUnit {
+    pub fn days(self) -> f64 {
+        match self {
+            TimeUnit::Day => 1.0,
+            TimeUnit::Week => 7.0,
+            TimeUnit::Month => 365.25 / 12.0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TimeUnit::Day => "day",
+            TimeUnit::Week => "week",
+            TimeUnit::Month => "month",
+        }
+    }
+}
+
+impl Settings {
+    /// One month in the time unit.
+    pub fn month(&self) -> f64 {
+        TimeUnit::Month.days() / self.time_unit.days()
+    }
+
+    /// The horizon in the time unit.
+    pub fn horizon(&self) -> f64 {
+        self.horizon_months as f64 * self.month()
+    }
+
+    /// What is wrong with these settings, if anything: (key, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.horizon_months == 0 || self.horizon_months > 1200 {
+            out.push(("horizon_months", format!("must be 1 to 1200 months, not {}", self.horizon_months)));
+        }
+        if !(0.0..1.0).contains(&self.monthly_discount) {
+            out.push(("monthly_discount", format!("must be a rate from 0 up to 1 (0.01 = 1 % a month), not {}", self.monthly_discount)));
+        }
+        out
+    }
+}
+
+/// Discounted lifetime value over the horizon: one step per month; each step's expected
+/// purchases × the expected average value, discounted per month (the scheme of
+/// `lifetimes.customer_lifetime_value`). In the currency of revenue.
+pub fn clv(bg: &BgNbd, gg: &GammaGamma, c: &Customer, settings: &Settings) -> f64 {
     let value = gg.expected_average_value(c);
-    let step = HORIZON_WEEKS / 12.0;
+    let step = settings.month();
     let mut before = 0.0;
     let mut total = 0.0;
-    for i in 1..=12 {
+    for i in 1..=settings.horizon_months as i32 {
         let now = bg.expected_purchases(step * i as f64, c);
-        total += (now - before) * value / (1.0 + MONTHLY_DISCOUNT).powi(i);
+        total += (now - before) * value / (1.0 + settings.monthly_discount).powi(i);
         before = now;
     }
     total

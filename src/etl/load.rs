@@ -683,21 +683,26 @@ impl<'a> Run<'a> {
 
     async fn models(&mut self) -> Result<()> {
         let names = super::models::TABLES;
-        if !self.changed.contains("fact_sales") && names.iter().all(|n| self.previous_entry(n).is_some()) {
+        let settings = &self.project.lifetime_value;
+        // The models depend on fact_sales and on the settings: a changed setting refits them.
+        let text = serde_json::to_string(settings).map_err(|e| Error::Internal(format!("lifetime value settings: {e}")))?;
+        let fingerprint = SourceFile::of("lifetime_value".into(), text.as_bytes()).sha256;
+        let current = |n: &str| self.previous_entry(n).is_some_and(|e| e.spec.as_deref() == Some(fingerprint.as_str()));
+        if !self.changed.contains("fact_sales") && names.iter().all(|n| current(n)) {
             for n in names {
                 self.keep(n, "model").await?;
             }
             return Ok(());
         }
         let table_started = Instant::now();
-        for (name, schema, rows) in super::models::clv_tables(self.ctx).await? {
+        for (name, schema, rows) in super::models::clv_tables(self.ctx, settings).await? {
             crate::fault::point(&format!("fitted {name}"));
             let n = count_rows(&rows);
             tracing::info!(table = %name, rows = n, "derived");
             let millis = table_started.elapsed().as_millis() as u64;
             self.reports.push(TableReport { table: name.clone(), kind: "model", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
             self.changed.insert(name.clone());
-            self.outputs.push(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None });
+            self.outputs.push(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint.clone()), watermark: None });
         }
         Ok(())
     }

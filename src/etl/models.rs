@@ -7,37 +7,47 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{Array, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::prelude::SessionContext;
 
 use crate::analytics::clv::{self, Customer};
 use crate::error::{Error, Result};
 
-/// Per customer, in weeks: repeat purchase days (x), first → last purchase (t_x), first purchase →
-/// the observation end (t, the last order date), mean value of the repeat purchase days (m). The
-/// mean is taken in decimal and only then made a float: a float sum depends on the order rows
-/// arrive in, and two loads of the same exports must give the same tables.
-pub const SUMMARY_SQL: &str = "WITH days AS (
-    SELECT customer_id, order_date, sum(revenue) AS value FROM fact_sales GROUP BY 1, 2
+/// Per customer, in the settings' time unit: repeat purchase days (x), first → last purchase
+/// (t_x), first purchase → the observation end (t; the last order date unless the settings name
+/// one, and later purchases are ignored), mean value of the repeat purchase days (m). The mean is
+/// taken in decimal and only then made a float: a float sum depends on the order rows arrive in,
+/// and two loads of the same exports must give the same tables.
+pub fn summary_sql(settings: &clv::Settings) -> String {
+    let (cut, end) = match settings.observation_end {
+        Some(d) => (format!("WHERE order_date <= DATE '{d}'"), format!("SELECT DATE '{d}' AS end_day")),
+        None => (String::new(), "SELECT max(order_date) AS end_day FROM fact_sales".to_string()),
+    };
+    let days = settings.time_unit.days();
+    format!(
+        "WITH days AS (
+    SELECT customer_id, order_date, sum(revenue) AS value FROM fact_sales {cut} GROUP BY 1, 2
   ), firsts AS (
     SELECT customer_id, min(order_date) AS first_day, max(order_date) AS last_day, count(*) - 1 AS x FROM days GROUP BY 1
   ), repeats AS (
     SELECT d.customer_id, CAST(avg(d.value) AS DOUBLE) AS m FROM days d JOIN firsts f ON d.customer_id = f.customer_id
     WHERE d.order_date > f.first_day GROUP BY 1
-  ), obs AS (SELECT max(order_date) AS end_day FROM fact_sales)
-  SELECT f.customer_id, CAST(f.x AS DOUBLE) AS x, CAST(f.last_day - f.first_day AS DOUBLE) / 7 AS t_x,
-         CAST(o.end_day - f.first_day AS DOUBLE) / 7 AS t, coalesce(r.m, 0) AS m
-  FROM firsts f CROSS JOIN obs o LEFT JOIN repeats r ON r.customer_id = f.customer_id ORDER BY 1";
+  ), obs AS ({end})
+  SELECT f.customer_id, CAST(f.x AS DOUBLE) AS x, CAST(f.last_day - f.first_day AS DOUBLE) / {days:?} AS t_x,
+         CAST(o.end_day - f.first_day AS DOUBLE) / {days:?} AS t, coalesce(r.m, 0) AS m
+  FROM firsts f CROSS JOIN obs o LEFT JOIN repeats r ON r.customer_id = f.customer_id ORDER BY 1"
+    )
+}
 
 /// The tables [`clv_tables`] returns.
 pub const TABLES: [&str; 2] = ["clv_model", "customer_clv"];
 
-/// The customers of `SUMMARY_SQL`, with their ids.
-pub async fn summary(ctx: &SessionContext) -> Result<(Vec<String>, Vec<Customer>)> {
+/// The customers of [`summary_sql`], with their ids.
+pub async fn summary(ctx: &SessionContext, settings: &clv::Settings) -> Result<(Vec<String>, Vec<Customer>)> {
     let mut ids = Vec::new();
     let mut customers = Vec::new();
-    for b in ctx.sql(SUMMARY_SQL).await?.collect().await? {
+    for b in ctx.sql(&summary_sql(settings)).await?.collect().await? {
         let id = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8)?;
         let id = id.as_any().downcast_ref::<StringArray>().ok_or_else(|| Error::Internal("customer ids are not text".into()))?;
         let f = |i: usize| -> Result<Float64Array> {
@@ -56,26 +66,34 @@ pub async fn summary(ctx: &SessionContext) -> Result<(Vec<String>, Vec<Customer>
 /// Fits the models over the customers of `ctx` and returns the `clv_model` and `customer_clv`
 /// tables. A fit that fails (too few customers, no repeat buyers) leaves both tables empty and
 /// says why in the log: the rest of the load does not depend on it.
-pub async fn clv_tables(ctx: &SessionContext) -> Result<Vec<(String, SchemaRef, Vec<RecordBatch>)>> {
+pub async fn clv_tables(ctx: &SessionContext, settings: &clv::Settings) -> Result<Vec<(String, SchemaRef, Vec<RecordBatch>)>> {
     let model_schema = Arc::new(Schema::new(
-        ["r", "alpha", "a", "b", "bgnbd_log_likelihood", "p", "q", "v", "gamma_gamma_log_likelihood", "horizon_weeks", "monthly_discount"]
+        ["r", "alpha", "a", "b", "bgnbd_log_likelihood", "p", "q", "v", "gamma_gamma_log_likelihood"]
             .iter()
             .map(|n| Field::new(*n, DataType::Float64, false))
-            .chain([Field::new("customers", DataType::Int64, false), Field::new("repeat_customers", DataType::Int64, false)])
+            .chain([
+                Field::new("customers", DataType::Int64, false),
+                Field::new("repeat_customers", DataType::Int64, false),
+                Field::new("time_unit", DataType::Utf8, false),
+                Field::new("horizon_months", DataType::Int64, false),
+                Field::new("horizon", DataType::Float64, false),
+                Field::new("monthly_discount", DataType::Float64, false),
+                Field::new("observation_end", DataType::Date32, true),
+            ])
             .collect::<Vec<_>>(),
     ));
     let customer_schema = Arc::new(Schema::new(vec![
         Field::new("customer_id", DataType::Utf8, false),
         Field::new("repeat_purchases", DataType::Float64, false),
-        Field::new("recency_weeks", DataType::Float64, false),
-        Field::new("age_weeks", DataType::Float64, false),
+        Field::new("recency", DataType::Float64, false),
+        Field::new("age", DataType::Float64, false),
         Field::new("mean_repeat_value", DataType::Float64, false),
         Field::new("p_alive", DataType::Float64, false),
         Field::new("expected_purchases", DataType::Float64, false),
         Field::new("expected_average_value", DataType::Float64, false),
         Field::new("clv", DataType::Float64, false),
     ]));
-    let (ids, customers) = summary(ctx).await?;
+    let (ids, customers) = summary(ctx, settings).await?;
     let fitted = clv::fit_bgnbd(&customers).and_then(|bg| Ok((bg, clv::fit_gamma_gamma(&customers)?)));
     let (bg, gg) = match fitted {
         Ok(f) => f,
@@ -102,10 +120,13 @@ pub async fn clv_tables(ctx: &SessionContext) -> Result<Vec<(String, SchemaRef, 
             f(gg.q),
             f(gg.v),
             f(gg.log_likelihood),
-            f(clv::HORIZON_WEEKS),
-            f(clv::MONTHLY_DISCOUNT),
             Arc::new(Int64Array::from(vec![customers.len() as i64])),
             Arc::new(Int64Array::from(vec![repeat])),
+            Arc::new(StringArray::from(vec![settings.time_unit.name()])),
+            Arc::new(Int64Array::from(vec![settings.horizon_months as i64])),
+            f(settings.horizon()),
+            f(settings.monthly_discount),
+            Arc::new(Date32Array::from(vec![settings.observation_end.map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")).num_days() as i32)])),
         ],
     )?;
     let col = |g: &dyn Fn(&Customer) -> f64| -> Arc<dyn Array> { Arc::new(Float64Array::from(customers.iter().map(g).collect::<Vec<_>>())) };
@@ -118,9 +139,9 @@ pub async fn clv_tables(ctx: &SessionContext) -> Result<Vec<(String, SchemaRef, 
             col(&|c| c.t),
             col(&|c| c.m),
             col(&|c| bg.p_alive(c)),
-            col(&|c| bg.expected_purchases(clv::HORIZON_WEEKS, c)),
+            col(&|c| bg.expected_purchases(settings.horizon(), c)),
             col(&|c| gg.expected_average_value(c)),
-            col(&|c| clv::clv(&bg, &gg, c)),
+            col(&|c| clv::clv(&bg, &gg, c, settings)),
         ],
     )?;
     Ok(vec![("clv_model".into(), model_schema, vec![model]), ("customer_clv".into(), customer_schema, vec![rows])])

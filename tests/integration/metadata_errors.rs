@@ -94,3 +94,17 @@ fn a_misspelled_history_column_and_a_watermark_on_a_full_table_are_named() {
     assert!(err.contains("did you mean 'region'?"), "{err}");
     assert!(err.contains(&format!("dim_customer.yaml:{watermark}:")) && err.contains("`load: incremental`"), "{err}");
 }
+
+#[test]
+fn bad_lifetime_value_settings_are_named_with_the_key_and_what_is_allowed() {
+    let t = test_project();
+    let file = t.dir.path().join("crmcube.yaml");
+    let base = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{base}lifetime_value:\n  horizon_months: 0\n  monthly_discount: 1.5\n")).unwrap();
+    let e = crmcube::project::Project::open(t.dir.path()).unwrap_err().to_string();
+    assert!(e.contains("lifetime_value.horizon_months") && e.contains("1 to 1200"), "{e}");
+    assert!(e.contains("lifetime_value.monthly_discount") && e.contains("1.5"), "{e}");
+    std::fs::write(&file, format!("{base}lifetime_value:\n  time_unit: fortnight\n")).unwrap();
+    let e = crmcube::project::Project::open(t.dir.path()).unwrap_err().to_string();
+    assert!(e.contains("crmcube.yaml:") && e.contains("fortnight"), "{e}");
+}
