@@ -331,14 +331,17 @@ fn measure_expr(cube: &Cube, name: &str, depth: usize, semi: &mut Vec<(String, S
     }
     let m = cube.measure(name)?;
     let text = match &m.kind {
-        MeasureKind::Base { semi_additive: Some(dim), .. } => {
-            if !semi.iter().any(|(n, _)| *n == m.name) {
-                semi.push((m.name.clone(), dim.clone()));
-            }
-            format!("SUM({})", quoted(&last_value_name(&m.name)))
-        }
-        MeasureKind::Base { agg, .. } => {
-            let column = quoted(&m.name);
+        MeasureKind::Base { agg, semi_additive, .. } => {
+            // A semi-additive measure aggregates only the rows at the last date of their period.
+            let column = match semi_additive {
+                Some(dim) => {
+                    if !semi.iter().any(|(n, _)| *n == m.name) {
+                        semi.push((m.name.clone(), dim.clone()));
+                    }
+                    quoted(&last_value_name(&m.name))
+                }
+                None => quoted(&m.name),
+            };
             match agg {
                 Aggregation::Sum => format!("SUM({column})"),
                 Aggregation::Count => format!("COUNT({column})"),

@@ -71,6 +71,16 @@ const PAIRS: &[(&str, &str)] = &[
         "SELECT 'East', sum(s.revenue) FROM fact_sales s JOIN dim_customer c ON s.customer_id = c.customer_id WHERE c.region = 'East'",
     ),
     ("SELECT count(*) FROM quarantine", "SELECT 0"),
+    // The lifetime value tables the load fits follow customer_value's rules.
+    (
+        "SELECT count(*), round(sum(clv), 2) FROM customer_clv",
+        "SELECT count(*), round(sum(v.clv), 2) FROM customer_clv v JOIN dim_customer c ON v.customer_id = c.customer_id WHERE c.region = 'East'",
+    ),
+    ("SELECT count(*), max(alpha) FROM clv_model", "SELECT count(*), max(alpha) FROM clv_model"),
+    (
+        "SELECT customer_region, round(lifetime_value, 2) FROM cubes.clv GROUP BY 1",
+        "SELECT 'East', round(sum(v.clv), 2) FROM customer_clv v JOIN dim_customer c ON v.customer_id = c.customer_id WHERE c.region = 'East'",
+    ),
     // Unrestricted reference data stays whole.
     ("SELECT count(*) FROM dim_product", "SELECT count(*) FROM dim_product"),
 ];
@@ -130,6 +140,8 @@ async fn managers_read_everything_and_unknown_roles_read_nothing_restricted() {
     let intern = session_of(&principal("ivo", "intern", None)).await.unwrap();
     assert_eq!(rows(&intern, "SELECT count(*) FROM dim_customer").await, vec![vec!["0"]]);
     assert_eq!(rows(&intern, "SELECT count(*) FROM quarantine").await, vec![vec!["0"]]);
+    assert_eq!(rows(&intern, "SELECT count(*) FROM customer_clv").await, vec![vec!["0"]]);
+    assert_eq!(rows(&intern, "SELECT count(*) FROM clv_model").await, vec![vec!["0"]]);
     assert_eq!(rows(&intern, "SELECT count(*) FROM dim_product").await, sql(&all, "SELECT count(*) FROM dim_product").await);
 }
 

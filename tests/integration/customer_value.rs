@@ -155,6 +155,12 @@ async fn cohorts_count_returning_customers_and_their_revenue() {
         "SELECT cohort, month, months_since, cohort_customers, customers, retention_pct, CAST(revenue AS VARCHAR) FROM customer_cohort ORDER BY 1, 2",
     )
     .await;
+    // Every cohort has a row for every month up to the last order month (zeros included).
+    let index = |m: &str| m[..4].parse::<i32>().unwrap() * 12 + m[5..].parse::<i32>().unwrap();
+    let last = cells.keys().map(|(_, m)| index(m)).max().unwrap();
+    let grid: i32 = sizes.keys().map(|c| last - index(c) + 1).sum();
+    assert_eq!(rows.len() as i32, grid, "one row per cohort and month");
+    let rows: Vec<Vec<String>> = rows.into_iter().filter(|r| r[4] != "0").collect();
     assert_eq!(rows.len(), cells.len());
     for (row, ((cohort, m), (customers, revenue))) in rows.iter().zip(&cells) {
         assert_eq!((&row[0], &row[1]), (cohort, m));
