@@ -236,6 +236,17 @@ async fn hand_made() -> datafusion::prelude::SessionContext {
     ctx
 }
 
+/// Runs the SQL of the derived table `table` (transforms/<table>.yaml) over the tables of `ctx`.
+async fn derived(ctx: &datafusion::prelude::SessionContext, table: &str, select: &str) -> Vec<Vec<String>> {
+    let project = &crate::common::loaded().test.project;
+    let transforms = crmcube::etl::TransformSet::load(project).unwrap();
+    let crmcube::etl::TransformBody::Derived { sql } = &transforms.get(table).unwrap().body else { panic!("{table} is derived") };
+    let df = ctx.sql(sql).await.unwrap();
+    let view = datafusion::prelude::SessionContext::new();
+    view.register_table(table, df.into_view()).unwrap();
+    crate::common::cells(&view.sql(select).await.unwrap().collect().await.unwrap())
+}
+
 async fn report(ctx: &datafusion::prelude::SessionContext, name: &str, date: &str, threshold: f64) -> Vec<Vec<Vec<String>>> {
     let options = crmcube::report::Options { top: 10, date: Some(date.parse().unwrap()), threshold_pct: threshold };
     crmcube::report::run(ctx, name, &options).await.unwrap().sections.iter().map(|s| crate::common::cells(&s.batches)).collect()
@@ -272,6 +283,73 @@ async fn aging_buckets_dso_and_accounts_to_chase_on_hand_made_invoices() {
     // Ten days later I5 is paid and I6 is current: C has nothing overdue.
     let later = report(&ctx, "aging", "2025-07-10", 90.0).await;
     assert!(later[2].iter().all(|r| r[0] != "C"), "{:?}", later[2]);
+}
+
+/// receivable_aging (transforms/receivable_aging.yaml) on the hand-made invoices, month end by month end.
+#[tokio::test]
+async fn the_aging_table_buckets_open_invoices_at_every_month_end() {
+    let ctx = hand_made().await;
+    ctx.sql("CREATE TABLE dim_date AS SELECT d AS date, to_char(d, '%Y-%m') AS month FROM (SELECT unnest(range(DATE '2025-03-01', DATE '2025-09-01', INTERVAL '1' DAY)) AS d)")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let rows = derived(
+        &ctx,
+        "receivable_aging",
+        "SELECT CAST(snapshot_date AS VARCHAR), customer_id, bucket, invoices, CAST(open_amount AS VARCHAR), CAST(overdue_amount AS VARCHAR)
+         FROM receivable_aging ORDER BY 1, 2, 3",
+    )
+    .await;
+    let r = |d: &str, c: &str, b: &str, n: &str, open: &str, overdue: &str| row(&[d, c, b, n, open, overdue]);
+    let expected = vec![
+        // March: I3 (A, 200, due 03-31) is due that very day: current.
+        r("2025-03-31", "A", "0 current", "1", "200.00", "0.00"),
+        // April: I3 30 days late; I5 (C, 600) issued 04-15, due 05-15.
+        r("2025-04-30", "A", "1-30", "1", "200.00", "200.00"),
+        r("2025-04-30", "C", "0 current", "1", "600.00", "0.00"),
+        // May: I1 issued and paid in full before the month end (05-20) is not open; I4 (B, 250) due 06-14.
+        r("2025-05-31", "A", "61-90", "1", "200.00", "200.00"),
+        r("2025-05-31", "B", "0 current", "1", "250.00", "0.00"),
+        r("2025-05-31", "C", "1-30", "1", "600.00", "600.00"),
+        // June (as the aging report on 2025-06-30): I2 400 − 100 paid on 06-15 = 300, due 07-01.
+        r("2025-06-30", "A", "0 current", "1", "300.00", "0.00"),
+        r("2025-06-30", "A", "91+", "1", "200.00", "200.00"),
+        r("2025-06-30", "B", "1-30", "1", "250.00", "250.00"),
+        r("2025-06-30", "C", "31-60", "1", "600.00", "600.00"),
+        // July, the last invoice's month: I5 paid 07-05; I6 (C, 100) issued 07-02, due 08-01.
+        r("2025-07-31", "A", "1-30", "1", "300.00", "300.00"),
+        r("2025-07-31", "A", "91+", "1", "200.00", "200.00"),
+        r("2025-07-31", "B", "31-60", "1", "250.00", "250.00"),
+        r("2025-07-31", "C", "0 current", "1", "100.00", "0.00"),
+    ];
+    assert_eq!(rows, expected);
+}
+
+/// credit_exposure (transforms/credit_exposure.yaml) on the hand-made data, as of its last day.
+#[tokio::test]
+async fn the_credit_table_rates_every_customer_as_of_the_last_day() {
+    let ctx = hand_made().await;
+    let rows = derived(
+        &ctx,
+        "credit_exposure",
+        "SELECT customer_id, CAST(as_of AS VARCHAR), CAST(receivables AS VARCHAR), CAST(open_orders AS VARCHAR), CAST(exposure AS VARCHAR),
+                CAST(limited_exposure AS VARCHAR), utilisation_pct, band
+         FROM credit_exposure ORDER BY 1",
+    )
+    .await;
+    // As of 2025-07-05 (I5's payment, the latest date): A owes I2 300 + I3 200 and has O7 (350)
+    // not invoiced: 850 of 1000. B owes I4 250 with no limit. C owes I6 100 (I5 paid) plus O8 50
+    // not invoiced (O6 is invoiced as I6): 150 of 500.
+    assert_eq!(
+        rows,
+        [
+            row(&["A", "2025-07-05", "500.00", "350.00", "850.00", "850.00", "85.0", "75-90"]),
+            row(&["B", "2025-07-05", "250.00", "0.00", "250.00", "0.00", "", "no limit"]),
+            row(&["C", "2025-07-05", "100.00", "50.00", "150.00", "150.00", "30.0", "0-50"]),
+        ]
+    );
 }
 
 #[tokio::test]
