@@ -43,11 +43,13 @@ pub struct Options {
     pub date: Option<chrono::NaiveDate>,
     /// Credit utilisation (%) from which an account is on the alert list.
     pub threshold_pct: f64,
+    /// The credit report's order check: would a new order of this customer and amount pass?
+    pub check: Option<(String, f64)>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { top: 20, date: None, threshold_pct: 90.0 }
+        Self { top: 20, date: None, threshold_pct: 90.0, check: None }
     }
 }
 
@@ -59,6 +61,12 @@ const OPEN_INVOICES: &str = "paid AS (
            {date} - i.due_date AS days_overdue
     FROM fact_invoice i LEFT JOIN paid p ON p.invoice_id = i.invoice_id
     WHERE i.invoice_date <= {date} AND i.amount - coalesce(p.paid, 0) > 0
+  )";
+
+/// Per customer: invoiced in the 90 days ending on `{date}` (the denominator of DSO).
+const INVOICED_90D: &str = "invoiced_90d AS (
+    SELECT customer_id, sum(amount) AS invoiced FROM fact_invoice
+    WHERE invoice_date > {date} - INTERVAL '90 days' AND invoice_date <= {date} GROUP BY customer_id
   )";
 
 /// Per customer at `{date}`: open receivables, and completed orders placed but not invoiced yet.
@@ -318,32 +326,70 @@ pub async fn run(ctx: &SessionContext, name: &str, options: &Options) -> Result<
                     )),
                 ),
                 (
-                    "Days sales outstanding: open receivables / invoiced in the 90 days to the date × 90".into(),
+                    "Days sales outstanding by region: open receivables / invoiced in the 90 days to the date × 90".into(),
                     with_date(&format!(
-                        "WITH {OPEN_INVOICES}, invoiced AS (
-                           SELECT sum(amount) AS invoiced_90d FROM fact_invoice
-                           WHERE invoice_date > {{date}} - INTERVAL '90 days' AND invoice_date <= {{date}})
-                         SELECT (SELECT sum(open_amount) FROM open_invoices) AS open_receivables, invoiced_90d,
-                                round(CAST((SELECT sum(open_amount) FROM open_invoices) AS DOUBLE) * 90 / CAST(invoiced_90d AS DOUBLE), 1) AS dso_days
-                         FROM invoiced"
+                        "WITH {OPEN_INVOICES}, {INVOICED_90D}, by_region AS (
+                           SELECT c.region, sum(o.open_amount) AS open_receivables, max(v.invoiced) AS invoiced_90d
+                           FROM open_invoices o JOIN dim_customer c ON c.customer_id = o.customer_id
+                           LEFT JOIN (SELECT c.region, sum(i.invoiced) AS invoiced FROM invoiced_90d i JOIN dim_customer c ON c.customer_id = i.customer_id GROUP BY 1) v
+                             ON v.region = c.region
+                           GROUP BY c.region)
+                         SELECT region, open_receivables, invoiced_90d,
+                                round(CAST(open_receivables AS DOUBLE) * 90 / CAST(invoiced_90d AS DOUBLE), 1) AS dso_days
+                         FROM (SELECT *, 0 AS total_row FROM by_region
+                               UNION ALL
+                               SELECT '(total)', (SELECT sum(open_amount) FROM open_invoices), (SELECT sum(invoiced) FROM invoiced_90d), 1)
+                         ORDER BY total_row, region"
                     )),
                 ),
                 (
                     format!("Overdue accounts to chase (largest overdue amount first, top {top})"),
                     with_date(&format!(
                         "WITH {OPEN_INVOICES}
+                         , {INVOICED_90D}
                          SELECT o.customer_id, c.name, c.region,
                                 sum(CASE WHEN days_overdue > 0 THEN open_amount ELSE 0 END) AS overdue,
                                 count(CASE WHEN days_overdue > 0 THEN 1 END) AS overdue_invoices,
                                 max(days_overdue) AS most_days_overdue,
-                                sum(open_amount) AS open_total
+                                sum(open_amount) AS open_total,
+                                round(CAST(sum(open_amount) AS DOUBLE) * 90 / CAST(max(v.invoiced) AS DOUBLE), 1) AS dso_days
                          FROM open_invoices o JOIN dim_customer c ON c.customer_id = o.customer_id
+                         LEFT JOIN invoiced_90d v ON v.customer_id = o.customer_id
                          GROUP BY o.customer_id, c.name, c.region
                          HAVING max(days_overdue) > 0
                          ORDER BY overdue DESC, o.customer_id LIMIT {top}"
                     )),
                 ),
             ]
+        }
+        "credit" if options.check.is_some() => {
+            let (customer, amount) = options.check.as_ref().expect("matched");
+            if !amount.is_finite() || *amount < 0.0 {
+                return Err(QueryError::new(format!("an order amount must be a positive number, not {amount}")).into());
+            }
+            // The customer id becomes a quoted literal; the amount a number printed by Rust.
+            let id = format!("'{}'", customer.replace('\'', "''"));
+            let known = ctx.sql(&format!("SELECT customer_id FROM dim_customer WHERE customer_id = {id}")).await?.count().await?;
+            if known == 0 {
+                return Err(QueryError::new(format!("no customer '{customer}' in dim_customer"))
+                    .with_hint(Some("give a customer_id, e.g. crmcube sql \"SELECT customer_id, name FROM dim_customer LIMIT 5\"".into()))
+                    .into());
+            }
+            vec![(
+                format!("Order check on {date}: a new order of {amount:.2} by {customer} against the credit limit"),
+                with_date(&format!(
+                    "WITH {OPEN_INVOICES}, {EXPOSURE}, checked AS (
+                       SELECT customer_id, name, credit_limit, receivables + open_orders AS exposure,
+                              CAST({amount:.2} AS DECIMAL(18, 2)) AS new_order
+                       FROM exposure WHERE customer_id = {id})
+                     SELECT customer_id, name, credit_limit, exposure, new_order, exposure + new_order AS exposure_after,
+                            CASE WHEN credit_limit > 0 THEN round(100 * CAST(exposure + new_order AS DOUBLE) / CAST(credit_limit AS DOUBLE), 1) END AS utilisation_after_pct,
+                            CASE WHEN credit_limit IS NULL OR credit_limit = 0 THEN 'no limit: refer to credit control'
+                                 WHEN exposure + new_order > credit_limit THEN concat('REFUSE: ', CAST(exposure + new_order - credit_limit AS VARCHAR), ' over the limit')
+                                 ELSE concat('accept: ', CAST(credit_limit - exposure - new_order AS VARCHAR), ' left') END AS verdict
+                     FROM checked"
+                )),
+            )]
         }
         "credit" => {
             let t = options.threshold_pct;

@@ -98,6 +98,12 @@ pub enum Command {
         /// Credit utilisation % from which an account is on the credit alert list.
         #[arg(long, default_value_t = 90.0)]
         threshold: f64,
+        /// Credit report: check whether a new order of --amount by this customer stays within the limit.
+        #[arg(long, value_name = "CUSTOMER_ID", requires = "amount")]
+        customer: Option<String>,
+        /// Credit report: the new order's amount (with --customer).
+        #[arg(long, requires = "customer")]
+        amount: Option<f64>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
         /// Draw the report's chart to FILE.svg or FILE.png.
@@ -409,7 +415,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None => output::write(&mut out, &batches, args.format),
             }
         }
-        Command::Report { name, top, date, threshold, format, chart } => {
+        Command::Report { name, top, date, threshold, customer, amount, format, chart } => {
             let io = |e| Error::io("<stdout>", e);
             let Some(name) = name else {
                 for (n, what) in crate::report::REPORTS {
@@ -421,7 +427,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             let transforms = TransformSet::load(&project)?;
             let cubes = CubeSet::load(&project, &transforms)?;
             let (ctx, _) = query_session(&cli, &project, &transforms, &cubes).await?;
-            let options = crate::report::Options { top: *top, date: *date, threshold_pct: *threshold };
+            let check = customer.clone().zip(*amount);
+            let options = crate::report::Options { top: *top, date: *date, threshold_pct: *threshold, check };
             let report = crate::report::run(&ctx, name, &options).await?;
             for (i, s) in report.sections.iter().filter(|s| !s.chart_only).enumerate() {
                 if *format == Format::Table {

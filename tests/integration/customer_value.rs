@@ -248,7 +248,7 @@ async fn derived(ctx: &datafusion::prelude::SessionContext, table: &str, select:
 }
 
 async fn report(ctx: &datafusion::prelude::SessionContext, name: &str, date: &str, threshold: f64) -> Vec<Vec<Vec<String>>> {
-    let options = crmcube::report::Options { top: 10, date: Some(date.parse().unwrap()), threshold_pct: threshold };
+    let options = crmcube::report::Options { top: 10, date: Some(date.parse().unwrap()), threshold_pct: threshold, check: None };
     crmcube::report::run(ctx, name, &options).await.unwrap().sections.iter().map(|s| crate::common::cells(&s.batches)).collect()
 }
 
@@ -270,14 +270,24 @@ async fn aging_buckets_dso_and_accounts_to_chase_on_hand_made_invoices() {
             row(&["(total)", "300.00", "250.00", "600.00", "0.00", "200.00", "1350.00"]),
         ]
     );
-    // Invoiced in the 90 days to 2025-06-30: I1 300 + I2 400 + I4 250 + I5 600 = 1550; 1350 × 90 / 1550.
-    assert_eq!(s[1], [row(&["1350.00", "1550.00", &format!("{:.1}", 1350.0 * 90.0 / 1550.0)])]);
+    // Invoiced in the 90 days to 2025-06-30: East I1 300 + I2 400 + I5 600 = 1300 (I3 is older),
+    // West I4 250; in all 1550. DSO = open × 90 / invoiced.
+    let dso = |open: f64, invoiced: f64| format!("{:.1}", open * 90.0 / invoiced);
+    assert_eq!(
+        s[1],
+        [
+            row(&["East", "1100.00", "1300.00", &dso(1100.0, 1300.0)]),
+            row(&["West", "250.00", "250.00", &dso(250.0, 250.0)]),
+            row(&["(total)", "1350.00", "1550.00", &dso(1350.0, 1550.0)]),
+        ]
+    );
+    // Per customer: A owes 500 and was invoiced I1 + I2 = 700; B 250 of 250; C 600 of 600.
     assert_eq!(
         s[2],
         [
-            row(&["C", "Cy", "East", "600.00", "1", "46", "600.00"]),
-            row(&["B", "Bo", "West", "250.00", "1", "16", "250.00"]),
-            row(&["A", "Ann", "East", "200.00", "1", "91", "500.00"]),
+            row(&["C", "Cy", "East", "600.00", "1", "46", "600.00", &dso(600.0, 600.0)]),
+            row(&["B", "Bo", "West", "250.00", "1", "16", "250.00", &dso(250.0, 250.0)]),
+            row(&["A", "Ann", "East", "200.00", "1", "91", "500.00", &dso(500.0, 700.0)]),
         ]
     );
     // Ten days later I5 is paid and I6 is current: C has nothing overdue.
@@ -368,6 +378,25 @@ async fn credit_exposure_alerts_and_orders_past_the_limit_on_hand_made_data() {
     let c = s[0].iter().find(|r| r[0] == "C").unwrap();
     assert_eq!(&c[4..8], ["100.00", "50.00", "150.00", "30.0"]);
     assert!(s[0].iter().all(|r| r[0] != "B"), "a customer without a limit is never on the alert list");
+}
+
+/// The control point before accepting an order: `report credit --customer C --amount X`.
+#[tokio::test]
+async fn a_new_order_is_checked_against_the_credit_limit() {
+    let ctx = hand_made().await;
+    let check = |customer: &str, amount: f64| {
+        let (ctx, customer) = (ctx.clone(), customer.to_string());
+        async move {
+            let options = crmcube::report::Options { date: Some("2025-06-30".parse().unwrap()), check: Some((customer, amount)), ..Default::default() };
+            crmcube::report::run(&ctx, "credit", &options).await.map(|r| crate::common::cells(&r.sections[0].batches))
+        }
+    };
+    // A: exposure 850 of 1000 on 2025-06-30 (see above).
+    assert_eq!(check("A", 100.0).await.unwrap(), [row(&["A", "Ann", "1000.00", "850.00", "100.00", "950.00", "95.0", "accept: 50.00 left"])]);
+    assert_eq!(check("A", 200.0).await.unwrap()[0][7], "REFUSE: 50.00 over the limit");
+    assert_eq!(check("B", 10.0).await.unwrap()[0][7], "no limit: refer to credit control");
+    let e = check("Z'; DROP TABLE x; --", 1.0).await.unwrap_err().to_string();
+    assert!(e.contains("no customer") && e.contains("DROP"), "{e}");
 }
 
 /// Service levels from hand-made contacts, through the real SQL of transforms/service_level.yaml.
@@ -502,6 +531,6 @@ async fn the_executive_summary_agrees_with_the_other_reports_and_the_base_tables
     let aging = crmcube::report::run(&ctx, "aging", &crmcube::report::Options { date: Some("2025-03-31".parse().unwrap()), ..Default::default() })
         .await
         .unwrap();
-    let dso: f64 = crate::common::cells(&aging.sections[1].batches)[0][2].parse().unwrap();
+    let dso: f64 = crate::common::cells(&aging.sections[1].batches).iter().find(|r| r[0] == "(total)").unwrap()[3].parse().unwrap();
     assert!((value("DSO (days)", 1) - dso).abs() < 0.051, "{} vs {dso}", value("DSO (days)", 1));
 }
