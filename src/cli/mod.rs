@@ -465,6 +465,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             let project = project(&cli)?;
             let transforms = TransformSet::load(&project)?;
             let cubes = CubeSet::load(&project, &transforms)?;
+            // Columns of source tables are declared; derived tables' are checked by the load.
+            let declared = |t: &str| match transforms.get(t).map(|t| &t.body) {
+                Some(crate::etl::TransformBody::Source(s)) => Some(s.columns.iter().map(|c| c.name.clone()).collect()),
+                _ => None,
+            };
+            let problems = cubes.check_columns(declared);
+            if !problems.is_empty() {
+                return Err(crate::error::SpecErrors(problems).into());
+            }
             writeln!(out, "ok: {} transforms, {} cubes", transforms.transforms.len(), cubes.cubes.len())
                 .map_err(|e| Error::io("<stdout>", e))
         }

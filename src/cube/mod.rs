@@ -28,6 +28,19 @@ pub struct Cube {
     pub dimensions: Vec<Dimension>,
     pub measures: Vec<Measure>,
     pub rollups: Vec<Rollup>,
+    /// Every column the file names, with where: checked against the tables once their columns
+    /// are known ([`CubeSet::check_columns`]).
+    pub columns: Vec<ColumnUse>,
+}
+
+/// A column a cube file names: `table.column`, at `line:column` of the file, under `key`.
+#[derive(Debug, Clone)]
+pub struct ColumnUse {
+    pub table: String,
+    pub column: String,
+    pub line: u64,
+    pub at: u64,
+    pub key: String,
 }
 
 /// A pre-aggregation of a cube (see [`crate::rollup`]): base measures grouped by some levels.
@@ -266,6 +279,29 @@ impl CubeSet {
         if errors.is_empty() { Ok(Self { cubes }) } else { Err(SpecErrors(errors).into()) }
     }
 
+    /// Checks every column a cube names against its table's columns (`columns_of` gives them,
+    /// None for a table not known yet): each missing one is a diagnostic at its place in the
+    /// cube file, with the nearest column of that table.
+    pub fn check_columns(&self, columns_of: impl Fn(&str) -> Option<Vec<String>>) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        for c in &self.cubes {
+            for u in &c.columns {
+                let Some(columns) = columns_of(&u.table) else { continue };
+                if !columns.iter().any(|x| *x == u.column) {
+                    out.push(Diagnostic {
+                        file: c.file.clone(),
+                        line: u.line,
+                        column: u.at,
+                        key: u.key.clone(),
+                        message: format!("column '{}' is not in table '{}'", u.column, u.table),
+                        hint: Some(valid_names_hint("columns", &u.column, columns.iter().map(String::as_str))),
+                    });
+                }
+            }
+        }
+        out
+    }
+
     pub fn get(&self, name: &str) -> Result<&Cube, QueryError> {
         self.cubes.iter().find(|c| c.name == name).ok_or_else(|| {
             QueryError::new(format!("no cube named '{name}'"))
@@ -290,6 +326,10 @@ fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagn
         }
     };
     check_table(errors, &spec.fact, format!("cube '{cube}' › fact"));
+    let mut columns: Vec<ColumnUse> = Vec::new();
+    let mut uses = |table: &str, at: &Spanned<String>, key: String| {
+        columns.push(ColumnUse { table: table.to_string(), column: at.value.clone(), line: at.referenced.line(), at: at.referenced.column(), key });
+    };
     let mut dimensions = Vec::new();
     for d in &spec.dimensions {
         let dkey = format!("cube '{cube}' › dimension '{}'", d.name.value);
@@ -313,6 +353,31 @@ fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagn
         if d.levels.is_empty() {
             errors.push(diag(file, &d.name, dkey.clone(), "a dimension needs at least one level".into(), None));
         }
+        // A hierarchy is one path from coarse to fine: a level may not come back.
+        let mut level_names = BTreeSet::new();
+        for l in &d.levels {
+            if !level_names.insert(l.name.value.clone()) {
+                errors.push(diag(
+                    file,
+                    &l.name,
+                    format!("{dkey} › level '{}'", l.name.value),
+                    format!("level '{}' appears twice: a hierarchy runs once from the coarsest level to the finest, without cycles", l.name.value),
+                    Some("list each level once, coarse to fine".into()),
+                ));
+            }
+        }
+        let table = d.table.as_ref().map(|t| t.value.as_str()).unwrap_or(spec.fact.value.as_str());
+        if let (Some(k), Some(fk)) = (&d.key, &d.foreign_key) {
+            uses(table, k, format!("{dkey} › key"));
+            uses(&spec.fact.value, fk, format!("{dkey} › foreign_key"));
+        }
+        for l in &d.levels {
+            let lkey = format!("{dkey} › level '{}'", l.name.value);
+            uses(table, l.column.as_ref().unwrap_or(&l.name), lkey.clone());
+            if let Some(label) = &l.label {
+                uses(table, label, format!("{lkey} › label"));
+            }
+        }
         let levels = d
             .levels
             .iter()
@@ -330,6 +395,7 @@ fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagn
         let mkey = format!("cube '{cube}' › measure '{}'", m.name.value);
         let kind = match (&m.agg, &m.column, &m.expr) {
             (Some(agg), Some(column), None) => {
+                uses(&spec.fact.value, column, format!("{mkey} › column"));
                 if let Some(dim) = &m.semi_additive {
                     let joined_time = spec.dimensions.iter().find(|d| d.name.value == dim.value).map(|d| d.table.is_some());
                     match joined_time {
@@ -395,6 +461,7 @@ fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagn
         dimensions,
         measures,
         rollups: Vec::new(),
+        columns,
     };
     model.rollups = spec.rollups.iter().filter_map(|r| resolve_rollup(file, &model, r, errors)).collect();
     let mut rollup_names = BTreeSet::new();

@@ -166,8 +166,25 @@ impl FileRows {
 }
 
 /// Decodes a whole file to text, failing with the line of the first undecodable byte.
+///
+/// A file declared GBK whose non-ASCII text is all valid UTF-8 (at least a few characters of it)
+/// is a UTF-8 export with the wrong declaration: decoding it as GBK would load garbled names
+/// without any error, so it fails with the fix instead.
 pub fn decode(bytes: &[u8], encoding: SourceEncoding, file: &Path) -> Result<String> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
+    if encoding == SourceEncoding::Gbk
+        && let Ok(text) = std::str::from_utf8(bytes)
+        && text.chars().filter(|c| !c.is_ascii()).count() >= 4
+    {
+        let first = bytes.iter().position(|b| !b.is_ascii()).unwrap_or(0);
+        let line = bytes[..first].iter().filter(|b| **b == b'\n').count() as u64 + 1;
+        return Err(DataError::Input {
+            file: file.to_path_buf(),
+            line: Some(line),
+            message: "the text is UTF-8 (its non-ASCII characters decode as UTF-8), but the transform declares GBK; set `source.encoding: utf8` in its transform".into(),
+        }
+        .into());
+    }
     let decoded = match encoding {
         SourceEncoding::Utf8 => std::str::from_utf8(bytes).map(str::to_string).map_err(|e| e.valid_up_to()),
         SourceEncoding::Gbk => encoding_rs::GBK
@@ -226,7 +243,10 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
         .has_headers(false)
         .flexible(true)
         .from_reader(text.as_bytes());
-    let mut records = reader.records();
+    let mut records = reader.records().peekable();
+    // A file cut off mid-write ends without a line break, and its last line may still split
+    // into the right number of fields (a number cut short): that record is not trusted.
+    let cut_off = !text.is_empty() && !text.ends_with('\n');
     // Map each declared column to its field index.
     let (indices, width): (Vec<usize>, usize) = if spec.source.header {
         let header = match records.next() {
@@ -266,7 +286,8 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
     } else {
         ((0..spec.columns.len()).collect(), spec.columns.len())
     };
-    for record in records {
+    while let Some(record) = records.next() {
+        let last = records.peek().is_none();
         match record {
             Ok(r) => {
                 let line = r.position().map(|p| p.line()).unwrap_or(0);
@@ -275,8 +296,26 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
                     continue; // a blank line is not a record
                 }
                 rows.read += 1;
+                if last && cut_off {
+                    let reason = "the file ends without a line break, so this last record may be cut off (a truncated export?); \
+                                  check the export, or end the file with a line break";
+                    rows.reject(table, shown, line, reason.into(), raw);
+                    continue;
+                }
                 if r.len() != width {
-                    rows.reject(table, shown, line, format!("expected {width} fields, found {}", r.len()), raw);
+                    // A quote left open makes one record of every line up to the next quote (or
+                    // the end of the file): say so, and keep those lines in the quarantine's raw text.
+                    let spanned = r.iter().map(|f| f.matches('\n').count()).sum::<usize>();
+                    let reason = if spanned > 0 {
+                        format!(
+                            "a quoted field opened on line {line} runs over {} lines: an unterminated quote? (expected {width} fields, found {}); the lines it swallowed are in this record's raw text",
+                            spanned + 1,
+                            r.len()
+                        )
+                    } else {
+                        format!("expected {width} fields, found {}", r.len())
+                    };
+                    rows.reject(table, shown, line, reason, raw);
                     continue;
                 }
                 let fields = indices.iter().map(|i| r.get(*i).map(str::to_string)).collect();

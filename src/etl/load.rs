@@ -150,6 +150,8 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
 pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadOptions) -> Result<LoadReport> {
     let started = Instant::now();
     let set = TransformSet::load(project)?;
+    // Cube files are metadata too: a broken one stops the load before any work.
+    let cubes = crate::cube::CubeSet::load(project, &set)?;
     for name in &options.allow_empty {
         if !matches!(set.get(name).map(|t| &t.body), Some(TransformBody::Source(_))) {
             let sources = set.transforms.iter().filter(|t| matches!(t.body, TransformBody::Source(_))).map(|t| t.name.as_str());
@@ -185,7 +187,14 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     // What each source reads tonight.
     let mut plans = Vec::new();
     for (((t, spec), files), hashes) in sources.iter().zip(listed).zip(&surveyed) {
-        plans.push(run.plan_source(t, spec, files, hashes)?);
+        let plan = run.plan_source(t, spec, files, hashes)?;
+        // Sources come in dependency order: a table rebuilt in full tonight may have lost keys,
+        // so every later full source that references it is re-read and checked against it. (An
+        // incremental table only gains or updates keys: what referenced it stays valid.)
+        if matches!(plan, SourcePlan::Full(_)) {
+            run.changed.insert(t.name.clone());
+        }
+        plans.push(plan);
     }
     // An incremental table's files may be removed once loaded; only a full table's are missed.
     files_report.gone.retain(|path| run.full_patterns.iter().any(|p| p.matches(path)));
@@ -253,8 +262,22 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         run.models().await?;
     }
 
+    // Every column the cube files name exists in tonight's tables (before rollups read them).
+    let mut schemas: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let named: BTreeSet<String> = cubes.cubes.iter().flat_map(|c| c.columns.iter().map(|u| u.table.clone())).collect();
+    for name in named {
+        if !schemas.contains_key(&name)
+            && let Ok(df) = ctx.table(name.as_str()).await
+        {
+            schemas.insert(name, df.schema().fields().iter().map(|f| f.name().clone()).collect());
+        }
+    }
+    let problems = cubes.check_columns(|t| schemas.get(t).cloned());
+    if !problems.is_empty() {
+        return Err(crate::error::SpecErrors(problems).into());
+    }
+
     // Rollups, from the tables just derived (see crate::rollup).
-    let cubes = crate::cube::CubeSet::load(project, &set)?;
     for cube in &cubes.cubes {
         for rollup in &cube.rollups {
             run.rollup(cube, rollup).await?;
