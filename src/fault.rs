@@ -24,3 +24,21 @@ pub fn point(what: &str) {
         std::process::abort();
     }
 }
+
+/// A pause for tests that change files while a load runs: with `CRMCUBE_PAUSE_AT=<what>` and
+/// `CRMCUBE_PAUSE_FILE=<path>`, the process creates that file when it reaches `what` and waits
+/// (up to a minute) until the test deletes it. Without the variables it does nothing.
+pub fn pause(what: &str) {
+    let (Ok(at), Ok(file)) = (std::env::var("CRMCUBE_PAUSE_AT"), std::env::var("CRMCUBE_PAUSE_FILE")) else { return };
+    if at != what {
+        return;
+    }
+    let file = std::path::PathBuf::from(file);
+    if std::fs::write(&file, what).is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while file.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -149,6 +149,8 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
 /// would be wiped; such a load stops before committing unless the table is in `allow_empty`.
 pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadOptions) -> Result<LoadReport> {
     let started = Instant::now();
+    // Files modified after this moment changed while the load ran (checked after reading).
+    let load_began = std::time::SystemTime::now();
     let set = TransformSet::load(project)?;
     // Cube files are metadata too: a broken one stops the load before any work.
     let cubes = crate::cube::CubeSet::load(project, &set)?;
@@ -178,7 +180,9 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     let listed: Vec<Vec<PathBuf>> =
         sources.iter().map(|(t, s)| extract::list_files(&t.name, s, &project.sources)).collect::<Result<_>>()?;
     let surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources)).collect::<Result<_>>()?;
+    let listed_read = listed.clone();
     let files_now: BTreeMap<String, SourceFile> = surveyed.iter().flatten().map(|f| (f.path.clone(), f.clone())).collect();
+    crate::fault::pause("surveyed");
     let mut files_report = FilesReport::compare(&files_now, previous.as_ref());
     for path in &files_report.changed {
         tracing::warn!(file = %path, since = ?files_report.since, "export file changed since the previous snapshot loaded it");
@@ -213,6 +217,28 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     for ((t, _), e) in sources.iter().zip(&extracted) {
         if e.is_some() {
             crate::fault::point(&format!("extracted {}", t.name));
+        }
+    }
+    // An export rewritten while this load read it (still being written, or replaced) would
+    // load rows of two versions, and the ledger would name a checksum it did not read: stop.
+    for (files, hashes) in listed_read.iter().zip(&surveyed) {
+        for (path, surveyed) in files.iter().zip(hashes) {
+            let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+            let modified = meta.modified().ok().is_some_and(|m| m > load_began);
+            if meta.len() != surveyed.bytes || modified {
+                return Err(DataError::Input {
+                    file: project.display_path(path),
+                    line: None,
+                    message: format!(
+                        "the file changed while this load read it ({} bytes when surveyed, {} now{}); nothing was committed — \
+                         load again once the export is complete",
+                        surveyed.bytes,
+                        meta.len(),
+                        if modified { ", modified after the load began" } else { "" }
+                    ),
+                }
+                .into());
+            }
         }
     }
     let mut extracted = extracted.into_iter();

@@ -280,3 +280,55 @@ fn the_snapshot_records_its_files_and_a_changed_export_is_reported() {
     assert_eq!(report["files"]["changed"], serde_json::json!([]));
     assert_eq!(report["files"]["since"], serde_json::json!(2));
 }
+
+/// An export rewritten while the load reads it (a CRM job still writing it): the load stops
+/// with the file named, nothing is committed, and the next load — the file complete — commits.
+/// The load is a real `crmcube load` process held after its survey (`CRMCUBE_PAUSE_AT`) while
+/// the test appends to the export.
+#[test]
+fn a_file_that_changes_while_the_load_reads_it_stops_the_load() {
+    let t = test_project();
+    let sources = crate::common::edited_sources(t.dir.path(), "orders.csv", |text| text.to_string());
+    std::fs::write(t.dir.path().join("crmcube.yaml"), format!("version: 1\nname: test\nsources: {}\n", sources.display())).unwrap();
+    let project = crmcube::project::Project::open(t.dir.path()).unwrap();
+    let (p, w) = (project.clone(), t.warehouse.clone());
+    block_on(async move { load(&p, &w).await.unwrap() });
+    let pause = t.dir.path().join("paused");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crmcube"))
+        .arg("--project")
+        .arg(t.dir.path())
+        .arg("load")
+        .env("CRMCUBE_PAUSE_AT", "surveyed")
+        .env("CRMCUBE_PAUSE_FILE", &pause)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waited = std::time::Instant::now();
+    while !pause.exists() {
+        assert!(waited.elapsed().as_secs() < 120, "the load never reached its survey");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The CRM appends an order while the load is between its survey and its read.
+    let orders = sources.join("orders.csv");
+    let mut text = std::fs::read_to_string(&orders).unwrap();
+    text.push_str("O9000001,C000001,R001,online,2026-10-30,completed,2026-10-30 10:00:00\n");
+    std::fs::write(&orders, text).unwrap();
+    std::fs::remove_file(&pause).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("orders.csv") && stderr.contains("changed while this load read it"), "{stderr}");
+    assert_eq!(t.warehouse.current().unwrap().unwrap().id, 1, "nothing committed");
+    // The export is complete now: the next load takes it, new order included.
+    let (p, w) = (project.clone(), t.warehouse.clone());
+    let report = block_on(async move { load(&p, &w).await.unwrap() });
+    assert_eq!(report.snapshot, 2);
+    let (p, w) = (project, t.warehouse.clone());
+    let found = block_on(async move {
+        let ctx = w.session().await.unwrap();
+        crate::common::sql(&ctx, "SELECT count(*) FROM orders WHERE order_id = 'O9000001'").await
+    });
+    drop(p);
+    assert_eq!(found, [["1"]]);
+}
