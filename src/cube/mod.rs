@@ -287,7 +287,7 @@ impl CubeSet {
         for c in &self.cubes {
             for u in &c.columns {
                 let Some(columns) = columns_of(&u.table) else { continue };
-                if !columns.iter().any(|x| *x == u.column) {
+                if !columns.contains(&u.column) {
                     out.push(Diagnostic {
                         file: c.file.clone(),
                         line: u.line,

@@ -149,8 +149,6 @@ pub async fn load(project: &Project, warehouse: &Warehouse) -> Result<LoadReport
 /// would be wiped; such a load stops before committing unless the table is in `allow_empty`.
 pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadOptions) -> Result<LoadReport> {
     let started = Instant::now();
-    // Files modified after this moment changed while the load ran (checked after reading).
-    let load_began = std::time::SystemTime::now();
     let set = TransformSet::load(project)?;
     // Cube files are metadata too: a broken one stops the load before any work.
     let cubes = crate::cube::CubeSet::load(project, &set)?;
@@ -179,8 +177,17 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         .collect();
     let listed: Vec<Vec<PathBuf>> =
         sources.iter().map(|(t, s)| extract::list_files(&t.name, s, &project.sources)).collect::<Result<_>>()?;
+    // Size and modification time of every export before it is read: compared after reading, a
+    // difference means the file changed under the load (the file's own clock, so a writer with
+    // another clock does not matter).
+    let stat = |f: &PathBuf| -> Result<(u64, Option<std::time::SystemTime>)> {
+        let m = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+        Ok((m.len(), m.modified().ok()))
+    };
+    let stats_before: Vec<Vec<(u64, Option<std::time::SystemTime>)>> =
+        listed.iter().map(|files| files.iter().map(stat).collect::<Result<_>>()).collect::<Result<_>>()?;
     let surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources)).collect::<Result<_>>()?;
-    let listed_read = listed.clone();
+    let listed_files = listed.clone();
     let files_now: BTreeMap<String, SourceFile> = surveyed.iter().flatten().map(|f| (f.path.clone(), f.clone())).collect();
     crate::fault::pause("surveyed");
     let mut files_report = FilesReport::compare(&files_now, previous.as_ref());
@@ -221,20 +228,18 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     }
     // An export rewritten while this load read it (still being written, or replaced) would
     // load rows of two versions, and the ledger would name a checksum it did not read: stop.
-    for (files, hashes) in listed_read.iter().zip(&surveyed) {
-        for (path, surveyed) in files.iter().zip(hashes) {
-            let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-            let modified = meta.modified().ok().is_some_and(|m| m > load_began);
-            if meta.len() != surveyed.bytes || modified {
+    for ((files, hashes), before) in listed_files.iter().zip(&surveyed).zip(&stats_before) {
+        for ((path, surveyed), (bytes_before, modified_before)) in files.iter().zip(hashes).zip(before) {
+            let (bytes_now, modified_now) = stat(path)?;
+            if bytes_now != surveyed.bytes || bytes_now != *bytes_before || modified_now != *modified_before {
                 return Err(DataError::Input {
                     file: project.display_path(path),
                     line: None,
                     message: format!(
-                        "the file changed while this load read it ({} bytes when surveyed, {} now{}); nothing was committed — \
+                        "the file changed while this load read it ({} bytes when surveyed, {bytes_now} now{}); nothing was committed — \
                          load again once the export is complete",
                         surveyed.bytes,
-                        meta.len(),
-                        if modified { ", modified after the load began" } else { "" }
+                        if modified_now != *modified_before { ", modified since" } else { "" }
                     ),
                 }
                 .into());

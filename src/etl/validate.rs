@@ -109,7 +109,10 @@ impl TransformSet {
     /// Loads and validates every file in the project's transforms folder.
     pub fn load(project: &Project) -> Result<Self> {
         let (specs, mut errors) = load_folder::<TransformSpec>(project, &project.transforms)?;
-        let set = resolve(specs, &mut errors);
+        // A file that does not parse is reported once: references to its table (by the usual
+        // name, the file's stem) are not reported again as "not found".
+        let unreadable: Vec<String> = errors.iter().filter_map(|d| d.file.file_stem().map(|s| s.to_string_lossy().to_string())).collect();
+        let set = resolve(specs, &unreadable, &mut errors);
         if errors.is_empty() { Ok(set) } else { Err(SpecErrors(errors).into()) }
     }
 
@@ -119,7 +122,7 @@ impl TransformSet {
 }
 
 /// Resolves raw specs into the model, appending every problem to `errors`.
-pub fn resolve(specs: Vec<(PathBuf, TransformSpec)>, errors: &mut Vec<Diagnostic>) -> TransformSet {
+pub fn resolve(specs: Vec<(PathBuf, TransformSpec)>, unreadable: &[String], errors: &mut Vec<Diagnostic>) -> TransformSet {
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut transforms: Vec<Transform> =
         specs.iter().map(|(file, spec)| resolve_one(file, spec, errors, &mut seen)).collect();
@@ -135,6 +138,9 @@ pub fn resolve(specs: Vec<(PathBuf, TransformSpec)>, errors: &mut Vec<Diagnostic
     for (file, spec) in &specs {
         for r in &spec.references {
             let key = format!("table '{}' › references › '{}'", spec.table.value, r.column.value);
+            if unreadable.contains(&r.table.value) {
+                continue;
+            }
             if !names.contains(&r.table.value.as_str()) {
                 let hint = valid_names_hint("tables", &r.table.value, names.iter().copied());
                 cross.push(diag(file, &r.table, key, format!("table '{}' not found", r.table.value), Some(hint)));

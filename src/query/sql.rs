@@ -57,8 +57,25 @@ pub async fn register_cubes(ctx: &SessionContext, cubes: &CubeSet) -> Result<()>
         catalog.register_schema(CUBES_SCHEMA, std::sync::Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
     }
     for cube in &cubes.cubes {
-        let table = CubeTable::new(ctx, cube).await?;
-        ctx.register_table(datafusion::common::TableReference::partial(CUBES_SCHEMA, cube.name.as_str()), Arc::new(table))?;
+        // A cube whose tables this snapshot lacks (a cube added since the last load, or an
+        // older snapshot read with --as-of) is left out; the others stay usable.
+        match CubeTable::new(ctx, cube).await {
+            Ok(table) => {
+                ctx.register_table(datafusion::common::TableReference::partial(CUBES_SCHEMA, cube.name.as_str()), Arc::new(table))?;
+            }
+            Err(e) => tracing::warn!(cube = %cube.name, "cube not available in this snapshot: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Registers `cubes.<name>` for one cube unless the session has it already; unlike
+/// [`register_cubes`], a cube whose tables are missing is an error (it was asked for).
+pub(crate) async fn ensure_registered(ctx: &SessionContext, cube: &Cube) -> Result<()> {
+    let table = datafusion::common::TableReference::partial(CUBES_SCHEMA, cube.name.as_str());
+    if !ctx.table_exist(table.clone()).unwrap_or(false) {
+        register_cubes(ctx, &CubeSet { cubes: Vec::new() }).await?;
+        ctx.register_table(table, Arc::new(CubeTable::new(ctx, cube).await?))?;
     }
     Ok(())
 }
@@ -171,15 +188,6 @@ impl VisitorMut for Placeholders {
         }
         ControlFlow::Continue(())
     }
-}
-
-/// Registers `cubes.<name>` for one cube unless the session has it already.
-pub(crate) async fn ensure_registered(ctx: &SessionContext, cube: &Cube) -> Result<()> {
-    let table = datafusion::common::TableReference::partial(CUBES_SCHEMA, cube.name.as_str());
-    if !ctx.table_exist(table).unwrap_or(false) {
-        register_cubes(ctx, &CubeSet { cubes: vec![cube.clone()] }).await?;
-    }
-    Ok(())
 }
 
 /// Finds SELECTs over cube tables and rewrites their measure references.
@@ -324,7 +332,7 @@ impl VisitorMut for MeasureRefs<'_> {
 }
 
 /// The SQL expression of a measure over the cube table's columns. A semi-additive measure
-/// sums its last-date column (see [`last_values`]) and is recorded in `semi`.
+/// aggregates its last-date column (see [`last_values`]) and is recorded in `semi`.
 fn measure_expr(cube: &Cube, name: &str, depth: usize, semi: &mut Vec<(String, String)>) -> Result<SqlExpr, QueryError> {
     if depth > 16 {
         return Err(QueryError::new(format!("measure '{name}' of cube '{}' refers to itself", cube.name)));
@@ -454,7 +462,10 @@ fn last_values(select: &mut Select, cube: &Cube, semi: &[(String, String)]) -> R
     };
     let filter = select.selection.take().map(|w| format!(" WHERE {w}")).unwrap_or_default();
     let (mut columns, mut joins) = (Vec::new(), Vec::new());
-    for (measure, dim) in semi {
+    let mut dims: Vec<&String> = semi.iter().map(|(_, d)| d).collect();
+    dims.sort();
+    dims.dedup();
+    for dim in dims {
         let dimension = cube.dimensions.iter().find(|d| d.name == *dim).ok_or_else(|| QueryError::new(format!("cube '{}' has no dimension '{dim}'", cube.name)))?;
         let date = dimension.key_column().ok_or_else(|| QueryError::new(format!("dimension '{dim}' is not joined")))?;
         let own: Vec<String> = (0..dimension.levels.len())
@@ -481,7 +492,10 @@ fn last_values(select: &mut Select, cube: &Cube, semi: &[(String, String)]) -> R
             keys.iter().map(|k| format!("{k}, ")).collect::<String>(),
             if on.is_empty() { "TRUE".to_string() } else { on.join(" AND ") }
         ));
-        columns.push(format!("CASE WHEN {alias}.{date} = {last}.__date THEN {alias}.{} END AS {}", quoted(measure), quoted(&last_value_name(measure))));
+        // One join per dimension, shared by every measure over it.
+        for (measure, _) in semi.iter().filter(|(_, d)| d == dim) {
+            columns.push(format!("CASE WHEN {alias}.{date} = {last}.__date THEN {alias}.{} END AS {}", quoted(measure), quoted(&last_value_name(measure))));
+        }
     }
     let text = format!("SELECT 1 FROM (SELECT {alias}.*, {} FROM {name} AS {alias}{}{filter}) AS {alias}", columns.join(", "), joins.concat());
     let parsed = Parser::parse_sql(&GenericDialect {}, &text).map_err(|e| QueryError::new(format!("internal: the last-value rewrite does not parse ({e}): {text}")))?;

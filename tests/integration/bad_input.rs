@@ -12,7 +12,7 @@ use crmcube::project::Project;
 use crmcube::warehouse::Warehouse;
 use serde::Deserialize;
 
-use crate::common::{block_on, cells, repo, sql};
+use crate::common::{block_on, cells, copy_dir, repo, sql};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +55,9 @@ struct Expect {
     rows: Option<Rows>,
     /// The load fails; its message contains every fragment.
     error: Option<Vec<String>>,
+    /// … and none of these (no noise after the real error).
+    #[serde(default)]
+    not: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,8 +92,8 @@ fn baseline() -> &'static Baseline {
     B.get_or_init(|| {
         let dir = tempfile::Builder::new().prefix("crmcube-badinput").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         crmcube::sample::generate(&crmcube::sample::SampleConfig { customers: 60, years: 1, seed: 5 }, &dir.path().join("exports")).unwrap();
-        copy_tree(&repo().join("transforms"), &dir.path().join("transforms"));
-        copy_tree(&repo().join("cubes"), &dir.path().join("cubes"));
+        copy_dir(&repo().join("transforms"), &dir.path().join("transforms"));
+        copy_dir(&repo().join("cubes"), &dir.path().join("cubes"));
         // Small files: one bad row must not cross a table's reject threshold.
         for entry in std::fs::read_dir(dir.path().join("transforms")).unwrap() {
             let path = entry.unwrap().path();
@@ -105,19 +108,6 @@ fn baseline() -> &'static Baseline {
         let quarantined = report.tables.iter().map(|t| (t.table.clone(), t.quarantined)).collect();
         Baseline { dir, rows, quarantined }
     })
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 fn apply(root: &Path, e: &FileEdit) -> PathBuf {
@@ -167,7 +157,7 @@ fn expand(text: &str) -> String {
 fn run_case(case: &Case) -> Result<(), String> {
     let base = baseline();
     let dir = tempfile::Builder::new().prefix("crmcube-case").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    copy_tree(base.dir.path(), dir.path());
+    copy_dir(base.dir.path(), dir.path());
     let mut last_lines = std::collections::BTreeMap::new();
     for e in &case.edits {
         let path = apply(dir.path(), e);
@@ -191,7 +181,7 @@ fn run_case(case: &Case) -> Result<(), String> {
         Ok(Err(e)) => {
             // The project itself did not open (bad crmcube.yaml): an error, nothing loaded.
             return match &case.expect.error {
-                Some(fragments) => check_message(&e.to_string(), fragments),
+                Some(fragments) => check_message(&e.to_string(), fragments, &case.expect.not),
                 None => Err(format!("the project did not open: {e}")),
             };
         }
@@ -199,7 +189,7 @@ fn run_case(case: &Case) -> Result<(), String> {
     };
     match (&case.expect.error, result) {
         (Some(fragments), Err(e)) => {
-            check_message(&e.to_string(), fragments)?;
+            check_message(&e.to_string(), fragments, &case.expect.not)?;
             if before.id != after.id || before.tables.keys().ne(after.tables.keys()) {
                 return Err(format!("a failed load moved the warehouse from snapshot {} to {}", before.id, after.id));
             }
@@ -272,9 +262,14 @@ fn run_case(case: &Case) -> Result<(), String> {
     }
 }
 
-fn check_message(message: &str, fragments: &[String]) -> Result<(), String> {
+fn check_message(message: &str, fragments: &[String], not: &[String]) -> Result<(), String> {
     let missing: Vec<&String> = fragments.iter().filter(|f| !message.contains(f.as_str())).collect();
-    if missing.is_empty() { Ok(()) } else { Err(format!("the error lacks {missing:?}: {message}")) }
+    let present: Vec<&String> = not.iter().filter(|f| message.contains(f.as_str())).collect();
+    match (missing.is_empty(), present.is_empty()) {
+        (true, true) => Ok(()),
+        (false, _) => Err(format!("the error lacks {missing:?}: {message}")),
+        (true, false) => Err(format!("the error should not say {present:?}: {message}")),
+    }
 }
 
 #[test]

@@ -57,7 +57,7 @@ fn kill_at_every_point(tmp: &Path, night1: &Path, night2: &Path, points: Option<
     let before = state(&night1.join("warehouse"));
     // What an uninterrupted second night produces.
     let reference = tmp.join("reference");
-    copy_dir_all(&night1.join("warehouse"), &reference.join("warehouse"));
+    copy_dir(&night1.join("warehouse"), &reference.join("warehouse"));
     let out = crmcube(night2, &["--warehouse", reference.join("warehouse").to_str().unwrap(), "load"], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (reference_id, reference_tables) = state(&reference.join("warehouse"));
@@ -67,7 +67,7 @@ fn kill_at_every_point(tmp: &Path, night1: &Path, night2: &Path, points: Option<
     let mut point = 1;
     loop {
         let warehouse = tmp.join(format!("killed-{point}"));
-        copy_dir_all(&night1.join("warehouse"), &warehouse);
+        copy_dir(&night1.join("warehouse"), &warehouse);
         let wh = warehouse.to_str().unwrap();
         let out = crmcube(night2, &["--warehouse", wh, "load"], Some(point));
         if out.status.success() {
@@ -135,15 +135,3 @@ fn an_incremental_load_killed_at_any_fault_point_leaves_the_last_good_snapshot()
     assert!(points >= 20, "only {points} fault points");
 }
 
-fn copy_dir_all(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir_all(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}

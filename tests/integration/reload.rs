@@ -294,7 +294,7 @@ fn a_file_that_changes_while_the_load_reads_it_stops_the_load() {
     let (p, w) = (project.clone(), t.warehouse.clone());
     block_on(async move { load(&p, &w).await.unwrap() });
     let pause = t.dir.path().join("paused");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crmcube"))
+    let child = Command::new(env!("CARGO_BIN_EXE_crmcube"))
         .arg("--project")
         .arg(t.dir.path())
         .arg("load")
