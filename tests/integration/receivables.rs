@@ -3,11 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crmcube::cube::CubeSet;
-use crmcube::etl::TransformSet;
 use crmcube::query::CubeQuery;
 
-use crate::common::{ask, cents, loaded, session, sql};
+use crate::common::{ask, cents, session, sql};
 
 fn receivables(measures: &[&str]) -> CubeQuery {
     CubeQuery { cube: "receivables".into(), measures: measures.iter().map(|s| s.to_string()).collect(), ..Default::default() }
@@ -57,9 +55,7 @@ async fn each_month_shows_its_own_month_end_balance() {
 
 #[tokio::test]
 async fn a_balance_through_cube_sql_is_the_year_end_balance_and_joins_are_refused_with_a_hint() {
-    let project = &loaded().test.project;
-    let transforms = TransformSet::load(project).unwrap();
-    let cubes = CubeSet::load(project, &transforms).unwrap();
+    let cubes = crate::common::cubes();
     let ctx = session().await;
     crmcube::query::sql::register_cubes(&ctx, &cubes).await.unwrap();
     let ask_sql = |text: &'static str| {
@@ -85,9 +81,7 @@ async fn a_balance_through_cube_sql_is_the_year_end_balance_and_joins_are_refuse
 /// other cube; asking for the missing one names the missing table.
 #[tokio::test]
 async fn a_cube_whose_tables_are_missing_leaves_the_others_usable() {
-    let project = &loaded().test.project;
-    let transforms = TransformSet::load(project).unwrap();
-    let cubes = CubeSet::load(project, &transforms).unwrap();
+    let cubes = crate::common::cubes();
     let ctx = session().await;
     ctx.deregister_table("receivable_aging").unwrap();
     crmcube::query::sql::register_cubes(&ctx, &cubes).await.unwrap();
