@@ -118,8 +118,8 @@ async fn exec(ctx: &SessionContext, date: chrono::NaiveDate) -> Result<Report> {
         (
             "DSO (days)",
             format!(
-                "WITH {OPEN_INVOICES} SELECT CAST((SELECT sum(open_amount) FROM open_invoices) AS DOUBLE) * 90
-                 / CAST(sum(amount) AS DOUBLE) FROM fact_invoice WHERE invoice_date > {{date}} - INTERVAL '90 days' AND invoice_date <= {{date}}"
+                "WITH {OPEN_INVOICES}, {INVOICED_90D} SELECT CAST((SELECT sum(open_amount) FROM open_invoices) AS DOUBLE) * 90
+                 / CAST(sum(invoiced) AS DOUBLE) FROM invoiced_90d"
             ),
         ),
         ("service level %", "SELECT 100 * CAST(sum(answered_in_time) AS DOUBLE) / CAST(sum(contacts) AS DOUBLE) FROM service_level WHERE month = '{month}'".into()),
@@ -200,12 +200,10 @@ pub async fn lifetime_value_at(ctx: &SessionContext, end: chrono::NaiveDate) -> 
         let c = datafusion::arrow::compute::cast(row.column(i), &datafusion::arrow::datatypes::DataType::Float64)?;
         Ok(c.as_any().downcast_ref::<datafusion::arrow::array::Float64Array>().map(|a| a.value(0)).unwrap_or(f64::NAN))
     };
+    // The unit as the load wrote it, read back with the settings' own names.
     let unit = datafusion::arrow::util::display::array_value_to_string(row.column(9), 0)?;
-    let time_unit = match unit.as_str() {
-        "day" => TimeUnit::Day,
-        "month" => TimeUnit::Month,
-        _ => TimeUnit::Week,
-    };
+    let time_unit: TimeUnit = serde_json::from_value(serde_json::Value::String(unit.clone()))
+        .map_err(|_| crate::error::Error::Internal(format!("clv_model has an unknown time unit '{unit}'")))?;
     let bg = BgNbd { r: number(0)?, alpha: number(1)?, a: number(2)?, b: number(3)?, log_likelihood: f64::NAN };
     let gg = GammaGamma { p: number(4)?, q: number(5)?, v: number(6)?, log_likelihood: f64::NAN };
     let last = latest_date(ctx, "SELECT max(order_date) FROM fact_sales", "orders").await?;

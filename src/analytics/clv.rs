@@ -292,11 +292,10 @@ impl GammaGamma {
 pub fn simulate(n: usize, r: f64, alpha: f64, a: f64, b: f64, t: f64, seed: u64) -> Vec<Customer> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let gamma = gamma_draw;
     (0..n)
         .map(|_| {
-            let lambda = gamma(&mut rng, r, alpha);
-            let (ga, gb) = (gamma(&mut rng, a, 1.0), gamma(&mut rng, b, 1.0));
+            let lambda = gamma_draw(&mut rng, r, alpha);
+            let (ga, gb) = (gamma_draw(&mut rng, a, 1.0), gamma_draw(&mut rng, b, 1.0));
             let p = ga / (ga + gb);
             let (mut now, mut x, mut t_x) = (0.0, 0.0, 0.0);
             loop {

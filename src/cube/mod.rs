@@ -353,26 +353,24 @@ fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagn
         if d.levels.is_empty() {
             errors.push(diag(file, &d.name, dkey.clone(), "a dimension needs at least one level".into(), None));
         }
-        // A hierarchy is one path from coarse to fine: a level may not come back.
-        let mut level_names = BTreeSet::new();
-        for l in &d.levels {
-            if !level_names.insert(l.name.value.clone()) {
-                errors.push(diag(
-                    file,
-                    &l.name,
-                    format!("{dkey} › level '{}'", l.name.value),
-                    format!("level '{}' appears twice: a hierarchy runs once from the coarsest level to the finest, without cycles", l.name.value),
-                    Some("list each level once, coarse to fine".into()),
-                ));
-            }
-        }
         let table = d.table.as_ref().map(|t| t.value.as_str()).unwrap_or(spec.fact.value.as_str());
         if let (Some(k), Some(fk)) = (&d.key, &d.foreign_key) {
             uses(table, k, format!("{dkey} › key"));
             uses(&spec.fact.value, fk, format!("{dkey} › foreign_key"));
         }
+        let mut level_names = BTreeSet::new();
         for l in &d.levels {
             let lkey = format!("{dkey} › level '{}'", l.name.value);
+            // A hierarchy is one path from coarse to fine: a level may not come back.
+            if !level_names.insert(l.name.value.clone()) {
+                errors.push(diag(
+                    file,
+                    &l.name,
+                    lkey.clone(),
+                    format!("level '{}' appears twice: a hierarchy runs once from the coarsest level to the finest, without cycles", l.name.value),
+                    Some("list each level once, coarse to fine".into()),
+                ));
+            }
             uses(table, l.column.as_ref().unwrap_or(&l.name), lkey.clone());
             if let Some(label) = &l.label {
                 uses(table, label, format!("{lkey} › label"));

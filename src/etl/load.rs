@@ -297,9 +297,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     let mut schemas: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let named: BTreeSet<String> = cubes.cubes.iter().flat_map(|c| c.columns.iter().map(|u| u.table.clone())).collect();
     for name in named {
-        if !schemas.contains_key(&name)
-            && let Ok(df) = ctx.table(name.as_str()).await
-        {
+        if let Ok(df) = ctx.table(name.as_str()).await {
             schemas.insert(name, df.schema().fields().iter().map(|f| f.name().clone()).collect());
         }
     }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef};
 use datafusion::prelude::SessionContext;
 
 use crate::analytics::clv::{self, Customer};
@@ -126,7 +126,7 @@ pub async fn clv_tables(ctx: &SessionContext, settings: &clv::Settings) -> Resul
             Arc::new(Int64Array::from(vec![settings.horizon_months as i64])),
             f(settings.horizon()),
             f(settings.monthly_discount),
-            Arc::new(Date32Array::from(vec![settings.observation_end.map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")).num_days() as i32)])),
+            Arc::new(Date32Array::from(vec![settings.observation_end.map(Date32Type::from_naive_date)])),
         ],
     )?;
     let col = |g: &dyn Fn(&Customer) -> f64| -> Arc<dyn Array> { Arc::new(Float64Array::from(customers.iter().map(g).collect::<Vec<_>>())) };

@@ -333,10 +333,9 @@ async fn aggregate(ctx: &SessionContext, b: &Bound<'_>, group_cols: &[String], m
     let rows = ctx.table(datafusion::common::TableReference::partial(sql::CUBES_SCHEMA, b.cube.name.as_str())).await?;
     let mut predicates: Vec<Expr> = b.filters.iter().map(|(l, f)| filter_expr(&rows, l, f)).collect::<Result<_>>()?;
     predicates.extend(exclude);
-    let quoted = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
-    let columns: Vec<String> = group_cols.iter().map(|c| quoted(c)).collect();
-    let outputs: Vec<String> = columns.iter().cloned().chain(measures.iter().map(|m| quoted(m))).collect();
-    let mut text = format!("SELECT {} FROM {}.{}", outputs.join(", "), quoted(sql::CUBES_SCHEMA), quoted(&b.cube.name));
+    let columns: Vec<String> = group_cols.iter().map(|c| sql::quoted(c)).collect();
+    let outputs: Vec<String> = columns.iter().cloned().chain(measures.iter().map(|m| sql::quoted(m))).collect();
+    let mut text = format!("SELECT {} FROM {}.{}", outputs.join(", "), sql::quoted(sql::CUBES_SCHEMA), sql::quoted(&b.cube.name));
     if !predicates.is_empty() {
         let sql_of = |p: &Expr| -> Result<String> { Ok(format!("({})", datafusion::sql::unparser::expr_to_sql(p)?)) };
         text.push_str(&format!(" WHERE {}", predicates.iter().map(sql_of).collect::<Result<Vec<_>>>()?.join(" AND ")));
@@ -582,7 +581,8 @@ pub async fn cube_frame(ctx: &SessionContext, cube: &Cube, wanted: Option<&[Stri
         .collect();
     let b = Bound { cube, group: levels.clone(), filters: Vec::new(), trend: None, year: None, across: None };
     let df = detail_frame(ctx, &b, &levels).await?;
-    let mut select: Vec<Expr> = level_columns(&levels).iter().filter(|c| want(c)).map(|c| col(c.as_str())).collect();
+    let level_cols = level_columns(&levels);
+    let mut select: Vec<Expr> = level_cols.iter().filter(|c| want(c)).map(|c| col(c.as_str())).collect();
     for m in &cube.measures {
         if let MeasureKind::Base { column, .. } = &m.kind
             && want(&m.name)
@@ -590,11 +590,10 @@ pub async fn cube_frame(ctx: &SessionContext, cube: &Cube, wanted: Option<&[Stri
             select.push(col(column.as_str()).alias(m.name.as_str()));
         }
     }
-    let taken = level_columns(&levels);
     for d in cube.semi_additive_dimensions() {
         if let (Some(name), Some(j)) = (d.key_column(), &d.join)
             && want(&name)
-            && !taken.contains(&name)
+            && !level_cols.contains(&name)
         {
             select.push(col(j.foreign_key.as_str()).alias(name));
         }

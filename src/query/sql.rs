@@ -403,7 +403,7 @@ impl VisitorMut for Nested<'_, '_> {
 }
 
 /// A SQL identifier, quoted.
-fn quoted(name: &str) -> String {
+pub(crate) fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -468,17 +468,9 @@ fn last_values(select: &mut Select, cube: &Cube, semi: &[(String, String)]) -> R
     for dim in dims {
         let dimension = cube.dimensions.iter().find(|d| d.name == *dim).ok_or_else(|| QueryError::new(format!("cube '{}' has no dimension '{dim}'", cube.name)))?;
         let date = dimension.key_column().ok_or_else(|| QueryError::new(format!("dimension '{dim}' is not joined")))?;
-        let own: Vec<String> = (0..dimension.levels.len())
-            .flat_map(|index| {
-                let l = crate::cube::LevelRef { dimension, index };
-                let mut names = vec![l.output_name()];
-                if l.level().label.is_some() {
-                    names.push(format!("{}_name", l.output_name()));
-                }
-                names
-            })
-            .chain(std::iter::once(date.clone()))
-            .collect();
+        let levels: Vec<crate::cube::LevelRef<'_>> = (0..dimension.levels.len()).map(|index| crate::cube::LevelRef { dimension, index }).collect();
+        let mut own = super::level_columns(&levels);
+        own.push(date.clone());
         let partition: Vec<String> = group.iter().filter(|g| references_any(g, &own)).map(|g| g.to_string()).collect();
         // The last date per period: a small grouped scan joined back, so the rows stream
         // (a window over every row would hold them all).
