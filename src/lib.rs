@@ -27,6 +27,7 @@
 //! - [`warehouse`]: Delta tables, snapshot manifests, registration in a DataFusion session.
 //! - [`cube`]: cube models (spec → validated model), no DataFusion types.
 //! - [`query`]: cube queries planned as DataFusion DataFrames.
+//! - [`quality`]: `crmcube quality`, the quarantine by table and rule over recent loads.
 //! - [`access`]: row-level access rules from table metadata, bound below SQL per user.
 //! - [`serve`]: the Arrow Flight SQL server for BI tools (users, tokens, snapshots).
 //! - [`cli`]: the `crmcube` commands and output formatting.
@@ -41,6 +42,7 @@ pub mod error;
 pub mod etl;
 pub mod fault;
 pub mod project;
+pub mod quality;
 pub mod query;
 pub mod report;
 pub mod rollup;

@@ -114,6 +114,20 @@ pub enum Command {
     Check,
     /// List the warehouse's snapshots (id, time, rows), oldest first.
     History,
+    /// Data quality: quarantined rows by table and broken rule over the last loads, with samples.
+    Quality {
+        /// How many recent loads (snapshots) to compare.
+        #[arg(long, default_value_t = 7)]
+        loads: usize,
+        /// Only this table's rows.
+        #[arg(long)]
+        table: Option<String>,
+        /// Sample rows shown per table and rule (from the newest snapshot); 0 for none.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Rebuild rollups from the current snapshot (no exports read): those missing or stale
     /// after a cube file changed, or all with --all; commits a new snapshot.
     Refresh {
@@ -517,6 +531,42 @@ pub async fn run(cli: Cli) -> Result<()> {
             match r.snapshot {
                 Some(id) => writeln!(out, "snapshot {id} committed in {:.2} s", r.seconds).map_err(io),
                 None => writeln!(out, "every rollup is current; nothing to do (--all rebuilds them anyway)").map_err(io),
+            }
+        }
+        Command::Quality { loads, table, samples, format } => {
+            let project = project(&cli)?;
+            if cli.as_user.is_some() {
+                // The quarantine holds raw rows of every table: an owner's view, not filtered per user.
+                return Err(crate::error::QueryError::new("quality reads every table's quarantined rows: run it without --as (as the warehouse owner)").into());
+            }
+            let q = crate::quality::quality(&warehouse(&cli, &project), *loads, table.as_deref(), *samples).await?;
+            let io = |e| Error::io("<stdout>", e);
+            match format {
+                Format::Json => {
+                    // One JSON document: {"snapshots": [...], "counts": [...], "samples": [...]}.
+                    let (mut counts, mut samples) = (Vec::new(), Vec::new());
+                    output::write(&mut counts, std::slice::from_ref(&q.counts), Format::Json)?;
+                    output::write(&mut samples, std::slice::from_ref(&q.samples), Format::Json)?;
+                    let doc = serde_json::json!({
+                        "snapshots": q.snapshots,
+                        "counts": serde_json::from_slice::<serde_json::Value>(&counts).map_err(|e| Error::Internal(e.to_string()))?,
+                        "samples": serde_json::from_slice::<serde_json::Value>(&samples).map_err(|e| Error::Internal(e.to_string()))?,
+                    });
+                    writeln!(out, "{doc:#}").map_err(io)
+                }
+                Format::Csv => output::write(&mut out, std::slice::from_ref(&q.counts), Format::Csv),
+                Format::Table => {
+                    writeln!(out, "Quarantined rows by table and rule, snapshots {} (newest last):\n", q.snapshots.iter().map(|s| format!("#{s}")).collect::<Vec<_>>().join(" ")).map_err(io)?;
+                    if q.counts.num_rows() == 0 {
+                        return writeln!(out, "no row quarantined in these loads").map_err(io);
+                    }
+                    output::write(&mut out, std::slice::from_ref(&q.counts), Format::Table)?;
+                    if q.samples.num_rows() > 0 {
+                        writeln!(out, "\nSamples from snapshot #{} (`crmcube sql \"SELECT * FROM quarantine WHERE rule = '…'\"` lists all):\n", q.snapshots.last().unwrap_or(&0)).map_err(io)?;
+                        output::write(&mut out, std::slice::from_ref(&q.samples), Format::Table)?;
+                    }
+                    Ok(())
+                }
             }
         }
         Command::Vacuum { keep } => {

@@ -13,7 +13,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::{JoinType, ScalarValue};
 use datafusion::functions::expr_fn::{btrim, concat, concat_ws, lower, nullif, regexp_like, upper};
 use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::{ExprFunctionExt, SortExpr, case, when};
+use datafusion::logical_expr::{ExprFunctionExt, SortExpr, case};
 use datafusion::prelude::*;
 
 use super::extract::{FILE_COL, LINE_COL, RAW_COL};
@@ -25,6 +25,7 @@ use crate::warehouse::materialize;
 
 const REASON_COL: &str = "_reason";
 const COLUMN_COL: &str = "_column";
+const RULE_COL: &str = "_rule";
 const RN_COL: &str = "_rn";
 
 /// The outcome of cleaning one source table.
@@ -53,6 +54,7 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
         typed.clone().filter(col(REASON_COL).is_not_null())?,
         table,
         col(COLUMN_COL),
+        col(RULE_COL),
         col(REASON_COL),
     )?];
     let mut good = typed.filter(col(REASON_COL).is_null())?;
@@ -68,6 +70,7 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
                 extra,
                 table,
                 lit(spec.key.join(",")),
+                lit("duplicate"),
                 concat(
                     std::iter::once(lit(format!("duplicate key ({}) = ", spec.key.join(","))))
                         .chain(spec.key.iter().map(|k| cast(col(k.as_str()), DataType::Utf8)))
@@ -92,6 +95,7 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
             joined.clone().filter(orphan.clone())?,
             table,
             lit(r.column.as_str()),
+            lit("reference"),
             concat(vec![
                 lit(format!("column '{}': '", r.column)),
                 cast(col(r.column.as_str()), DataType::Utf8),
@@ -147,16 +151,20 @@ fn typed_with_reasons(raw: DataFrame, spec: &SourceTransform) -> Result<DataFram
     let mut errors = Vec::new();
     for c in &spec.columns {
         let parsed = parse(c);
-        errors.push((c.name.clone(), problem(c, parsed.clone())?));
+        let (reason, rule) = problem(c, parsed.clone())?;
+        errors.push((c.name.clone(), reason, rule));
         exprs.push(parsed.alias(c.name.as_str()));
     }
-    let reason = nullif(concat_ws(lit("; "), errors.iter().map(|(_, e)| e.clone()).collect()), lit(""));
-    let mut column = case(lit(true));
-    for (name, e) in &errors {
+    let reason = nullif(concat_ws(lit("; "), errors.iter().map(|(_, e, _)| e.clone()).collect()), lit(""));
+    // The row's column and rule are the first failing column's.
+    let (mut column, mut rule) = (case(lit(true)), case(lit(true)));
+    for (name, e, r) in &errors {
         column = column.when(e.clone().is_not_null(), lit(name.as_str()));
+        rule = rule.when(e.clone().is_not_null(), r.clone());
     }
     exprs.push(reason.alias(REASON_COL));
     exprs.push(column.otherwise(lit(ScalarValue::Utf8(None)))?.alias(COLUMN_COL));
+    exprs.push(rule.otherwise(lit(ScalarValue::Utf8(None)))?.alias(RULE_COL));
     exprs.extend([col(FILE_COL), col(LINE_COL), col(RAW_COL)]);
     Ok(text.select(exprs)?)
 }
@@ -175,34 +183,44 @@ fn parse(c: &Column) -> Expr {
     }
 }
 
-/// A text expression describing what is wrong with the column's value, or NULL.
-fn problem(c: &Column, parsed: Expr) -> Result<Expr> {
+/// What is wrong with the column's value, or NULL: the reason (text naming the value) and the
+/// rule it broke (one word, see [`crate::etl::load::quarantine_schema`]).
+fn problem(c: &Column, parsed: Expr) -> Result<(Expr, Expr)> {
     let text = col(c.name.as_str());
     let prefix = format!("column '{}': ", c.name);
     let found = |what: String| concat(vec![lit(format!("{prefix}{what}, found '")), text.clone(), lit("'")]);
-    let mut rule = when(
+    let mut checks = vec![(
         text.clone().is_null(),
         if c.nullable { lit(ScalarValue::Utf8(None)) } else { lit(format!("{prefix}a value is required but the field is blank")) },
-    );
+        if c.nullable { lit(ScalarValue::Utf8(None)) } else { lit("required") },
+    )];
     let expected = match (c.ty, c.formats.is_empty()) {
         (ColumnType::Date | ColumnType::Timestamp, false) => format!("expected {} in format {}", c.ty.describe(), c.formats.join(" or ")),
         _ => format!("expected {}", c.ty.describe()),
     };
-    rule = rule.when(parsed.clone().is_null(), found(expected));
+    checks.push((parsed.clone().is_null(), found(expected), lit("type")));
     if let Some(min) = c.min {
-        rule = rule.when(parsed.clone().lt(lit(min)), found(format!("expected a value of at least {min}")));
+        checks.push((parsed.clone().lt(lit(min)), found(format!("expected a value of at least {min}")), lit("min")));
     }
     if let Some(max) = c.max {
-        rule = rule.when(parsed.clone().gt(lit(max)), found(format!("expected a value of at most {max}")));
+        checks.push((parsed.clone().gt(lit(max)), found(format!("expected a value of at most {max}")), lit("max")));
     }
     if !c.allowed.is_empty() {
         let allowed: Vec<Expr> = c.allowed.iter().map(|v| lit(v.as_str())).collect();
-        rule = rule.when(parsed.clone().in_list(allowed, true), found(format!("expected one of {}", c.allowed.join(", "))));
+        checks.push((parsed.clone().in_list(allowed, true), found(format!("expected one of {}", c.allowed.join(", "))), lit("allowed")));
     }
     if let Some(p) = &c.pattern {
-        rule = rule.when(regexp_like(parsed, lit(p.as_str()), None).not(), found(format!("expected text matching {p}")));
+        checks.push((regexp_like(parsed, lit(p.as_str()), None).not(), found(format!("expected text matching {p}")), lit("pattern")));
     }
-    Ok(rule.otherwise(lit(ScalarValue::Utf8(None)))?)
+    // The same chain twice: the first failing check gives both the reason and the rule.
+    let chain = |pick: fn(&(Expr, Expr, Expr)) -> Expr| -> Result<Expr> {
+        let mut rule = case(lit(true));
+        for check in &checks {
+            rule = rule.when(check.0.clone(), pick(check));
+        }
+        Ok(rule.otherwise(lit(ScalarValue::Utf8(None)))?)
+    };
+    Ok((chain(|c| c.1.clone())?, chain(|c| c.2.clone())?))
 }
 
 /// Numbers the rows of each key: 1 is the row that wins.
@@ -225,12 +243,13 @@ fn rank_by_key(good: DataFrame, spec: &SourceTransform) -> Result<DataFrame> {
 }
 
 /// Shapes rejected rows as quarantine rows.
-fn quarantine_rows(df: DataFrame, table: &str, column: Expr, reason: Expr) -> Result<DataFrame> {
+fn quarantine_rows(df: DataFrame, table: &str, column: Expr, rule: Expr, reason: Expr) -> Result<DataFrame> {
     Ok(df.select(vec![
         lit(table).alias("table_name"),
         col(FILE_COL).alias("source_file"),
         col(LINE_COL).alias("line"),
         cast(column, DataType::Utf8).alias("column_name"),
+        cast(rule, DataType::Utf8).alias("rule"),
         cast(reason, DataType::Utf8).alias("reason"),
         col(RAW_COL).alias("raw"),
     ])?)

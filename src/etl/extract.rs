@@ -30,6 +30,8 @@ pub struct Reject {
     pub file: String,
     pub line: i64,
     pub column: Option<String>,
+    /// The rule it broke, one word (see [`crate::etl::load::quarantine_schema`]).
+    pub rule: &'static str,
     pub reason: String,
     pub raw: String,
 }
@@ -160,8 +162,8 @@ impl FileRows {
         self.read += other.read;
     }
 
-    fn reject(&mut self, table: &str, file: &str, line: u64, reason: String, raw: String) {
-        self.rejects.push(Reject { table: table.into(), file: file.into(), line: line as i64, column: None, reason, raw });
+    fn reject(&mut self, table: &str, file: &str, line: u64, rule: &'static str, reason: String, raw: String) {
+        self.rejects.push(Reject { table: table.into(), file: file.into(), line: line as i64, column: None, rule, reason, raw });
     }
 }
 
@@ -299,13 +301,14 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
                 if last && cut_off {
                     let reason = "the file ends without a line break, so this last record may be cut off (a truncated export?); \
                                   check the export, or end the file with a line break";
-                    rows.reject(table, shown, line, reason.into(), raw);
+                    rows.reject(table, shown, line, "truncated", reason.into(), raw);
                     continue;
                 }
                 if r.len() != width {
                     // A quote left open makes one record of every line up to the next quote (or
                     // the end of the file): say so, and keep those lines in the quarantine's raw text.
                     let spanned = r.iter().map(|f| f.matches('\n').count()).sum::<usize>();
+                    let rule = if spanned > 0 { "quote" } else { "fields" };
                     let reason = if spanned > 0 {
                         format!(
                             "a quoted field opened on line {line} runs over {} lines: an unterminated quote? (expected {width} fields, found {}); the lines it swallowed are in this record's raw text",
@@ -315,7 +318,7 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
                     } else {
                         format!("expected {width} fields, found {}", r.len())
                     };
-                    rows.reject(table, shown, line, reason, raw);
+                    rows.reject(table, shown, line, rule, reason, raw);
                     continue;
                 }
                 let fields = indices.iter().map(|i| r.get(*i).map(str::to_string)).collect();
@@ -324,7 +327,7 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
             Err(e) => {
                 let line = e.position().map(|p| p.line()).unwrap_or(0);
                 rows.read += 1;
-                rows.reject(table, shown, line, format!("unreadable CSV record: {e}"), String::new());
+                rows.reject(table, shown, line, "unreadable", format!("unreadable CSV record: {e}"), String::new());
             }
         }
     }
@@ -354,7 +357,7 @@ fn read_jsonl(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> R
             }
             Err(e) => {
                 let reason = format!("invalid JSON at character {}: {}", e.column(), e.to_string().split(" at line ").next().unwrap_or_default());
-                rows.reject(table, shown, line_no, reason, line.to_string())
+                rows.reject(table, shown, line_no, "json", reason, line.to_string())
             }
         }
     }

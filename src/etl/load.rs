@@ -113,12 +113,19 @@ impl LoadReport {
 }
 
 /// The columns of the quarantine table.
+///
+/// `rule` names the check a row failed, one word an analyst can group by (`crmcube quality`):
+/// reading the export — `fields` (wrong number of fields), `quote` (a quote left open),
+/// `truncated` (last record without a line break), `unreadable`, `json`; cleaning — `required`,
+/// `type`, `min`, `max`, `allowed`, `pattern` (the first failing column's rule), `duplicate`,
+/// `reference`. Rows quarantined before the column existed read `unclassified`.
 pub fn quarantine_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("table_name", DataType::Utf8, false),
         Field::new("source_file", DataType::Utf8, false),
         Field::new("line", DataType::Int64, false),
         Field::new("column_name", DataType::Utf8, true),
+        Field::new("rule", DataType::Utf8, false),
         Field::new("reason", DataType::Utf8, false),
         Field::new("raw", DataType::Utf8, false),
     ]))
@@ -788,6 +795,18 @@ impl<'a> Run<'a> {
             let kept = self.ctx.table("__previous_quarantine").await?;
             let replaced: Vec<_> = self.requarantined.iter().map(|t| datafusion::prelude::lit(t.as_str())).collect();
             let kept = if replaced.is_empty() { kept } else { kept.filter(datafusion::prelude::col("table_name").in_list(replaced, true))? };
+            // A quarantine written before the `rule` column existed: its rows read `unclassified`.
+            let has_rule = kept.schema().has_column_with_unqualified_name("rule");
+            let kept = kept.select(
+                quarantine_schema()
+                    .fields()
+                    .iter()
+                    .map(|f| match f.name().as_str() {
+                        "rule" if !has_rule => datafusion::prelude::lit("unclassified").alias("rule"),
+                        name => datafusion::prelude::col(name),
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
             rows.extend(kept.collect().await?);
         }
         rows.append(&mut self.quarantine);
@@ -919,6 +938,7 @@ fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch> {
             Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.file.as_str()))),
             Arc::new(Int64Array::from_iter_values(rejects.iter().map(|r| r.line))),
             Arc::new(StringArray::from_iter(rejects.iter().map(|r| r.column.as_deref()))),
+            Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.rule))),
             Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.reason.as_str()))),
             Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.raw.as_str()))),
         ],

@@ -14,6 +14,7 @@ mod incremental;
 mod load_sample;
 mod metadata_errors;
 mod olap_ops;
+mod quality;
 mod query_suite;
 mod receivables;
 mod reload;
