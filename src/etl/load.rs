@@ -97,7 +97,8 @@ impl FilesReport {
         for (path, f) in now {
             match before.get(path) {
                 None => r.new.push(path.clone()),
-                Some(b) if b.sha256 != f.sha256 => r.changed.push(path.clone()),
+                // A database source's rows change every night: that is not a rewritten export.
+                Some(b) if b.sha256 != f.sha256 && !super::postgres::is_ledger_key(path) => r.changed.push(path.clone()),
                 Some(_) => {}
             }
         }
@@ -182,8 +183,27 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
             _ => None,
         })
         .collect();
-    let listed: Vec<Vec<PathBuf>> =
-        sources.iter().map(|(t, s)| extract::list_files(&t.name, s, &project.sources)).collect::<Result<_>>()?;
+    // PostgreSQL sources first become staged CSV files (an incremental one only its rows past
+    // the stored watermark); from here on every source is files.
+    let mut listed: Vec<Vec<PathBuf>> = Vec::new();
+    // Incremental database sources with no row past their watermark tonight: nothing new.
+    let mut nothing_new: BTreeSet<String> = BTreeSet::new();
+    for (t, s) in &sources {
+        listed.push(match &s.source.postgres {
+            Some(pg) => {
+                let watermark = match s.mode {
+                    LoadMode::Incremental => previous.as_ref().and_then(|p| p.tables.get(&t.name)).and_then(|e| e.watermark.as_deref()),
+                    LoadMode::Full => None,
+                };
+                let staged = super::postgres::stage(t, s, pg, watermark, &warehouse.root().join("staging")).await?;
+                if staged.empty && s.mode == LoadMode::Incremental {
+                    nothing_new.insert(t.name.clone());
+                }
+                vec![staged.path]
+            }
+            None => extract::list_files(&t.name, s, &project.sources)?,
+        });
+    }
     // Size and modification time of every export before it is read: compared after reading, a
     // difference means the file changed under the load (the file's own clock, so a writer with
     // another clock does not matter).
@@ -193,9 +213,30 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     };
     let stats_before: Vec<Vec<(u64, Option<std::time::SystemTime>)>> =
         listed.iter().map(|files| files.iter().map(stat).collect::<Result<_>>()).collect::<Result<_>>()?;
-    let surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources)).collect::<Result<_>>()?;
+    let mut surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources)).collect::<Result<_>>()?;
+    // A staged database source is recorded by table, wherever the warehouse lives; an
+    // incremental one with nothing new stands for what the previous snapshot loaded (so it is
+    // kept, and a night without changes writes no snapshot).
+    for ((t, s), files) in sources.iter().zip(surveyed.iter_mut()) {
+        if s.source.postgres.is_some() {
+            let key = super::postgres::ledger_key(&t.name);
+            let before = previous.as_ref().and_then(|p| p.files.get(&key));
+            for f in files.iter_mut() {
+                f.path = key.clone();
+                if let Some(before) = before.filter(|_| nothing_new.contains(&t.name)) {
+                    f.sha256 = before.sha256.clone();
+                }
+            }
+        }
+    }
     let listed_files = listed.clone();
-    let files_now: BTreeMap<String, SourceFile> = surveyed.iter().flatten().map(|f| (f.path.clone(), f.clone())).collect();
+    let mut files_now: BTreeMap<String, SourceFile> = surveyed.iter().flatten().map(|f| (f.path.clone(), f.clone())).collect();
+    for table in &nothing_new {
+        let key = super::postgres::ledger_key(table);
+        if let Some(before) = previous.as_ref().and_then(|p| p.files.get(&key)) {
+            files_now.insert(key, before.clone());
+        }
+    }
     crate::fault::pause("surveyed");
     let mut files_report = FilesReport::compare(&files_now, previous.as_ref());
     for path in &files_report.changed {
@@ -451,10 +492,14 @@ impl<'a> Run<'a> {
     }
 
     fn plan_source(&mut self, t: &Transform, spec: &SourceTransform, files: Vec<PathBuf>, hashes: &[SourceFile]) -> Result<SourcePlan> {
-        let pattern = glob::Pattern::new(&spec.source.path).map_err(|e| DataError::Input {
+        let path = match spec.source.postgres {
+            Some(_) => glob::Pattern::escape(&super::postgres::ledger_key(&t.name)),
+            None => spec.source.path.clone(),
+        };
+        let pattern = glob::Pattern::new(&path).map_err(|e| DataError::Input {
             file: t.file.clone(),
             line: None,
-            message: format!("invalid source path pattern '{}': {e}", spec.source.path),
+            message: format!("invalid source path pattern '{path}': {e}"),
         })?;
         let before: BTreeMap<&str, &str> = self
             .previous

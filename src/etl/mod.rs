@@ -2,7 +2,7 @@
 //!
 //! Data flows through the submodules in this order:
 //! [`spec`] (the YAML as written) → [`validate`] (the resolved [`validate::Transform`] model) →
-//! [`extract`] (files → text batches, unreadable records rejected) → [`clean`] (typed, validated,
+//! [`extract`] (files — or PostgreSQL rows staged as CSV by [`postgres`] — → text batches, unreadable records rejected) → [`clean`] (typed, validated,
 //! de-duplicated, references checked; a DataFusion plan using [`parse`]) → [`load`] (derived
 //! tables by SQL, then one atomic warehouse snapshot). Every rejected row lands in the
 //! `quarantine` table with its file, line, column and reason.
@@ -12,6 +12,7 @@ pub mod extract;
 pub mod load;
 pub mod models;
 pub mod parse;
+pub mod postgres;
 pub mod spec;
 pub mod validate;
 

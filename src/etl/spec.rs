@@ -82,12 +82,19 @@ pub struct AccessSpec {
     pub rows: Spanned<String>,
 }
 
-/// Where an export lives and how it is encoded.
+/// Where an export lives and how it is encoded: files (`path`) or a PostgreSQL table or query
+/// (`postgres`), exactly one of them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSpec {
     /// File name or glob, relative to the project's sources folder.
+    #[serde(default)]
     pub path: String,
+    /// A live PostgreSQL database (see [`crate::etl::postgres`]).
+    #[serde(default)]
+    pub postgres: Option<PostgresSpec>,
+    /// `csv` (default) or `jsonl`.
+    #[serde(default)]
     pub format: SourceFormat,
     #[serde(default)]
     pub encoding: SourceEncoding,
@@ -106,9 +113,25 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// A table or query of a PostgreSQL database, read at each load.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSpec {
+    /// Connection: `postgres://user:password@host:port/database` or `host=… user=… dbname=…`;
+    /// `${NAME}` is replaced by the environment variable NAME (keep passwords out of the YAML).
+    pub url: Spanned<String>,
+    /// A table (or view) to read: `customers`, `crm.customers`.
+    #[serde(default)]
+    pub table: Option<Spanned<String>>,
+    /// A SELECT to read instead of a table.
+    #[serde(default)]
+    pub query: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceFormat {
+    #[default]
     Csv,
     Jsonl,
 }

@@ -240,6 +240,32 @@ fn resolve_source(file: &Path, spec: &TransformSpec, source: &SourceSpec, errors
     if spec.columns.is_empty() {
         errors.push(diag(file, &spec.table, format!("table '{table}' › columns"), "a source needs at least one column".into(), None));
     }
+    let where_key = format!("table '{table}' › source");
+    match &source.postgres {
+        None if source.path.is_empty() => errors.push(diag(
+            file,
+            &spec.table,
+            where_key,
+            "a source needs `path:` (an export file or glob under the sources folder) or `postgres:` (a database table or query)".into(),
+            None,
+        )),
+        None => {}
+        Some(pg) => {
+            if !source.path.is_empty() {
+                errors.push(diag(file, &pg.url, where_key.clone(), "give either `path:` or `postgres:`, not both".into(), None));
+            }
+            if source.format != super::spec::SourceFormat::Csv || source.encoding != super::spec::SourceEncoding::Utf8 || !source.header || source.delimiter != ',' {
+                errors.push(diag(file, &pg.url, where_key.clone(), "`format`, `encoding`, `delimiter` and `header` are for export files; a PostgreSQL source has none of them".into(), Some("remove them from `source:`".into())));
+            }
+            match (&pg.table, &pg.query) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => errors.push(diag(file, &pg.url, format!("{where_key} › postgres"), "give exactly one of `table:` (a table or view) and `query:` (a SELECT)".into(), None)),
+            }
+            if let Err(e) = super::postgres::check_url(&pg.url.value) {
+                errors.push(diag(file, &pg.url, format!("{where_key} › postgres › url"), e, None));
+            }
+        }
+    }
     for c in &spec.columns {
         let name = c.name.value.clone();
         let key = format!("table '{table}' › column '{name}'");

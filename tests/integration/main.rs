@@ -12,6 +12,7 @@ mod customer_value;
 mod flight;
 mod incremental;
 mod load_sample;
+mod postgres;
 mod metadata_errors;
 mod olap_ops;
 mod quality;
