@@ -27,6 +27,7 @@
 //! - [`warehouse`]: Delta tables, snapshot manifests, registration in a DataFusion session.
 //! - [`cube`]: cube models (spec → validated model), no DataFusion types.
 //! - [`query`]: cube queries planned as DataFusion DataFrames.
+//! - [`scan`]: `crmcube scan`, draft transforms from unknown exports.
 //! - [`quality`]: `crmcube quality`, the quarantine by table and rule over recent loads.
 //! - [`access`]: row-level access rules from table metadata, bound below SQL per user.
 //! - [`serve`]: the Arrow Flight SQL server for BI tools (users, tokens, snapshots).
@@ -47,6 +48,7 @@ pub mod query;
 pub mod report;
 pub mod rollup;
 pub mod sample;
+pub mod scan;
 pub mod serve;
 pub mod warehouse;
 

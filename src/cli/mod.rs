@@ -110,6 +110,21 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         chart: Option<PathBuf>,
     },
+    /// Read unknown exports (a file or a folder) and write draft transforms: encoding, format,
+    /// delimiter, header, column types and date formats, key, references.
+    Scan {
+        /// An export file, or a folder of them (.csv, .tsv, .txt, .jsonl, .ndjson).
+        path: PathBuf,
+        /// Folder for the drafts; default: the project's transforms folder.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Print the drafts instead of writing them.
+        #[arg(long)]
+        print: bool,
+        /// Overwrite drafts that exist.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate every transform and cube file.
     Check,
     /// List the warehouse's snapshots (id, time, rows), oldest first.
@@ -474,6 +489,63 @@ pub async fn run(cli: Cli) -> Result<()> {
                 return write_rollup_notes(&mut out, &notes);
             }
             output::write(&mut out, &df.collect().await?, *format)
+        }
+        Command::Scan { path, out: out_dir, print, force } => {
+            // A project is optional: scanning comes before the transforms exist.
+            let project = project(&cli).ok();
+            let sources = match &project {
+                Some(p) => p.sources.clone(),
+                None if path.is_dir() => path.clone(),
+                None => path.parent().map(PathBuf::from).unwrap_or_default(),
+            };
+            let scanned = crate::scan::scan(path, &sources)?;
+            let io = |e| Error::io("<stdout>", e);
+            if *print {
+                for f in &scanned {
+                    writeln!(out, "# ── transforms/{}.yaml\n{}", f.table, crate::scan::draft(f)).map_err(io)?;
+                }
+                return Ok(());
+            }
+            let dir = match (out_dir, &project) {
+                (Some(d), _) => d.clone(),
+                (None, Some(p)) => p.transforms.clone(),
+                (None, None) => {
+                    return Err(crate::error::QueryError::new("no crmcube.yaml here or above: give --out DIR for the drafts (or --print)").into());
+                }
+            };
+            let targets: Vec<PathBuf> = scanned.iter().map(|f| dir.join(format!("{}.yaml", f.table))).collect();
+            let existing: Vec<String> = targets.iter().filter(|t| t.exists()).map(|t| t.display().to_string()).collect();
+            if !existing.is_empty() && !*force {
+                return Err(crate::error::QueryError::new(format!("{} exist(s): scan does not overwrite a transform", existing.join(", ")))
+                    .with_hint(Some("use --force to overwrite, --out DIR to write elsewhere, or --print to see the drafts".into()))
+                    .into());
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            writeln!(out, "{:<28}  {:<22}  {:<6}  {:<5}  {:>5}  {:>9}  {:>7}  {:<22}  references", "file", "table", "format", "enc", "delim", "records", "columns", "key").map_err(io)?;
+            for (f, target) in scanned.iter().zip(&targets) {
+                std::fs::write(target, crate::scan::draft(f)).map_err(|e| Error::io(target, e))?;
+                let delimiter = match (f.jsonl, f.delimiter) {
+                    (true, _) => "-".to_string(),
+                    (false, '\t') => "tab".to_string(),
+                    (false, d) => d.to_string(),
+                };
+                let refs: Vec<String> = f.references.iter().map(|(c, t, k)| format!("{c} → {t}.{k}")).collect();
+                writeln!(
+                    out,
+                    "{:<28}  {:<22}  {:<6}  {:<5}  {:>5}  {:>9}  {:>7}  {:<22}  {}",
+                    f.source_path,
+                    f.table,
+                    if f.jsonl { "jsonl" } else { "csv" },
+                    if f.encoding == crate::etl::spec::SourceEncoding::Gbk { "gbk" } else { "utf8" },
+                    delimiter,
+                    output::group_thousands(&f.rows.to_string()),
+                    f.columns.len(),
+                    if f.key.is_empty() { "-".to_string() } else { f.key.join(",") },
+                    if refs.is_empty() { "-".to_string() } else { refs.join(", ") }
+                )
+                .map_err(io)?;
+            }
+            writeln!(out, "\nwrote {} draft(s) to {}; review them, then `crmcube check`", targets.len(), dir.display()).map_err(io)
         }
         Command::Check => {
             let project = project(&cli)?;

@@ -246,6 +246,9 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
         .flexible(true)
         .from_reader(text.as_bytes());
     let mut records = reader.records().peekable();
+    // Line numbers from byte offsets: the csv crate's own line count lags by one after the
+    // first record in CRLF files (and so does its byte position, which `at` allows for).
+    let mut lines = LineCounter { text: text.as_bytes(), byte: 0, line: 1 };
     // A file cut off mid-write ends without a line break, and its last line may still split
     // into the right number of fields (a number cut short): that record is not trusted.
     let cut_off = !text.is_empty() && !text.ends_with('\n');
@@ -292,7 +295,7 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
         let last = records.peek().is_none();
         match record {
             Ok(r) => {
-                let line = r.position().map(|p| p.line()).unwrap_or(0);
+                let line = r.position().map(|p| lines.at(p.byte())).unwrap_or(0);
                 let raw = r.iter().collect::<Vec<_>>().join(&spec.source.delimiter.to_string());
                 if r.len() == 1 && r.get(0).is_some_and(|f| f.trim().is_empty()) {
                     continue; // a blank line is not a record
@@ -325,13 +328,36 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
                 rows.push(shown, line, raw, fields);
             }
             Err(e) => {
-                let line = e.position().map(|p| p.line()).unwrap_or(0);
+                let line = e.position().map(|p| lines.at(p.byte())).unwrap_or(0);
                 rows.read += 1;
                 rows.reject(table, shown, line, "unreadable", format!("unreadable CSV record: {e}"), String::new());
             }
         }
     }
     Ok(rows)
+}
+
+/// The line of a byte offset, for offsets that only grow.
+struct LineCounter<'a> {
+    text: &'a [u8],
+    byte: usize,
+    line: u64,
+}
+
+impl LineCounter<'_> {
+    fn at(&mut self, byte: u64) -> u64 {
+        let mut byte = (byte as usize).min(self.text.len());
+        // In a CRLF file a record's position is the '\n' ending the line before it (or the
+        // first of the blank lines before it): a record starts after any line ends there.
+        while matches!(self.text.get(byte), Some(b'\n' | b'\r')) {
+            byte += 1;
+        }
+        if byte > self.byte {
+            self.line += self.text[self.byte..byte].iter().filter(|b| **b == b'\n').count() as u64;
+            self.byte = byte;
+        }
+        self.line
+    }
 }
 
 fn read_jsonl(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {

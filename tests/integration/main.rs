@@ -20,3 +20,4 @@ mod query_suite;
 mod receivables;
 mod reload;
 mod rollups;
+mod scan;
