@@ -49,6 +49,8 @@ pub struct ScannedFile {
     /// The file, and its path relative to the sources folder when it is under it.
     pub file: PathBuf,
     pub source_path: String,
+    /// A database table instead of a file: (connection URL for the draft, schema.table).
+    pub database: Option<(String, String)>,
     pub table: String,
     pub encoding: SourceEncoding,
     pub jsonl: bool,
@@ -167,7 +169,7 @@ fn scan_file(file: &Path, sources_dir: &Path) -> Result<(ScannedFile, Records)> 
         .collect();
     let key = find_key(&columns, &by_column);
     let latest_by = find_latest_by(&columns, &by_column, &key);
-    Ok((ScannedFile { file: file.to_path_buf(), source_path, table, encoding, jsonl, delimiter, header, rows: n, columns, key, latest_by, references: Vec::new() }, by_column))
+    Ok((ScannedFile { file: file.to_path_buf(), source_path, database: None, table, encoding, jsonl, delimiter, header, rows: n, columns, key, latest_by, references: Vec::new() }, by_column))
 }
 
 /// Column names and records of a JSON-lines file (keys in first-seen order).
@@ -473,10 +475,17 @@ fn type_name(ty: ColumnType) -> &'static str {
 pub fn draft(f: &ScannedFile) -> String {
     let mut y = String::new();
     let shown = f.file.display();
-    y.push_str(&format!("# Draft written by `crmcube scan` from {shown} ({} records read).\n", f.rows));
+    match &f.database {
+        Some((_, table)) => y.push_str(&format!("# Draft written by `crmcube scan` from the table {table} (types, key and references from the database's catalog).\n")),
+        None => y.push_str(&format!("# Draft written by `crmcube scan` from {shown} ({} records read).\n", f.rows)),
+    }
     y.push_str("# Check the types, the key and the references, add the business rules (min/max, enum,\n# duplicates), then run `crmcube check` and `crmcube load`.\n");
-    y.push_str(&format!("version: 1\ntable: {}\nsource:\n  path: {}\n", f.table, quoted(&f.source_path)));
-    y.push_str(&format!("  format: {}\n", if f.jsonl { "jsonl" } else { "csv" }));
+    if let Some((url, table)) = &f.database {
+        y.push_str(&format!("version: 1\ntable: {}\nsource:\n  postgres:\n    url: {}\n    table: {}\n", f.table, quoted(url), quoted(table)));
+    } else {
+        y.push_str(&format!("version: 1\ntable: {}\nsource:\n  path: {}\n", f.table, quoted(&f.source_path)));
+        y.push_str(&format!("  format: {}\n", if f.jsonl { "jsonl" } else { "csv" }));
+    }
     if f.encoding == SourceEncoding::Gbk {
         y.push_str("  encoding: gbk\n");
     }
@@ -501,7 +510,7 @@ pub fn draft(f: &ScannedFile) -> String {
     y.push_str("columns:\n");
     for c in &f.columns {
         let mut parts = vec![format!("name: {}", c.name)];
-        if c.from != c.name && (f.header || f.jsonl) {
+        if c.from != c.name && (f.header || f.jsonl || f.database.is_some()) {
             parts.push(format!("from: {}", quoted(&c.from)));
         }
         parts.push(format!("type: {}", type_name(c.ty)));
@@ -533,6 +542,139 @@ pub fn draft(f: &ScannedFile) -> String {
         y.push('\n');
     }
     y
+}
+
+/// Scans the tables and views of a PostgreSQL database from its catalog: column types,
+/// nullability, primary keys and single-column foreign keys. The drafts read each table with
+/// `source.postgres` (the URL's password replaced by `${PGPASSWORD}`).
+pub async fn scan_postgres(url: &str) -> Result<Vec<ScannedFile>> {
+    use crate::etl::postgres::{config, redacted};
+    let shown = redacted(url);
+    let failed = |what: &str, e: tokio_postgres::Error| -> Error {
+        Error::io(PathBuf::from(&shown), std::io::Error::other(format!("{what}: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()))))
+    };
+    let cfg = config(url).map_err(|e| DataError::Input { file: PathBuf::from(&shown), line: None, message: e })?;
+    let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| failed("cannot connect", e))?;
+    let connection = tokio::spawn(connection);
+    let rows = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let messages = client.simple_query(sql).await.map_err(|e| failed("cannot read the catalog", e))?;
+            Ok::<_, Error>(
+                messages
+                    .into_iter()
+                    .filter_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect::<Vec<_>>()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let columns = rows(
+        "SELECT c.table_schema, c.table_name, c.column_name, c.data_type, c.numeric_scale, c.is_nullable
+         FROM information_schema.columns c JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+         WHERE t.table_type IN ('BASE TABLE', 'VIEW') AND c.table_schema NOT IN ('pg_catalog', 'information_schema')
+         ORDER BY 1, 2, c.ordinal_position",
+    )
+    .await?;
+    let keys = rows(
+        "SELECT k.table_schema, k.table_name, k.column_name
+         FROM information_schema.table_constraints c JOIN information_schema.key_column_usage k
+           ON k.constraint_schema = c.constraint_schema AND k.constraint_name = c.constraint_name
+         WHERE c.constraint_type = 'PRIMARY KEY' ORDER BY 1, 2, k.ordinal_position",
+    )
+    .await?;
+    let foreign = rows(
+        "SELECT k.table_schema, k.table_name, k.column_name, u.table_schema, u.table_name, u.column_name
+         FROM information_schema.table_constraints c
+         JOIN information_schema.key_column_usage k ON k.constraint_schema = c.constraint_schema AND k.constraint_name = c.constraint_name
+         JOIN information_schema.constraint_column_usage u ON u.constraint_schema = c.constraint_schema AND u.constraint_name = c.constraint_name
+         WHERE c.constraint_type = 'FOREIGN KEY' ORDER BY 1, 2, 3",
+    )
+    .await?;
+    drop(client);
+    let _ = connection.await;
+
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    // (schema, table) in catalog order; a table name found in two schemas keeps its schema.
+    let mut tables: Vec<(String, String)> = Vec::new();
+    for c in &columns {
+        let t = (text(&c[0]), text(&c[1]));
+        if tables.last() != Some(&t) {
+            tables.push(t);
+        }
+    }
+    let name_of = |schema: &str, table: &str| {
+        let twice = tables.iter().filter(|(_, t)| t == table).count() > 1;
+        if twice { snake(&format!("{schema}_{table}")) } else { snake(table) }
+    };
+    let draft_url = draft_url(url);
+    let mut scanned = Vec::new();
+    for (schema, table) in &tables {
+        let mine = |r: &&Vec<Option<String>>| text(&r[0]) == *schema && text(&r[1]) == *table;
+        let cols: Vec<ScannedColumn> = columns
+            .iter()
+            .filter(mine)
+            .map(|c| {
+                let from = text(&c[2]);
+                let scale: Option<u32> = c[4].as_deref().and_then(|s| s.parse().ok());
+                let (ty, formats) = match text(&c[3]).as_str() {
+                    "smallint" | "integer" | "bigint" => (ColumnType::Integer, vec![]),
+                    "numeric" if scale.is_some_and(|s| s <= 6) => (ColumnType::Decimal, vec![]),
+                    "numeric" | "real" | "double precision" => (ColumnType::Float, vec![]),
+                    "boolean" => (ColumnType::Boolean, vec![]),
+                    "date" => (ColumnType::Date, vec!["%Y-%m-%d".to_string()]),
+                    "timestamp without time zone" => (ColumnType::Timestamp, vec!["%Y-%m-%d %H:%M:%S%.f".to_string()]),
+                    _ => (ColumnType::String, vec![]),
+                };
+                ScannedColumn {
+                    name: snake(&from),
+                    from,
+                    ty,
+                    formats,
+                    scale: scale.filter(|s| ty == ColumnType::Decimal && *s != 2),
+                    nullable: text(&c[5]) == "YES",
+                    lower: false,
+                    values: Vec::new(),
+                    misfits: 0,
+                }
+            })
+            .collect();
+        let key = keys.iter().filter(mine).map(|k| snake(&text(&k[2]))).collect();
+        let qualified = format!("{schema}.{table}");
+        let references = foreign
+            .iter()
+            .filter(mine)
+            .filter(|f| tables.iter().any(|(s, t)| *s == text(&f[3]) && *t == text(&f[4])))
+            .map(|f| (snake(&text(&f[2])), name_of(&text(&f[3]), &text(&f[4])), snake(&text(&f[5]))))
+            .collect();
+        scanned.push(ScannedFile {
+            file: PathBuf::from(&qualified),
+            source_path: qualified.clone(),
+            database: Some((draft_url.clone(), qualified)),
+            table: name_of(schema, table),
+            encoding: SourceEncoding::Utf8,
+            jsonl: false,
+            delimiter: ',',
+            header: true,
+            rows: 0,
+            columns: cols,
+            key,
+            latest_by: None,
+            references,
+        });
+    }
+    if scanned.is_empty() {
+        return Err(DataError::Input { file: PathBuf::from(&shown), line: None, message: "the database has no table or view outside the system schemas".into() }.into());
+    }
+    Ok(scanned)
+}
+
+/// The URL a draft names: a password in it becomes `${PGPASSWORD}`, to be set in the environment.
+fn draft_url(url: &str) -> String {
+    let redacted = crate::etl::postgres::redacted(url);
+    redacted.replace(":***@", ":${PGPASSWORD}@").replace("password=***", "password=${PGPASSWORD}")
 }
 
 #[cfg(test)]

@@ -113,7 +113,8 @@ pub enum Command {
     /// Read unknown exports (a file or a folder) and write draft transforms: encoding, format,
     /// delimiter, header, column types and date formats, key, references.
     Scan {
-        /// An export file, or a folder of them (.csv, .tsv, .txt, .jsonl, .ndjson).
+        /// An export file, a folder of them (.csv, .tsv, .txt, .jsonl, .ndjson), or a PostgreSQL
+        /// URL (postgres://user@host:port/db: every table and view, from the catalog).
         path: PathBuf,
         /// Folder for the drafts; default: the project's transforms folder.
         #[arg(long, value_name = "DIR")]
@@ -498,7 +499,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 None if path.is_dir() => path.clone(),
                 None => path.parent().map(PathBuf::from).unwrap_or_default(),
             };
-            let scanned = crate::scan::scan(path, &sources)?;
+            let text = path.to_string_lossy();
+            let scanned = if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+                crate::scan::scan_postgres(&text).await?
+            } else {
+                crate::scan::scan(path, &sources)?
+            };
             let io = |e| Error::io("<stdout>", e);
             if *print {
                 for f in &scanned {
@@ -524,7 +530,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             writeln!(out, "{:<28}  {:<22}  {:<6}  {:<5}  {:>5}  {:>9}  {:>7}  {:<22}  references", "file", "table", "format", "enc", "delim", "records", "columns", "key").map_err(io)?;
             for (f, target) in scanned.iter().zip(&targets) {
                 std::fs::write(target, crate::scan::draft(f)).map_err(|e| Error::io(target, e))?;
-                let delimiter = match (f.jsonl, f.delimiter) {
+                let delimiter = match (f.jsonl || f.database.is_some(), f.delimiter) {
                     (true, _) => "-".to_string(),
                     (false, '\t') => "tab".to_string(),
                     (false, d) => d.to_string(),
@@ -535,10 +541,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                     "{:<28}  {:<22}  {:<6}  {:<5}  {:>5}  {:>9}  {:>7}  {:<22}  {}",
                     f.source_path,
                     f.table,
-                    if f.jsonl { "jsonl" } else { "csv" },
+                    if f.database.is_some() { "pg" } else if f.jsonl { "jsonl" } else { "csv" },
                     if f.encoding == crate::etl::spec::SourceEncoding::Gbk { "gbk" } else { "utf8" },
                     delimiter,
-                    output::group_thousands(&f.rows.to_string()),
+                    if f.database.is_some() { "-".to_string() } else { output::group_thousands(&f.rows.to_string()) },
                     f.columns.len(),
                     if f.key.is_empty() { "-".to_string() } else { f.key.join(",") },
                     if refs.is_empty() { "-".to_string() } else { refs.join(", ") }

@@ -264,6 +264,64 @@ fn a_postgres_source_loads_incrementally_by_watermark_and_matches_the_database()
     assert!(err.contains("orders.yaml") && err.contains("column \"total\" does not exist") && err.contains("SELECT"), "{err}");
 }
 
+#[test]
+fn scanning_a_database_drafts_transforms_that_load_its_tables() {
+    let Some(pg) = Server::start() else { return };
+    pg.sql(
+        "CREATE SCHEMA crm;
+         CREATE TABLE crm.\"Customers\" (\"CustomerID\" text PRIMARY KEY, name text NOT NULL, credit numeric(12,2), since date, active boolean, seen timestamp, score double precision);
+         CREATE TABLE crm.notes (note_id integer PRIMARY KEY, customer_id text NOT NULL REFERENCES crm.\"Customers\", body text, rate numeric(9,4));
+         INSERT INTO crm.\"Customers\" VALUES ('C1', '张伟', 1000.50, '2024-02-29', true, '2026-01-01 09:00:00', 0.25),
+                                            ('C2', 'Ann', NULL, NULL, false, '2026-01-01 09:00:00.123456', NULL);
+         INSERT INTO crm.notes VALUES (1, 'C1', 'called', 1.2345), (2, 'C1', NULL, NULL), (3, 'C2', 'mailed, \"twice\"', 0.5);",
+    );
+    let dir = tempfile::Builder::new().prefix("crmcube-pgscan").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::create_dir_all(dir.path().join("cubes")).unwrap();
+    std::fs::write(dir.path().join("crmcube.yaml"), "version: 1\nname: pgscan\nsources: .\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(dir.path()).args(args).env("PGPASSWORD", "unused").output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let url = format!("postgres://crm:secret@127.0.0.1:{}/postgres", pg.port);
+    let (code, out, err) = run(&["scan", &url]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("customers") && out.contains("notes") && out.contains("customer_id → customers.customer_id"), "{out}");
+    let draft = std::fs::read_to_string(dir.path().join("transforms/customers.yaml")).unwrap();
+    for expected in [
+        "url: \"postgres://crm:${PGPASSWORD}@127.0.0.1",
+        "table: \"crm.Customers\"",
+        "key: [customer_id]",
+        "{ name: customer_id, from: \"CustomerID\", type: string, nullable: false }",
+        "{ name: name, type: string, nullable: false }",
+        "{ name: credit, type: decimal }",
+        "{ name: since, type: date, formats: [\"%Y-%m-%d\"] }",
+        "{ name: active, type: boolean }",
+        "{ name: score, type: float }",
+    ] {
+        assert!(draft.contains(expected), "the draft lacks {expected}:\n{draft}");
+    }
+    assert!(!draft.contains("secret"), "{draft}");
+    let notes = std::fs::read_to_string(dir.path().join("transforms/notes.yaml")).unwrap();
+    assert!(notes.contains("{ column: customer_id, table: customers, key: customer_id }") && notes.contains("scale: 4"), "{notes}");
+
+    let (code, _, err) = run(&["check"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = run(&["load"]);
+    assert_eq!(code, Some(0), "{err}");
+    // The warehouse holds what the database holds, value for value.
+    assert_eq!(
+        warehouse(dir.path(), "SELECT customer_id, name, coalesce(CAST(credit AS VARCHAR), 'NULL') AS c, coalesce(CAST(since AS VARCHAR), 'NULL') AS s, CAST(active AS VARCHAR) AS a, CAST(seen AS VARCHAR) AS t, coalesce(CAST(score AS VARCHAR), 'NULL') AS f FROM customers ORDER BY 1"),
+        pg.sql("SELECT \"CustomerID\", name, coalesce(credit::text, 'NULL'), coalesce(since::text, 'NULL'), CASE WHEN active THEN 'true' ELSE 'false' END, to_char(seen, 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), coalesce(score::text, 'NULL') FROM crm.\"Customers\" ORDER BY 1")
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v.trim_end_matches(".000000").to_string()).collect())
+            .collect::<Vec<Vec<String>>>()
+    );
+    assert_eq!(
+        warehouse(dir.path(), "SELECT CAST(note_id AS VARCHAR) AS id, customer_id, coalesce(body, 'NULL') AS b, coalesce(CAST(rate AS VARCHAR), 'NULL') AS r FROM notes ORDER BY note_id"),
+        pg.sql("SELECT note_id::text, customer_id, coalesce(body, 'NULL'), coalesce(rate::text, 'NULL') FROM crm.notes ORDER BY note_id")
+    );
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
