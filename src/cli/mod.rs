@@ -154,6 +154,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rewrite tables made of many small Parquet files (nightly appends) into fewer large ones,
+    /// as a new snapshot with the same rows; older snapshots stay readable until vacuum.
+    Compact {
+        /// Compact a table from this many files on.
+        #[arg(long, default_value_t = 4)]
+        min_files: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete snapshots older than the newest --keep and the files only they needed.
     Vacuum {
         #[arg(long, default_value_t = 7)]
@@ -645,6 +655,21 @@ pub async fn run(cli: Cli) -> Result<()> {
                     }
                     Ok(())
                 }
+            }
+        }
+        Command::Compact { min_files, json } => {
+            let project = project(&cli)?;
+            let r = warehouse(&cli, &project).compact(*min_files).await?;
+            let io = |e| Error::io("<stdout>", e);
+            if *json {
+                return writeln!(out, "{}", serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?).map_err(io);
+            }
+            for t in &r.tables {
+                writeln!(out, "{:<32} {:>6} → {:<6} files ({})", t.table, t.files_before, t.files_after, t.how).map_err(io)?;
+            }
+            match r.snapshot {
+                Some(id) => writeln!(out, "snapshot {id} committed: {} table(s) compacted, same rows", r.tables.len()).map_err(io),
+                None => writeln!(out, "no table has {min_files} or more files: nothing to compact").map_err(io),
             }
         }
         Command::Vacuum { keep } => {

@@ -324,6 +324,52 @@ impl Warehouse {
         Ok(report)
     }
 
+    /// Rewrites every table of the current snapshot that has at least `min_files` Parquet files
+    /// into fewer, larger ones (nightly appends leave one small file per night) and commits a
+    /// snapshot naming the compacted versions: the same rows, read faster. Older snapshots keep
+    /// their versions and files until `vacuum` drops them. Under the load lock, with a fault
+    /// point after each table: a compaction killed midway leaves the current snapshot as it was.
+    pub async fn compact(&self, min_files: usize) -> Result<CompactReport> {
+        let _lock = self.lock()?;
+        let current = self.current_or_error()?;
+        let mut tables = current.tables.clone();
+        let mut report = CompactReport { snapshot: None, tables: Vec::new() };
+        for (name, entry) in &current.tables {
+            let delta_err = |source| Error::Delta { table: name.to_string(), source };
+            let table = DeltaTableBuilder::from_url(self.table_url(name)?).map_err(delta_err)?.with_version(entry.version).load().await.map_err(delta_err)?;
+            let files_before = table.get_file_uris().map_err(delta_err)?.count();
+            if files_before < min_files.max(2) {
+                continue;
+            }
+            let (version, files_after, how) = if self.latest_version(name).await? == Some(entry.version) {
+                let (table, _) = table.optimize().await.map_err(delta_err)?;
+                let files_after = table.get_file_uris().map_err(delta_err)?.count();
+                (table.version().map(|v| v as u64).unwrap_or(entry.version), files_after, "optimize")
+            } else {
+                // A killed load or compaction wrote a later version: write the snapshot's rows as
+                // the next version instead of building on a version no snapshot names.
+                let metadata = serde_json::to_value(table.snapshot().map_err(delta_err)?.metadata()).map_err(|e| Error::Internal(e.to_string()))?;
+                let partition: Vec<String> = metadata["partitionColumns"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
+                let ctx = self.context()?;
+                let df = ctx.read_table(self.provider(&ctx, name, entry.version).await?)?;
+                let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+                let version = self.write_partitioned(name, schema, df.collect().await?, &partition).await?;
+                let files_after = DeltaTableBuilder::from_url(self.table_url(name)?).map_err(delta_err)?.with_version(version).load().await.map_err(delta_err)?.get_file_uris().map_err(delta_err)?.count();
+                (version, files_after, "rewrite")
+            };
+            if version == entry.version {
+                continue; // nothing to bin-pack (one file per partition already)
+            }
+            tables.insert(name.clone(), TableEntry { version, ..entry.clone() });
+            report.tables.push(CompactedTable { table: name.clone(), files_before, files_after, how });
+            crate::fault::point(&format!("compacted {name}"));
+        }
+        if !report.tables.is_empty() {
+            report.snapshot = Some(self.commit(tables, current.files.clone(), current.rollups.clone())?.id);
+        }
+        Ok(report)
+    }
+
     /// Takes the load lock (`warehouse/LOCK`, holding the owner's pid). A lock left by a process
     /// that no longer runs is taken over with a warning; a live one is an error.
     pub fn lock(&self) -> Result<LoadLock> {
@@ -387,6 +433,24 @@ impl Warehouse {
         let table = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(|source| Error::Delta { table: name.to_string(), source })?;
         Ok(table.version().map(|v| v as u64))
     }
+}
+
+/// What `compact` did to each table it looked at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CompactedTable {
+    pub table: String,
+    pub files_before: usize,
+    pub files_after: usize,
+    /// `optimize` (small files bin-packed into larger ones) or `rewrite` (the snapshot's rows
+    /// written afresh: a later Delta version no snapshot names was in the way).
+    pub how: &'static str,
+}
+
+/// What `compact` did: the snapshot it committed (None when no table needed it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CompactReport {
+    pub snapshot: Option<u64>,
+    pub tables: Vec<CompactedTable>,
 }
 
 /// What `vacuum` removed.

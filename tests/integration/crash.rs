@@ -105,10 +105,63 @@ fn a_load_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
 #[test]
 fn an_incremental_load_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
     let tmp = tempfile::Builder::new().prefix("crmcube-crash-incr").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let night1 = project_with_sources(tmp.path(), 1);
+    let (night1, night2) = incremental_nights(tmp.path());
+    let points = kill_at_every_point(tmp.path(), &night1, &night2, None);
+    assert!(points >= 20, "only {points} fault points");
+}
+
+/// Compaction after two incremental nights (appended tables have two files each), killed at
+/// every fault point: readers keep the last snapshot, the rerun compacts, and the compacted
+/// snapshot has the same rows in every table.
+#[test]
+fn a_compaction_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
+    let tmp = tempfile::Builder::new().prefix("crmcube-crash-compact").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (night1, night2) = incremental_nights(tmp.path());
+    let loaded = night1.join("warehouse");
+    assert!(crmcube(&night1, &["load"], None).status.success());
+    let out = crmcube(&night2, &["--warehouse", loaded.to_str().unwrap(), "load"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before = state(&loaded);
+    let compact = ["compact", "--min-files", "2", "--json"];
+    let mut point = 1;
+    loop {
+        let warehouse = tmp.path().join(format!("compact-{point}"));
+        copy_dir(&loaded, &warehouse);
+        let wh = warehouse.to_str().unwrap();
+        let out = crmcube(&night1, &[&["--warehouse", wh][..], &compact[..]].concat(), Some(point));
+        if out.status.success() {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let tables = report["tables"].as_array().unwrap();
+            assert!(!tables.is_empty(), "{report}");
+            assert!(tables.iter().all(|t| t["files_after"].as_u64() < t["files_before"].as_u64() && t["how"] == "optimize"), "{report}");
+            assert!(tables.iter().any(|t| t["table"] == "order_lines"), "{report}");
+            assert_eq!(point - 1, tables.len() as u32 + 2, "a point after each table and two around the manifest");
+            assert_eq!(state(&warehouse), (before.0 + 1, before.1.clone()), "the compacted snapshot has the same rows");
+            // Compacting again finds nothing to do.
+            let again = crmcube(&night1, &["--warehouse", wh, "compact", "--min-files", "2"], None);
+            assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to compact"), "{}", String::from_utf8_lossy(&again.stdout));
+            return;
+        }
+        assert_eq!(out.status.signal(), Some(9), "point {point}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(state(&warehouse), before, "point {point}: readers still see the last snapshot, unchanged");
+        let out = crmcube(&night1, &[&["--warehouse", wh][..], &compact[..]].concat(), None);
+        assert!(out.status.success(), "point {point}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(state(&warehouse), (before.0 + 1, before.1.clone()), "point {point}: the rerun compacts to the same rows");
+        // The next night's load builds on the compacted snapshot.
+        let out = crmcube(&night2, &["--warehouse", wh, "load", "--json"], None);
+        assert!(out.status.success(), "point {point}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::remove_dir_all(&warehouse).unwrap();
+        point += 1;
+        assert!(point < 40, "compaction never ran through");
+    }
+}
+
+/// Night 1: a sample export loaded with customers, orders and order lines incremental. Night 2:
+/// the same project and exports plus tonight's files (a customer moved, a new order of two lines).
+fn incremental_nights(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let night1 = project_with_sources(tmp, 1);
     crate::common::nightly_transforms(&night1.join("transforms"), true);
-    // Night 2: the same project and exports plus tonight's files.
-    let night2 = tmp.path().join("night-2");
+    let night2 = tmp.join("night-2");
     copy_dir(&night1.join("transforms"), &night2.join("transforms"));
     copy_dir(&night1.join("cubes"), &night2.join("cubes"));
     copy_dir(&night1.join("exports"), &night2.join("exports"));
@@ -131,7 +184,6 @@ fn an_incremental_load_killed_at_any_fault_point_leaves_the_last_good_snapshot()
         "order_id,line_no,product_id,quantity,unit_price,discount_pct\nO9000001,1,P0001,2,10.00,0\nO9000001,2,P0002,1,5.00,0\n",
     )
     .unwrap();
-    let points = kill_at_every_point(tmp.path(), &night1, &night2, None);
-    assert!(points >= 20, "only {points} fault points");
+    (night1, night2)
 }
 
