@@ -187,3 +187,81 @@ fn incremental_nights(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (night1, night2)
 }
 
+
+/// A tmpfs of a given size mounted for one test (root only), unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// None (outside CI) when this process may not mount.
+    fn mount(at: &Path, bytes: u64) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"]).arg(at).output().unwrap();
+        if !out.status.success() {
+            assert!(std::env::var_os("CI").is_none(), "CI must be able to mount a tmpfs (root): {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!("skipping: cannot mount a tmpfs here: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Some(SmallDisk(at.to_path_buf()))
+    }
+
+    fn resize(&self, bytes: u64) {
+        let out = Command::new("mount").args(["-o", &format!("remount,size={bytes}")]).arg(&self.0).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Bytes in use (tmpfs counts whole pages).
+    fn used(&self) -> u64 {
+        let out = Command::new("df").args(["--output=used", "-B1"]).arg(&self.0).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The disk fills during a load, at many different moments (the free space grows by 96 KiB per
+/// try, until the load fits): the load fails with exit 1 naming the cause, readers keep the last
+/// snapshot unchanged, and once there is room the next load equals an uninterrupted one.
+#[test]
+fn a_load_that_fills_the_disk_leaves_the_last_good_snapshot() {
+    let tmp = tempfile::Builder::new().prefix("crmcube-diskfull").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let night1 = project_with_sources(tmp.path(), 1);
+    let night2 = project_with_sources(tmp.path(), 2);
+    assert!(crmcube(&night1, &["load"], None).status.success());
+    let before = state(&night1.join("warehouse"));
+    let reference = tmp.path().join("reference");
+    copy_dir(&night1.join("warehouse"), &reference);
+    assert!(crmcube(&night2, &["--warehouse", reference.to_str().unwrap(), "load"], None).status.success());
+    let expected = state(&reference);
+
+    let mut failures = 0;
+    for attempt in 0.. {
+        let at = tmp.path().join(format!("disk-{attempt}"));
+        let Some(disk) = SmallDisk::mount(&at, 64 << 20) else { return };
+        let warehouse = at.join("warehouse");
+        copy_dir(&night1.join("warehouse"), &warehouse);
+        disk.resize(disk.used() + (attempt + 1) * (96 << 10));
+        let wh = warehouse.to_str().unwrap();
+        let out = crmcube(&night2, &["--warehouse", wh, "load"], None);
+        if out.status.success() {
+            assert_eq!(state(&warehouse), expected);
+            break;
+        }
+        failures += 1;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "attempt {attempt}: a full disk is a failed run: {err}");
+        assert!(err.contains("No space left on device"), "attempt {attempt}: the cause is named: {err}");
+        assert_eq!(state(&warehouse), before, "attempt {attempt}: readers still see snapshot 1, unchanged");
+        assert!(!warehouse.join("LOCK").exists(), "attempt {attempt}: the failed load released its lock");
+        disk.resize(64 << 20);
+        let out = crmcube(&night2, &["--warehouse", wh, "load"], None);
+        assert!(out.status.success(), "attempt {attempt}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(state(&warehouse), expected, "attempt {attempt}: with room again, the load equals an uninterrupted one");
+        assert!(attempt < 40, "the load never fit");
+    }
+    eprintln!("the disk filled during {failures} loads before one fit");
+    assert!(failures >= 5, "the disk filled at only {failures} moments");
+}
