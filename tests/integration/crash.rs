@@ -265,3 +265,31 @@ fn a_load_that_fills_the_disk_leaves_the_last_good_snapshot() {
     eprintln!("the disk filled during {failures} loads before one fit");
     assert!(failures >= 5, "the disk filled at only {failures} moments");
 }
+
+/// `crmcube refresh --all` killed at each of its fault points (one per rollup, two around the
+/// manifest): readers keep the last snapshot, and the rerun rebuilds the same rollup rows.
+#[test]
+fn a_rollup_refresh_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
+    let tmp = tempfile::Builder::new().prefix("crmcube-crash-refresh").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let night1 = project_with_sources(tmp.path(), 1);
+    assert!(crmcube(&night1, &["load"], None).status.success());
+    let loaded = night1.join("warehouse");
+    let before = state(&loaded);
+    let rollups = before.1.keys().filter(|t| t.starts_with("rollup_")).count() as u32;
+    for point in 1..=rollups + 3 {
+        let warehouse = tmp.path().join(format!("refresh-{point}"));
+        copy_dir(&loaded, &warehouse);
+        let wh = warehouse.to_str().unwrap();
+        let out = crmcube(&night1, &["--warehouse", wh, "refresh", "--all"], Some(point));
+        if point == rollups + 3 {
+            assert!(out.status.success(), "the refresh has {} fault points: {}", rollups + 2, String::from_utf8_lossy(&out.stderr));
+        } else {
+            assert_eq!(out.status.signal(), Some(9), "point {point}: {}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(state(&warehouse), before, "point {point}: readers still see the last snapshot, unchanged");
+            let out = crmcube(&night1, &["--warehouse", wh, "refresh", "--all"], None);
+            assert!(out.status.success(), "point {point}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert_eq!(state(&warehouse), (before.0 + 1, before.1.clone()), "point {point}: the rebuilt rollups have the same rows");
+        std::fs::remove_dir_all(&warehouse).unwrap();
+    }
+}
