@@ -33,6 +33,7 @@
 //! - [`serve`]: the Arrow Flight SQL server for BI tools (users, tokens, snapshots).
 //! - [`cli`]: the `crmcube` commands and output formatting.
 //! - [`error`]: error kinds shared by all of the above, mapped to exit codes.
+//! - [`fuzzing`]: the fuzz targets' entry points (also replayed over the corpora by the tests).
 //! - [`fault`]: fault points where crash tests kill a load.
 
 pub mod access;
@@ -42,6 +43,7 @@ pub mod cube;
 pub mod error;
 pub mod etl;
 pub mod fault;
+pub mod fuzzing;
 pub mod project;
 pub mod quality;
 pub mod query;

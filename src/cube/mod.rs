@@ -311,7 +311,7 @@ impl CubeSet {
 }
 
 /// Resolves one cube file, appending problems to `errors`.
-fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagnostic>) -> Cube {
+pub(crate) fn resolve(file: &Path, spec: &CubeSpec, tables: &[&str], errors: &mut Vec<Diagnostic>) -> Cube {
     let cube = spec.cube.value.clone();
     check_version(file, spec.version, errors);
     let check_table = |errors: &mut Vec<Diagnostic>, at: &Spanned<String>, key: String| {

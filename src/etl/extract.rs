@@ -225,12 +225,22 @@ fn first_bad_gbk_byte(bytes: &[u8]) -> usize {
 
 fn read_file(table: &str, spec: &SourceTransform, path: &Path, shown: &str) -> Result<FileRows> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = decode(&bytes, spec.source.encoding, Path::new(shown))?;
-    let rows = match spec.source.format {
+    read_bytes(table, spec, &bytes, shown)
+}
+
+fn read_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) -> Result<FileRows> {
+    let text = decode(bytes, spec.source.encoding, Path::new(shown))?;
+    match spec.source.format {
         SourceFormat::Csv => read_csv(table, spec, &text, shown),
         SourceFormat::Jsonl => read_jsonl(table, spec, &text, shown),
-    }?;
-    Ok(rows)
+    }
+}
+
+/// [`extract_files`] for one export held in memory (the fuzz targets feed it bytes).
+pub fn extract_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) -> Result<Extracted> {
+    let rows = read_bytes(table, spec, bytes, shown)?;
+    let batch = to_batch(spec, rows.values, rows.files, rows.lines, rows.raws)?;
+    Ok(Extracted { batch, rejects: rows.rejects, read: rows.read })
 }
 
 fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {

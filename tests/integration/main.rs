@@ -10,6 +10,7 @@ mod crash;
 mod cube_queries;
 mod customer_value;
 mod flight;
+mod fuzz_corpus;
 mod incremental;
 mod load_sample;
 mod postgres;
