@@ -343,12 +343,18 @@ pub fn main() -> i32 {
             return 1;
         }
     };
+    let fix = match cli.command {
+        Command::Load { .. } | Command::Demo | Command::Refresh { .. } | Command::Compact { .. } => {
+            "raise --memory-limit MIB: a load needs room to sort and join its largest table"
+        }
+        _ => "raise --memory-limit MIB, or narrow the query",
+    };
     match runtime.block_on(run(cli)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
             if e.is_out_of_memory() {
-                eprintln!("hint: the work did not fit in the memory limit; raise --memory-limit MIB, or narrow the query");
+                eprintln!("hint: the work did not fit in the memory limit; {fix}");
             }
             e.kind().exit_code()
         }

@@ -64,3 +64,14 @@ fn a_query_over_the_memory_limit_fails_with_a_hint_not_a_kill() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.lines().count() == 2, "{out}");
 }
+
+#[test]
+fn a_load_over_the_memory_limit_fails_with_a_hint_and_commits_nothing() {
+    let t = crate::common::test_project();
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(["--memory-limit", "4", "load"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Resources exhausted") && err.contains("a load needs room to sort and join"), "{err}");
+    assert!(t.warehouse.current().unwrap().is_none(), "nothing was committed");
+    assert!(!t.warehouse.root().join("LOCK").exists(), "the lock is released");
+}
