@@ -89,10 +89,13 @@ fn warehouse_session() -> &'static datafusion::prelude::SessionContext {
         std::fs::create_dir_all(&dir).expect("a temporary folder");
         let sample = crate::sample::SampleConfig { customers: 300, years: 1, seed: 3 };
         crate::sample::generate(&sample, &dir.join("exports")).expect("the sample generates");
-        for sub in ["transforms", "cubes"] {
-            copy_dir(&repo().join(sub), &dir.join(sub));
-        }
-        std::fs::write(dir.join("crmcube.yaml"), "version: 1\nname: fuzz\nsources: exports\n").expect("crmcube.yaml");
+        // The repository's transforms and cubes, read where they are.
+        let yaml = format!(
+            "version: 1\nname: fuzz\nsources: exports\ntransforms: {}\ncubes: {}\n",
+            repo().join("transforms").display(),
+            repo().join("cubes").display()
+        );
+        std::fs::write(dir.join("crmcube.yaml"), yaml).expect("crmcube.yaml");
         let project = Project::open(&dir).expect("a project");
         let warehouse = crate::warehouse::Warehouse::new(project.warehouse.clone());
         runtime().block_on(async {
@@ -102,18 +105,6 @@ fn warehouse_session() -> &'static datafusion::prelude::SessionContext {
             ctx
         })
     })
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("a folder");
-    for entry in std::fs::read_dir(from).expect("a folder").flatten() {
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("a copy");
-        }
-    }
 }
 
 /// The cube query parser and compiler: the bytes as a query file (YAML keys of

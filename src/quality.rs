@@ -46,9 +46,10 @@ pub async fn quality(warehouse: &Warehouse, loads: usize, table: Option<&str>, s
     if let Some(t) = table
         && !recent.iter().any(|s| s.tables.contains_key(t))
     {
-        let names: Vec<&str> = newest.tables.keys().map(String::as_str).filter(|n| *n != QUARANTINE_TABLE).collect();
-        let hint = crate::error::nearest(t, names.iter().copied()).map(|n| format!(" (did you mean '{n}'?)")).unwrap_or_default();
-        return Err(QueryError::new(format!("--table {t}: no such table in the last {} snapshot(s){hint}", recent.len())).into());
+        let names = newest.tables.keys().map(String::as_str).filter(|n| *n != QUARANTINE_TABLE);
+        return Err(QueryError::new(format!("--table {t}: no such table in the last {} snapshot(s)", recent.len()))
+            .with_hint(Some(crate::error::valid_names_hint("tables", t, names)))
+            .into());
     }
 
     let ctx = warehouse.context()?;
@@ -57,9 +58,7 @@ pub async fn quality(warehouse: &Warehouse, loads: usize, table: Option<&str>, s
         let Some(entry) = s.tables.get(QUARANTINE_TABLE) else { continue };
         let name = format!("__quarantine_{}", s.id);
         ctx.register_table(name.as_str(), warehouse.provider(&ctx, QUARANTINE_TABLE, entry.version).await?)?;
-        // Quarantines written before the `rule` column existed read `unclassified`.
-        let has_rule = ctx.table(name.as_str()).await?.schema().has_column_with_unqualified_name("rule");
-        let rule = if has_rule { "rule" } else { "'unclassified'" };
+        let rule = rule_column(&ctx, &name).await?;
         let rows = ctx
             .sql(&format!("SELECT table_name, {rule} AS rule, count(*) AS n FROM {name} {} GROUP BY 1, 2", where_table(table)))
             .await?
@@ -100,7 +99,7 @@ pub async fn quality(warehouse: &Warehouse, loads: usize, table: Option<&str>, s
 /// Up to `n` rows of each (table, rule) of one snapshot's quarantine, in file and line order.
 async fn sample_rows(ctx: &SessionContext, snapshot: u64, table: Option<&str>, n: usize) -> Result<RecordBatch> {
     let name = format!("__quarantine_{snapshot}");
-    let rule = if ctx.table(name.as_str()).await?.schema().has_column_with_unqualified_name("rule") { "rule" } else { "'unclassified'" };
+    let rule = rule_column(ctx, &name).await?;
     let batches = ctx
         .sql(&format!(
             "SELECT table_name, rule, source_file, line, column_name, reason FROM (
@@ -119,8 +118,14 @@ async fn sample_rows(ctx: &SessionContext, snapshot: u64, table: Option<&str>, n
         let columns = b.columns().iter().zip(schema.fields()).map(|(c, f)| cast(c, f.data_type())).collect::<std::result::Result<Vec<_>, _>>()?;
         typed.push(RecordBatch::try_new(schema.clone(), columns)?);
     }
-    let batches = typed;
-    Ok(datafusion::arrow::compute::concat_batches(&schema, &batches)?)
+    Ok(datafusion::arrow::compute::concat_batches(&schema, &typed)?)
+}
+
+/// The SQL for a registered quarantine's rule: the column, or `'unclassified'` for a quarantine
+/// written before the column existed.
+async fn rule_column(ctx: &SessionContext, name: &str) -> Result<&'static str> {
+    let has_rule = ctx.table(name).await?.schema().has_column_with_unqualified_name("rule");
+    Ok(if has_rule { "rule" } else { "'unclassified'" })
 }
 
 fn sample_schema() -> Schema {

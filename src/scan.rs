@@ -548,11 +548,9 @@ pub fn draft(f: &ScannedFile) -> String {
 /// nullability, primary keys and single-column foreign keys. The drafts read each table with
 /// `source.postgres` (the URL's password replaced by `${PGPASSWORD}`).
 pub async fn scan_postgres(url: &str) -> Result<Vec<ScannedFile>> {
-    use crate::etl::postgres::{config, redacted};
+    use crate::etl::postgres::{config, describe, redacted};
     let shown = redacted(url);
-    let failed = |what: &str, e: tokio_postgres::Error| -> Error {
-        Error::io(PathBuf::from(&shown), std::io::Error::other(format!("{what}: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()))))
-    };
+    let failed = |what: &str, e: tokio_postgres::Error| -> Error { Error::io(PathBuf::from(&shown), std::io::Error::other(format!("{what}: {}", describe(&e)))) };
     let cfg = config(url).map_err(|e| DataError::Input { file: PathBuf::from(&shown), line: None, message: e })?;
     let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| failed("cannot connect", e))?;
     let connection = tokio::spawn(connection);

@@ -169,7 +169,7 @@ pub async fn stage(t: &Transform, spec: &SourceTransform, pg: &PostgresSpec, wat
 
 /// A driver error as a person reads it: the server's message with its detail and hint, or the
 /// connection failure with its cause.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut text = db.message().to_string();
         if let Some(detail) = db.detail() {
