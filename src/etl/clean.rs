@@ -50,13 +50,12 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
     // Materialise once: both the good and the rejected side read it.
     let typed = materialize(ctx, typed).await?;
 
-    let mut rejected = vec![quarantine_rows(
-        typed.clone().filter(col(REASON_COL).is_not_null())?,
-        table,
-        col(COLUMN_COL),
-        col(RULE_COL),
-        col(REASON_COL),
-    )?];
+    // Each step's rejected rows are collected at once (they are few), so the step's rows can be
+    // dropped as soon as the next step has its own.
+    let mut rejected_rows =
+        quarantine_rows(typed.clone().filter(col(REASON_COL).is_not_null())?, table, col(COLUMN_COL), col(RULE_COL), col(REASON_COL))?
+            .collect()
+            .await?;
     let mut good = typed.filter(col(REASON_COL).is_null())?;
     let mut duplicates = 0u64;
 
@@ -66,18 +65,22 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
         match &spec.latest_by {
             // Superseded rows are resolved duplicates: counted, not quarantined.
             Some(_) => duplicates = extra.count().await? as u64,
-            None => rejected.push(quarantine_rows(
-                extra,
-                table,
-                lit(spec.key.join(",")),
-                lit("duplicate"),
-                concat(
-                    std::iter::once(lit(format!("duplicate key ({}) = ", spec.key.join(","))))
-                        .chain(spec.key.iter().map(|k| cast(col(k.as_str()), DataType::Utf8)))
-                        .chain(std::iter::once(lit("; the first row in file order was kept")))
-                        .collect(),
-                ),
-            )?),
+            None => rejected_rows.extend(
+                quarantine_rows(
+                    extra,
+                    table,
+                    lit(spec.key.join(",")),
+                    lit("duplicate"),
+                    concat(
+                        std::iter::once(lit(format!("duplicate key ({}) = ", spec.key.join(","))))
+                            .chain(spec.key.iter().map(|k| cast(col(k.as_str()), DataType::Utf8)))
+                            .chain(std::iter::once(lit("; the first row in file order was kept")))
+                            .collect(),
+                    ),
+                )?
+                .collect()
+                .await?,
+            ),
         }
         good = ranked.filter(col(RN_COL).eq(lit(1u64)))?;
     }
@@ -91,17 +94,21 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
         let joined = good.join(parent, JoinType::Left, &[r.column.as_str()], &["_ref_key"], None)?;
         let joined = materialize(ctx, joined).await?;
         let orphan = col(r.column.as_str()).is_not_null().and(col("_ref_key").is_null());
-        rejected.push(quarantine_rows(
-            joined.clone().filter(orphan.clone())?,
-            table,
-            lit(r.column.as_str()),
-            lit("reference"),
-            concat(vec![
-                lit(format!("column '{}': '", r.column)),
-                cast(col(r.column.as_str()), DataType::Utf8),
-                lit(format!("' not found in {}.{}", r.table, r.key)),
-            ]),
-        )?);
+        rejected_rows.extend(
+            quarantine_rows(
+                joined.clone().filter(orphan.clone())?,
+                table,
+                lit(r.column.as_str()),
+                lit("reference"),
+                concat(vec![
+                    lit(format!("column '{}': '", r.column)),
+                    cast(col(r.column.as_str()), DataType::Utf8),
+                    lit(format!("' not found in {}.{}", r.table, r.key)),
+                ]),
+            )?
+            .collect()
+            .await?,
+        );
         good = joined.filter(orphan.not())?.drop_columns(&["_ref_key"])?;
     }
 
@@ -109,10 +116,6 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
     let good = good.select(select)?;
     let schema: SchemaRef = Arc::new(good.schema().as_arrow().clone());
     let rows = good.collect().await?;
-    let mut rejected_rows = Vec::new();
-    for r in rejected {
-        rejected_rows.extend(r.collect().await?);
-    }
     Ok(Cleaned {
         schema,
         loaded: count_rows(&rows),
@@ -246,7 +249,7 @@ fn rank_by_key(good: DataFrame, spec: &SourceTransform) -> Result<DataFrame> {
 fn quarantine_rows(df: DataFrame, table: &str, column: Expr, rule: Expr, reason: Expr) -> Result<DataFrame> {
     Ok(df.select(vec![
         lit(table).alias("table_name"),
-        col(FILE_COL).alias("source_file"),
+        cast(col(FILE_COL), DataType::Utf8).alias("source_file"),
         col(LINE_COL).alias("line"),
         cast(column, DataType::Utf8).alias("column_name"),
         cast(rule, DataType::Utf8).alias("rule"),

@@ -6,10 +6,13 @@
 //! even be split (ragged CSV rows, invalid JSON) are rejected here with their reason. Several
 //! files of one source, and several sources, are read in parallel with rayon.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{ArrayRef, DictionaryArray, Int32Array, Int64Array, RecordBatch, StringArray, StringBuilder};
+use datafusion::arrow::datatypes::Int32Type;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rayon::prelude::*;
 
@@ -93,77 +96,72 @@ pub fn extract_files(table: &str, spec: &SourceTransform, files: &[PathBuf], dis
             read_file(table, spec, f, &shown)
         })
         .collect::<Result<_>>()?;
-    let mut all = FileRows::new(spec.columns.len());
-    for p in parts {
-        all.append(p);
+    let schema = raw_schema(spec);
+    let (mut batches, mut rejects, mut read) = (Vec::with_capacity(parts.len()), Vec::new(), 0);
+    for mut p in parts {
+        read += p.read;
+        rejects.append(&mut p.rejects);
+        batches.push(p.finish(&schema)?);
     }
-    let batch = to_batch(spec, all.values, all.files, all.lines, all.raws)?;
-    Ok(Extracted { batch, rejects: all.rejects, read: all.read })
+    // One file (the usual export) is its batch as built; several are copied into one.
+    let batch = match batches.len() {
+        1 => batches.pop().expect("one batch"),
+        _ => datafusion::arrow::compute::concat_batches(&schema, &batches)?,
+    };
+    Ok(Extracted { batch, rejects, read })
 }
 
-/// The schema of an extracted batch.
+/// The schema of an extracted batch. `_file` is dictionary-encoded: every row of a file names
+/// the same path.
 pub fn raw_schema(spec: &SourceTransform) -> SchemaRef {
     let mut fields: Vec<Field> = spec.columns.iter().map(|c| Field::new(&c.name, DataType::Utf8, true)).collect();
-    fields.push(Field::new(FILE_COL, DataType::Utf8, false));
+    fields.push(Field::new(FILE_COL, DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)), false));
     fields.push(Field::new(LINE_COL, DataType::Int64, false));
     fields.push(Field::new(RAW_COL, DataType::Utf8, false));
     Arc::new(Schema::new(fields))
 }
 
-fn to_batch(
-    spec: &SourceTransform,
-    values: Vec<Vec<Option<String>>>,
-    files: Vec<String>,
-    lines: Vec<i64>,
-    raws: Vec<String>,
-) -> Result<RecordBatch> {
-    let schema = raw_schema(spec);
-    let mut columns: Vec<ArrayRef> =
-        values.iter().map(|v| Arc::new(StringArray::from_iter(v.iter().map(|x| x.as_deref()))) as ArrayRef).collect();
-    columns.push(Arc::new(StringArray::from_iter_values(files)));
-    columns.push(Arc::new(Int64Array::from(lines)));
-    columns.push(Arc::new(StringArray::from_iter_values(raws)));
-    Ok(RecordBatch::try_new(schema, columns)?)
-}
-
-/// Column-major text of the records of one or more files.
-#[derive(Default)]
+/// The text of the records of one file, column by column in Arrow builders (no string per
+/// field: the values of a column share one buffer).
 struct FileRows {
-    values: Vec<Vec<Option<String>>>,
-    files: Vec<String>,
+    file: String,
+    values: Vec<StringBuilder>,
     lines: Vec<i64>,
-    raws: Vec<String>,
+    raws: StringBuilder,
     rejects: Vec<Reject>,
     read: u64,
 }
 
 impl FileRows {
-    fn new(ncols: usize) -> Self {
-        Self { values: vec![Vec::new(); ncols], ..Default::default() }
+    fn new(ncols: usize, file: &str) -> Self {
+        Self {
+            file: file.to_string(),
+            values: (0..ncols).map(|_| StringBuilder::new()).collect(),
+            lines: Vec::new(),
+            raws: StringBuilder::new(),
+            rejects: Vec::new(),
+            read: 0,
+        }
     }
 
-    fn push(&mut self, file: &str, line: u64, raw: String, fields: Vec<Option<String>>) {
-        for (i, v) in fields.into_iter().enumerate() {
-            self.values[i].push(v);
-        }
-        self.files.push(file.to_string());
+    /// Ends a record whose fields and raw text were appended to the builders.
+    fn push_line(&mut self, line: u64) {
         self.lines.push(line as i64);
-        self.raws.push(raw);
     }
 
-    fn append(&mut self, other: FileRows) {
-        for (mine, theirs) in self.values.iter_mut().zip(other.values) {
-            mine.extend(theirs);
-        }
-        self.files.extend(other.files);
-        self.lines.extend(other.lines);
-        self.raws.extend(other.raws);
-        self.rejects.extend(other.rejects);
-        self.read += other.read;
+    fn reject(&mut self, table: &str, line: u64, rule: &'static str, reason: String, raw: String) {
+        self.rejects.push(Reject { table: table.into(), file: self.file.clone(), line: line as i64, column: None, rule, reason, raw });
     }
 
-    fn reject(&mut self, table: &str, file: &str, line: u64, rule: &'static str, reason: String, raw: String) {
-        self.rejects.push(Reject { table: table.into(), file: file.into(), line: line as i64, column: None, rule, reason, raw });
+    fn finish(mut self, schema: &SchemaRef) -> Result<RecordBatch> {
+        let rows = self.lines.len();
+        let mut columns: Vec<ArrayRef> = self.values.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef).collect();
+        let keys = Int32Array::from(vec![0; rows]);
+        let paths: ArrayRef = Arc::new(StringArray::from(vec![self.file.as_str()]));
+        columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(keys, paths)?));
+        columns.push(Arc::new(Int64Array::from(std::mem::take(&mut self.lines))));
+        columns.push(Arc::new(self.raws.finish()));
+        Ok(RecordBatch::try_new(schema.clone(), columns)?)
     }
 }
 
@@ -172,7 +170,7 @@ impl FileRows {
 /// A file declared GBK whose non-ASCII text is all valid UTF-8 (at least a few characters of it)
 /// is a UTF-8 export with the wrong declaration: decoding it as GBK would load garbled names
 /// without any error, so it fails with the fix instead.
-pub fn decode(bytes: &[u8], encoding: SourceEncoding, file: &Path) -> Result<String> {
+pub fn decode<'a>(bytes: &'a [u8], encoding: SourceEncoding, file: &Path) -> Result<Cow<'a, str>> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
     if encoding == SourceEncoding::Gbk
         && let Ok(text) = std::str::from_utf8(bytes)
@@ -188,11 +186,8 @@ pub fn decode(bytes: &[u8], encoding: SourceEncoding, file: &Path) -> Result<Str
         .into());
     }
     let decoded = match encoding {
-        SourceEncoding::Utf8 => std::str::from_utf8(bytes).map(str::to_string).map_err(|e| e.valid_up_to()),
-        SourceEncoding::Gbk => encoding_rs::GBK
-            .decode_without_bom_handling_and_without_replacement(bytes)
-            .map(|c| c.into_owned())
-            .ok_or_else(|| first_bad_gbk_byte(bytes)),
+        SourceEncoding::Utf8 => std::str::from_utf8(bytes).map(Cow::Borrowed).map_err(|e| e.valid_up_to()),
+        SourceEncoding::Gbk => encoding_rs::GBK.decode_without_bom_handling_and_without_replacement(bytes).ok_or_else(|| first_bad_gbk_byte(bytes)),
     };
     decoded.map_err(|offset| {
         let line = bytes[..offset].iter().filter(|b| **b == b'\n').count() as u64 + 1;
@@ -238,13 +233,13 @@ fn read_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) ->
 
 /// [`extract_files`] for one export held in memory (the fuzz targets feed it bytes).
 pub fn extract_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) -> Result<Extracted> {
-    let rows = read_bytes(table, spec, bytes, shown)?;
-    let batch = to_batch(spec, rows.values, rows.files, rows.lines, rows.raws)?;
-    Ok(Extracted { batch, rejects: rows.rejects, read: rows.read })
+    let mut rows = read_bytes(table, spec, bytes, shown)?;
+    let (rejects, read) = (std::mem::take(&mut rows.rejects), rows.read);
+    Ok(Extracted { batch: rows.finish(&raw_schema(spec))?, rejects, read })
 }
 
 fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {
-    let mut rows = FileRows::new(spec.columns.len());
+    let mut rows = FileRows::new(spec.columns.len(), shown);
     let delimiter = u8::try_from(spec.source.delimiter).map_err(|_| DataError::Input {
         file: shown.into(),
         line: None,
@@ -255,7 +250,9 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
         .has_headers(false)
         .flexible(true)
         .from_reader(text.as_bytes());
-    let mut records = reader.records().peekable();
+    // Two records, reused: the one being handled and the next, read ahead to know which is last.
+    let (mut record, mut ahead) = (csv::StringRecord::new(), csv::StringRecord::new());
+    let mut next = read_record(&mut reader, &mut record);
     // Line numbers from byte offsets: the csv crate's own line count lags by one after the
     // first record in CRLF files (and so does its byte position, which `at` allows for).
     let mut lines = LineCounter { text: text.as_bytes(), byte: 0, line: 1 };
@@ -264,14 +261,15 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
     let cut_off = !text.is_empty() && !text.ends_with('\n');
     // Map each declared column to its field index.
     let (indices, width): (Vec<usize>, usize) = if spec.source.header {
-        let header = match records.next() {
-            Some(Ok(h)) => h,
-            Some(Err(e)) => {
+        match next {
+            Next::Record => {}
+            Next::Error(e) => {
                 return Err(DataError::Input { file: shown.into(), line: Some(1), message: format!("unreadable header: {e}") }.into());
             }
-            None => return Ok(rows),
-        };
-        let names: Vec<String> = header.iter().map(|h| h.trim().to_string()).collect();
+            Next::End => return Ok(rows),
+        }
+        let names: Vec<String> = record.iter().map(|h| h.trim().to_string()).collect();
+        next = read_record(&mut reader, &mut record);
         let mut indices = Vec::new();
         let mut missing = Vec::new();
         for c in &spec.columns {
@@ -301,12 +299,24 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
     } else {
         ((0..spec.columns.len()).collect(), spec.columns.len())
     };
-    while let Some(record) = records.next() {
-        let last = records.peek().is_none();
-        match record {
-            Ok(r) => {
+    let joined = |r: &csv::StringRecord| r.iter().collect::<Vec<_>>().join(&spec.source.delimiter.to_string());
+    loop {
+        let current = std::mem::replace(&mut next, Next::End);
+        match current {
+            Next::End => break,
+            Next::Error(e) => {
+                next = read_record(&mut reader, &mut record);
+                let line = e.position().map(|p| lines.at(p.byte())).unwrap_or(0);
+                rows.read += 1;
+                rows.reject(table, line, "unreadable", format!("unreadable CSV record: {e}"), String::new());
+            }
+            Next::Record => {
+                next = read_record(&mut reader, &mut ahead);
+                std::mem::swap(&mut record, &mut ahead);
+                // `ahead` now holds the record handled here; `record` the next one, if any.
+                let r = &ahead;
+                let last = matches!(next, Next::End);
                 let line = r.position().map(|p| lines.at(p.byte())).unwrap_or(0);
-                let raw = r.iter().collect::<Vec<_>>().join(&spec.source.delimiter.to_string());
                 if r.len() == 1 && r.get(0).is_some_and(|f| f.trim().is_empty()) {
                     continue; // a blank line is not a record
                 }
@@ -314,7 +324,7 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
                 if last && cut_off {
                     let reason = "the file ends without a line break, so this last record may be cut off (a truncated export?); \
                                   check the export, or end the file with a line break";
-                    rows.reject(table, shown, line, "truncated", reason.into(), raw);
+                    rows.reject(table, line, "truncated", reason.into(), joined(r));
                     continue;
                 }
                 if r.len() != width {
@@ -331,20 +341,39 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
                     } else {
                         format!("expected {width} fields, found {}", r.len())
                     };
-                    rows.reject(table, shown, line, rule, reason, raw);
+                    rows.reject(table, line, rule, reason, joined(r));
                     continue;
                 }
-                let fields = indices.iter().map(|i| r.get(*i).map(str::to_string)).collect();
-                rows.push(shown, line, raw, fields);
-            }
-            Err(e) => {
-                let line = e.position().map(|p| lines.at(p.byte())).unwrap_or(0);
-                rows.read += 1;
-                rows.reject(table, shown, line, "unreadable", format!("unreadable CSV record: {e}"), String::new());
+                for (builder, i) in rows.values.iter_mut().zip(&indices) {
+                    builder.append_option(r.get(*i));
+                }
+                for (i, field) in r.iter().enumerate() {
+                    if i > 0 {
+                        rows.raws.write_char(spec.source.delimiter).map_err(|_| Error::Internal("writing a raw record failed".into()))?;
+                    }
+                    rows.raws.write_str(field).map_err(|_| Error::Internal("writing a raw record failed".into()))?;
+                }
+                rows.raws.append_value("");
+                rows.push_line(line);
             }
         }
     }
     Ok(rows)
+}
+
+/// What reading the next CSV record gave.
+enum Next {
+    Record,
+    Error(csv::Error),
+    End,
+}
+
+fn read_record(reader: &mut csv::Reader<&[u8]>, record: &mut csv::StringRecord) -> Next {
+    match reader.read_record(record) {
+        Ok(true) => Next::Record,
+        Ok(false) => Next::End,
+        Err(e) => Next::Error(e),
+    }
 }
 
 /// The line of a byte offset, for offsets that only grow.
@@ -371,7 +400,7 @@ impl LineCounter<'_> {
 }
 
 fn read_jsonl(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {
-    let mut rows = FileRows::new(spec.columns.len());
+    let mut rows = FileRows::new(spec.columns.len(), shown);
     for (i, line) in text.lines().enumerate() {
         let line_no = i as u64 + 1;
         if line.trim().is_empty() {
@@ -380,20 +409,19 @@ fn read_jsonl(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> R
         rows.read += 1;
         match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line) {
             Ok(obj) => {
-                let fields = spec
-                    .columns
-                    .iter()
-                    .map(|c| match obj.get(&c.from) {
-                        None | Some(serde_json::Value::Null) => None,
-                        Some(serde_json::Value::String(s)) => Some(s.clone()),
-                        Some(other) => Some(other.to_string()),
-                    })
-                    .collect();
-                rows.push(shown, line_no, line.to_string(), fields);
+                for (builder, c) in rows.values.iter_mut().zip(&spec.columns) {
+                    match obj.get(&c.from) {
+                        None | Some(serde_json::Value::Null) => builder.append_null(),
+                        Some(serde_json::Value::String(s)) => builder.append_value(s),
+                        Some(other) => builder.append_value(other.to_string()),
+                    }
+                }
+                rows.raws.append_value(line);
+                rows.push_line(line_no);
             }
             Err(e) => {
                 let reason = format!("invalid JSON at character {}: {}", e.column(), e.to_string().split(" at line ").next().unwrap_or_default());
-                rows.reject(table, shown, line_no, "json", reason, line.to_string())
+                rows.reject(table, line_no, "json", reason, line.to_string())
             }
         }
     }

@@ -614,7 +614,9 @@ impl<'a> Run<'a> {
     /// Registers a table's rows (after this load) under its name.
     fn register(&self, name: &str, schema: &SchemaRef, rows: &[RecordBatch]) -> Result<()> {
         self.ctx.deregister_table(name)?;
-        self.ctx.register_batch(name, datafusion::arrow::compute::concat_batches(schema, rows)?)?;
+        // The batches themselves (shared, not copied): the output written at commit holds them too.
+        let table = datafusion::datasource::MemTable::try_new(schema.clone(), vec![rows.to_vec()])?;
+        self.ctx.register_table(name, Arc::new(table))?;
         Ok(())
     }
 
