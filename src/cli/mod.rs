@@ -345,7 +345,7 @@ pub fn main() -> i32 {
     };
     let fix = match cli.command {
         Command::Load { .. } | Command::Demo | Command::Refresh { .. } | Command::Compact { .. } => {
-            "raise --memory-limit MIB: a load needs room to sort and join its largest table"
+            "raise --memory-limit MIB: a load needs room to hold its largest exports' text and to sort and join its largest table"
         }
         _ => "raise --memory-limit MIB, or narrow the query",
     };

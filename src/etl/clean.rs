@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::{JoinType, ScalarValue};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::functions::expr_fn::{btrim, concat, concat_ws, lower, nullif, regexp_like, upper};
+use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{ExprFunctionExt, SortExpr, case};
 use datafusion::prelude::*;
@@ -21,7 +23,6 @@ use super::parse::{date_expr, decimal_expr, timestamp_expr};
 use super::spec::{Case, ColumnType};
 use super::validate::{Column, SourceTransform};
 use crate::error::Result;
-use crate::warehouse::materialize;
 
 const REASON_COL: &str = "_reason";
 const COLUMN_COL: &str = "_column";
@@ -47,8 +48,11 @@ pub struct Cleaned {
 /// Referenced tables must already be registered in `ctx` under their warehouse names.
 pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, raw: RecordBatch) -> Result<Cleaned> {
     let typed = typed_with_reasons(ctx.read_batch(raw)?, spec)?;
+    // Each step's rows are materialised, and counted in the session's memory pool while the
+    // next step is computed from them (two steps' rows at a time at most).
+    let mut working = Working::new(ctx, table);
     // Materialise once: both the good and the rejected side read it.
-    let typed = materialize(ctx, typed).await?;
+    let typed = working.materialize(typed).await?;
 
     // Each step's rejected rows are collected at once (they are few), so the step's rows can be
     // dropped as soon as the next step has its own.
@@ -59,8 +63,10 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
     let mut good = typed.filter(col(REASON_COL).is_null())?;
     let mut duplicates = 0u64;
 
-    if !spec.key.is_empty() {
-        let ranked = materialize(ctx, rank_by_key(good, spec)?).await?;
+    // Ranking sorts every row by key; most exports have no repeated key at all, which a grouped
+    // count finds much faster (and then there is nothing to rank).
+    if !spec.key.is_empty() && has_repeated_key(good.clone(), spec).await? {
+        let ranked = working.materialize(rank_by_key(good, spec)?).await?;
         let extra = ranked.clone().filter(col(RN_COL).gt(lit(1u64)))?;
         match &spec.latest_by {
             // Superseded rows are resolved duplicates: counted, not quarantined.
@@ -92,7 +98,7 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
             .select(vec![col(r.key.as_str()).alias("_ref_key")])?
             .distinct()?;
         let joined = good.join(parent, JoinType::Left, &[r.column.as_str()], &["_ref_key"], None)?;
-        let joined = materialize(ctx, joined).await?;
+        let joined = working.materialize(joined).await?;
         let orphan = col(r.column.as_str()).is_not_null().and(col("_ref_key").is_null());
         rejected_rows.extend(
             quarantine_rows(
@@ -124,6 +130,42 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
         rejected: rejected_rows,
         duplicates,
     })
+}
+
+/// The materialised steps of one cleaning plan, in the session's memory pool.
+struct Working<'a> {
+    ctx: &'a SessionContext,
+    table: &'a str,
+    reservation: MemoryReservation,
+    /// Bytes of the latest step (the one before it is released when the next is made).
+    last: usize,
+}
+
+impl<'a> Working<'a> {
+    fn new(ctx: &'a SessionContext, table: &'a str) -> Self {
+        let reservation = MemoryConsumer::new(format!("load: cleaning table '{table}'")).register(&ctx.runtime_env().memory_pool);
+        Self { ctx, table, reservation, last: 0 }
+    }
+
+    async fn materialize(&mut self, df: DataFrame) -> Result<DataFrame> {
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let batches = df.collect().await?;
+        let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+        let (table, before) = (self.table, self.reservation.size());
+        self.reservation.try_grow(bytes).map_err(|e| e.context(format!("cleaning table '{table}' ({} MiB of rows)", bytes >> 20)))?;
+        // Held now: the previous step (still read by this one's plan) and this one; the steps
+        // before them are no longer read.
+        let previous = std::mem::replace(&mut self.last, bytes);
+        self.reservation.shrink(before.saturating_sub(previous));
+        Ok(self.ctx.read_batches(with_schema(schema, batches))?)
+    }
+}
+
+fn with_schema(schema: SchemaRef, mut batches: Vec<RecordBatch>) -> Vec<RecordBatch> {
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    batches
 }
 
 pub fn count_rows(batches: &[RecordBatch]) -> u64 {
@@ -224,6 +266,13 @@ fn problem(c: &Column, parsed: Expr) -> Result<(Expr, Expr)> {
         Ok(rule.otherwise(lit(ScalarValue::Utf8(None)))?)
     };
     Ok((chain(|c| c.1.clone())?, chain(|c| c.2.clone())?))
+}
+
+/// Whether two rows share a key (NULLs counting as equal, as the ranking's partitions do).
+async fn has_repeated_key(good: DataFrame, spec: &SourceTransform) -> Result<bool> {
+    let keys: Vec<Expr> = spec.key.iter().map(|k| col(k.as_str())).collect();
+    let repeated = good.aggregate(keys, vec![count(lit(1)).alias("_n")])?.filter(col("_n").gt(lit(1i64)))?.limit(0, Some(1))?;
+    Ok(count_rows(&repeated.collect().await?) > 0)
 }
 
 /// Numbers the rows of each key: 1 is the row that wins.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, DictionaryArray, Int32Array, Int64Array, RecordBatch, StringArray, StringBuilder};
 use datafusion::arrow::datatypes::Int32Type;
+use datafusion::execution::memory_pool::MemoryReservation;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rayon::prelude::*;
 
@@ -47,6 +48,15 @@ pub struct Extracted {
     pub rejects: Vec<Reject>,
     /// Records read, including rejected ones (header lines excluded).
     pub read: u64,
+    /// The batch's memory in the load's pool (see [`Self::with_reservation`]).
+    _memory: Option<MemoryReservation>,
+}
+
+impl Extracted {
+    /// Counts the batch against a memory pool for as long as it is held.
+    pub fn with_reservation(self, reservation: MemoryReservation) -> Self {
+        Self { _memory: Some(reservation), ..self }
+    }
 }
 
 /// Every file matching the source's glob under `sources_dir`, sorted; an error when none does.
@@ -108,7 +118,7 @@ pub fn extract_files(table: &str, spec: &SourceTransform, files: &[PathBuf], dis
         1 => batches.pop().expect("one batch"),
         _ => datafusion::arrow::compute::concat_batches(&schema, &batches)?,
     };
-    Ok(Extracted { batch, rejects, read })
+    Ok(Extracted { batch, rejects, read, _memory: None })
 }
 
 /// The schema of an extracted batch. `_file` is dictionary-encoded: every row of a file names
@@ -235,7 +245,7 @@ fn read_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) ->
 pub fn extract_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) -> Result<Extracted> {
     let mut rows = read_bytes(table, spec, bytes, shown)?;
     let (rejects, read) = (std::mem::take(&mut rows.rejects), rows.read);
-    Ok(Extracted { batch: rows.finish(&raw_schema(spec))?, rejects, read })
+    Ok(Extracted { batch: rows.finish(&raw_schema(spec))?, rejects, read, _memory: None })
 }
 
 fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {

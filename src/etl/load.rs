@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use datafusion::prelude::SessionContext;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -263,13 +264,15 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     files_report.gone.retain(|path| run.full_patterns.iter().any(|p| p.matches(path)));
     // Extract the files to read, every source in parallel (decoding and splitting is CPU work
     // outside DataFusion).
-    let extracted: Vec<Option<Extracted>> = sources
+    let pool = ctx.runtime_env().memory_pool.clone();
+    let extracted: Vec<Option<(Extracted, MemoryReservation)>> = sources
         .par_iter()
         .zip(plans.par_iter())
         .map(|((t, s), plan)| match plan {
             SourcePlan::Keep => Ok(None),
             SourcePlan::Full(files) | SourcePlan::Incremental(files) => {
-                extract::extract_files(&t.name, s, files, &project.root).map(Some)
+                let reservation = reserve_extraction(&pool, &t.name, s, files)?;
+                extract::extract_files(&t.name, s, files, &project.root).map(|ex| Some((ex, reservation)))
             }
         })
         .collect::<Result<_>>()?;
@@ -298,6 +301,17 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
             }
         }
     }
+    // What the extracted text holds, not what reading it took at its peak.
+    let extracted: Vec<Option<Extracted>> = extracted
+        .into_iter()
+        .map(|e| {
+            e.map(|(ex, reservation)| {
+                reservation.resize(ex.batch.get_array_memory_size());
+                // Released when the source's cleaning is done with the text.
+                ex.with_reservation(reservation)
+            })
+        })
+        .collect();
     let mut extracted = extracted.into_iter();
     let mut plans = plans.into_iter();
     for t in &set.transforms {
@@ -379,11 +393,13 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     let mut entries = std::mem::take(&mut run.entries);
     for out in std::mem::take(&mut run.outputs) {
         let n = count_rows(&out.rows);
+        let bytes: usize = out.rows.iter().map(RecordBatch::get_array_memory_size).sum();
         let version = if out.append {
             warehouse.append_table(&out.name, out.schema, out.rows).await?
         } else {
             warehouse.write_partitioned(&out.name, out.schema, out.rows, &out.partition).await?
         };
+        run.held.shrink(bytes.min(run.held.size()));
         crate::fault::point(&format!("wrote {}", out.name));
         tracing::info!(table = %out.name, version, rows = n, "written");
         entries.insert(out.name, TableEntry { version, rows: out.total_rows, spec: out.spec, watermark: out.watermark });
@@ -431,6 +447,9 @@ struct Run<'a> {
     /// Kept tables: the previous snapshot's entries.
     entries: BTreeMap<String, TableEntry>,
     outputs: Vec<Output>,
+    /// The memory of `outputs`, in the session's pool: under `--memory-limit` a load holding
+    /// more than the limit fails with a clear error instead of growing until the OS kills it.
+    held: MemoryReservation,
     reports: Vec<TableReport>,
     /// This load's quarantine rows, and the tables whose earlier quarantine rows they replace.
     quarantine: Vec<RecordBatch>,
@@ -450,11 +469,20 @@ impl<'a> Run<'a> {
             done: BTreeSet::new(),
             entries: BTreeMap::new(),
             outputs: Vec::new(),
+            held: MemoryConsumer::new("load: tables held until the commit").register(&ctx.runtime_env().memory_pool),
             reports: Vec::new(),
             quarantine: Vec::new(),
             requarantined: BTreeSet::new(),
             full_patterns: Vec::new(),
         }
+    }
+
+    /// Keeps a table to write at the commit, its memory counted against the limit.
+    fn hold(&mut self, out: Output) -> Result<()> {
+        let bytes: usize = out.rows.iter().map(RecordBatch::get_array_memory_size).sum();
+        self.held.try_grow(bytes).map_err(|e| e.context(format!("holding table '{}' ({} MiB) until the commit", out.name, bytes >> 20)))?;
+        self.outputs.push(out);
+        Ok(())
     }
 
     fn previous_entry(&self, table: &str) -> Option<&'a TableEntry> {
@@ -606,7 +634,7 @@ impl<'a> Run<'a> {
         tracing::info!(table = %t.name, read = report.read, loaded = report.loaded, updated = report.updated, quarantined, duplicates = report.duplicates, "cleaned");
         self.changed.insert(t.name.clone());
         self.done.insert(t.name.clone());
-        self.outputs.push(Output { spec: fingerprint, ..output });
+        self.hold(Output { spec: fingerprint, ..output })?;
         self.reports.push(report);
         Ok(())
     }
@@ -757,7 +785,7 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(t.name.clone());
         self.done.insert(t.name.clone());
-        self.outputs.push(Output { name: t.name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None });
+        self.hold(Output { name: t.name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None })?;
         Ok(())
     }
 
@@ -801,7 +829,7 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(name.clone());
         self.done.insert(name.clone());
-        self.outputs.push(Output { name: name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None });
+        self.hold(Output { name: name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None })?;
         Ok(())
     }
 
@@ -826,7 +854,7 @@ impl<'a> Run<'a> {
             let millis = table_started.elapsed().as_millis() as u64;
             self.reports.push(TableReport { table: name.clone(), kind: "model", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
             self.changed.insert(name.clone());
-            self.outputs.push(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint.clone()), watermark: None });
+            self.hold(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint.clone()), watermark: None })?;
         }
         Ok(())
     }
@@ -848,7 +876,7 @@ impl<'a> Run<'a> {
         self.reports.push(TableReport { table: rollup.table.clone(), kind: "rollup", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
         self.changed.insert(rollup.table.clone());
         let partition = rollup.partition_column(cube).into_iter().collect();
-        self.outputs.push(Output { name: rollup.table.clone(), schema, rows, total_rows: n, append: false, partition, spec: None, watermark: None });
+        self.hold(Output { name: rollup.table.clone(), schema, rows, total_rows: n, append: false, partition, spec: None, watermark: None })?;
         Ok(())
     }
 
@@ -876,7 +904,7 @@ impl<'a> Run<'a> {
         }
         rows.append(&mut self.quarantine);
         let n = count_rows(&rows);
-        self.outputs.push(Output { name: QUARANTINE_TABLE.into(), schema: quarantine_schema(), rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None });
+        self.hold(Output { name: QUARANTINE_TABLE.into(), schema: quarantine_schema(), rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None })?;
         Ok(())
     }
 
@@ -1008,4 +1036,21 @@ fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch> {
             Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.raw.as_str()))),
         ],
     )?)
+}
+
+/// Reserves, before a source's files are read, the memory extracting them takes at its peak: the
+/// file's bytes, the columns built from its text and the raw text of every record (about three
+/// times the files' size; four for GBK, decoded into a copy).
+fn reserve_extraction(pool: &Arc<dyn MemoryPool>, table: &str, spec: &SourceTransform, files: &[PathBuf]) -> Result<MemoryReservation> {
+    let bytes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).map_err(|e| Error::io(f, e))).sum::<Result<u64>>()?;
+    let factor = match spec.source.encoding {
+        super::spec::SourceEncoding::Utf8 => 3,
+        super::spec::SourceEncoding::Gbk => 4,
+    };
+    let need = usize::try_from(bytes.saturating_mul(factor)).unwrap_or(usize::MAX);
+    let reservation = MemoryConsumer::new(format!("load: extracting table '{table}'")).register(pool);
+    reservation
+        .try_grow(need)
+        .map_err(|e| e.context(format!("extracting table '{table}' ({} MiB of export files) needs about {} MiB", bytes >> 20, need >> 20)))?;
+    Ok(reservation)
 }

@@ -71,7 +71,29 @@ fn a_load_over_the_memory_limit_fails_with_a_hint_and_commits_nothing() {
     let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(["--memory-limit", "4", "load"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("Resources exhausted") && err.contains("a load needs room to sort and join"), "{err}");
+    assert!(err.contains("Resources exhausted") && err.contains("a load needs room to hold its largest exports' text"), "{err}");
     assert!(t.warehouse.current().unwrap().is_none(), "nothing was committed");
     assert!(!t.warehouse.root().join("LOCK").exists(), "the lock is released");
+}
+
+#[test]
+fn a_load_counts_the_exports_it_reads_and_the_tables_it_holds_against_the_memory_limit() {
+    // The sample's exports are 12 MB; reading them takes about three times that, outside any
+    // DataFusion operator. Under a 16 MiB limit the load says so before reading them.
+    let t = crate::common::test_project();
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(["--memory-limit", "16", "load"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("extracting table '") && err.contains("MiB of export files") && err.contains("Resources exhausted"), "{err}");
+    assert!(err.contains("raise --memory-limit"), "{err}");
+    assert!(t.warehouse.current().unwrap().is_none(), "nothing was committed");
+    assert!(!t.warehouse.root().join("LOCK").exists(), "the lock is released");
+
+    // Within a limit the load fits in, it commits the same tables as a load without one.
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(["--memory-limit", "512", "load"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let bounded = t.warehouse.current().unwrap().expect("a snapshot");
+    let unbounded = loaded().test.warehouse.current().unwrap().expect("a snapshot");
+    let rows = |s: &crmcube::warehouse::Snapshot| s.tables.iter().map(|(n, e)| (n.clone(), e.rows)).collect::<Vec<_>>();
+    assert_eq!(rows(&bounded), rows(&unbounded));
 }
