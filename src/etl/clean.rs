@@ -150,9 +150,9 @@ impl<'a> Working<'a> {
     async fn materialize(&mut self, df: DataFrame) -> Result<DataFrame> {
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
-        let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+        let bytes = crate::warehouse::memory_size(&batches);
         let (table, before) = (self.table, self.reservation.size());
-        self.reservation.try_grow(bytes).map_err(|e| e.context(format!("cleaning table '{table}' ({} MiB of rows)", bytes >> 20)))?;
+        self.reservation.try_grow(bytes).map_err(|e| e.context(format!("cleaning table '{table}' ({} of rows)", super::load::mib(bytes))))?;
         // Held now: the previous step (still read by this one's plan) and this one; the steps
         // before them are no longer read.
         let previous = std::mem::replace(&mut self.last, bytes);

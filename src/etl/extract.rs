@@ -89,9 +89,8 @@ pub fn survey(files: &[PathBuf], sources_dir: &Path) -> Result<Vec<SourceFile>> 
     files
         .par_iter()
         .map(|f| {
-            let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
             let key = f.strip_prefix(sources_dir).unwrap_or(f).to_string_lossy().to_string();
-            Ok(SourceFile::of(key, &bytes))
+            std::fs::File::open(f).and_then(|file| SourceFile::read(key, file)).map_err(|e| Error::io(f, e))
         })
         .collect()
 }

@@ -13,7 +13,6 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use datafusion::prelude::SessionContext;
-use rayon::prelude::*;
 use serde::Serialize;
 
 use std::path::PathBuf;
@@ -264,61 +263,44 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     files_report.gone.retain(|path| run.full_patterns.iter().any(|p| p.matches(path)));
     // Extract the files to read, every source in parallel (decoding and splitting is CPU work
     // outside DataFusion).
+    // Each source is extracted one ahead of its cleaning: the next source's files are read and
+    // split (CPU work outside DataFusion, on a blocking thread) while this one is cleaned, so the
+    // text of two sources at most is held at once.
     let pool = ctx.runtime_env().memory_pool.clone();
-    let extracted: Vec<Option<(Extracted, MemoryReservation)>> = sources
-        .par_iter()
-        .zip(plans.par_iter())
-        .map(|((t, s), plan)| match plan {
-            SourcePlan::Keep => Ok(None),
-            SourcePlan::Full(files) | SourcePlan::Incremental(files) => {
-                let reservation = reserve_extraction(&pool, &t.name, s, files)?;
-                extract::extract_files(&t.name, s, files, &project.root).map(|ex| Some((ex, reservation)))
-            }
-        })
-        .collect::<Result<_>>()?;
-    for ((t, _), e) in sources.iter().zip(&extracted) {
-        if e.is_some() {
-            crate::fault::point(&format!("extracted {}", t.name));
-        }
-    }
-    // An export rewritten while this load read it (still being written, or replaced) would
-    // load rows of two versions, and the ledger would name a checksum it did not read: stop.
-    for ((files, hashes), before) in listed_files.iter().zip(&surveyed).zip(&stats_before) {
-        for ((path, surveyed), (bytes_before, modified_before)) in files.iter().zip(hashes).zip(before) {
-            let (bytes_now, modified_now) = stat(path)?;
-            if bytes_now != surveyed.bytes || bytes_now != *bytes_before || modified_now != *modified_before {
-                return Err(DataError::Input {
-                    file: project.display_path(path),
-                    line: None,
-                    message: format!(
-                        "the file changed while this load read it ({} bytes when surveyed, {bytes_now} now{}); nothing was committed — \
-                         load again once the export is complete",
-                        surveyed.bytes,
-                        if modified_now != *modified_before { ", modified since" } else { "" }
-                    ),
-                }
-                .into());
-            }
-        }
-    }
-    // What the extracted text holds, not what reading it took at its peak.
-    let extracted: Vec<Option<Extracted>> = extracted
-        .into_iter()
-        .map(|e| {
-            e.map(|(ex, reservation)| {
-                reservation.resize(ex.batch.get_array_memory_size());
-                // Released when the source's cleaning is done with the text.
-                ex.with_reservation(reservation)
-            })
-        })
-        .collect();
-    let mut extracted = extracted.into_iter();
-    let mut plans = plans.into_iter();
+    let extraction = |i: usize| sources.get(i).map(|(t, s)| spawn_extraction(&pool, &t.name, s, &plans[i], &project.root));
+    let mut ahead = extraction(0);
+    let mut source_index = 0;
     for t in &set.transforms {
         match &t.body {
             TransformBody::Source(spec) => {
-                let (plan, ex) = (plans.next().unwrap_or(SourcePlan::Keep), extracted.next().flatten());
-                run.source(t, spec, plan, ex, options).await?;
+                let i = source_index;
+                source_index += 1;
+                let handle = ahead.take().ok_or_else(|| Error::Internal(format!("no extraction started for table '{}'", t.name)))?;
+                let ex = handle.await.map_err(|e| Error::Internal(format!("extracting table '{}' panicked: {e}", t.name)))??;
+                ahead = extraction(i + 1);
+                if ex.is_some() {
+                    crate::fault::point(&format!("extracted {}", t.name));
+                }
+                // An export rewritten while this load read it (still being written, or replaced)
+                // would load rows of two versions, and the ledger would name a checksum it did not
+                // read: stop.
+                for ((path, surveyed), (bytes_before, modified_before)) in listed_files[i].iter().zip(&surveyed[i]).zip(&stats_before[i]) {
+                    let (bytes_now, modified_now) = stat(path)?;
+                    if bytes_now != surveyed.bytes || bytes_now != *bytes_before || modified_now != *modified_before {
+                        return Err(DataError::Input {
+                            file: project.display_path(path),
+                            line: None,
+                            message: format!(
+                                "the file changed while this load read it ({} bytes when surveyed, {bytes_now} now{}); nothing was committed — \
+                                 load again once the export is complete",
+                                surveyed.bytes,
+                                if modified_now != *modified_before { ", modified since" } else { "" }
+                            ),
+                        }
+                        .into());
+                    }
+                }
+                run.source(t, spec, plans[i].clone(), ex, options).await?;
             }
             TransformBody::History(h) => run.history(t, h).await?,
             TransformBody::Derived { .. } => {}
@@ -393,7 +375,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     let mut entries = std::mem::take(&mut run.entries);
     for out in std::mem::take(&mut run.outputs) {
         let n = count_rows(&out.rows);
-        let bytes: usize = out.rows.iter().map(RecordBatch::get_array_memory_size).sum();
+        let bytes = crate::warehouse::memory_size(&out.rows);
         let version = if out.append {
             warehouse.append_table(&out.name, out.schema, out.rows).await?
         } else {
@@ -410,7 +392,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
 }
 
 /// What a load does with one source table.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum SourcePlan {
     /// Keep the previous snapshot's version.
     Keep,
@@ -479,8 +461,8 @@ impl<'a> Run<'a> {
 
     /// Keeps a table to write at the commit, its memory counted against the limit.
     fn hold(&mut self, out: Output) -> Result<()> {
-        let bytes: usize = out.rows.iter().map(RecordBatch::get_array_memory_size).sum();
-        self.held.try_grow(bytes).map_err(|e| e.context(format!("holding table '{}' ({} MiB) until the commit", out.name, bytes >> 20)))?;
+        let bytes = crate::warehouse::memory_size(&out.rows);
+        self.held.try_grow(bytes).map_err(|e| e.context(format!("holding table '{}' ({}) until the commit", out.name, mib(bytes))))?;
         self.outputs.push(out);
         Ok(())
     }
@@ -1038,6 +1020,30 @@ fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch> {
     )?)
 }
 
+/// Starts extracting a source's files (none for a kept table) on a blocking thread, its memory
+/// reserved in `pool` first and then held, as the extracted text's size, until it is cleaned.
+fn spawn_extraction(
+    pool: &Arc<dyn MemoryPool>,
+    table: &str,
+    spec: &SourceTransform,
+    plan: &SourcePlan,
+    root: &std::path::Path,
+) -> tokio::task::JoinHandle<Result<Option<Extracted>>> {
+    let files = match plan {
+        SourcePlan::Keep => None,
+        SourcePlan::Full(files) | SourcePlan::Incremental(files) => Some(files.clone()),
+    };
+    let (pool, table, spec, root) = (pool.clone(), table.to_string(), spec.clone(), root.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let Some(files) = files else { return Ok(None) };
+        let reservation = reserve_extraction(&pool, &table, &spec, &files)?;
+        let ex = extract::extract_files(&table, &spec, &files, &root)?;
+        // What the extracted text holds, not what reading it took at its peak.
+        reservation.resize(crate::warehouse::memory_size(std::slice::from_ref(&ex.batch)));
+        Ok(Some(ex.with_reservation(reservation)))
+    })
+}
+
 /// Reserves, before a source's files are read, the memory extracting them takes at its peak: the
 /// file's bytes, the columns built from its text and the raw text of every record (about three
 /// times the files' size; four for GBK, decoded into a copy).
@@ -1051,6 +1057,46 @@ fn reserve_extraction(pool: &Arc<dyn MemoryPool>, table: &str, spec: &SourceTran
     let reservation = MemoryConsumer::new(format!("load: extracting table '{table}'")).register(pool);
     reservation
         .try_grow(need)
-        .map_err(|e| e.context(format!("extracting table '{table}' ({} MiB of export files) needs about {} MiB", bytes >> 20, need >> 20)))?;
+        .map_err(|e| e.context(format!("extracting table '{table}' ({} of export files) needs about {}", mib(bytes as usize), mib(need))))?;
     Ok(reservation)
+}
+
+/// A size for messages, in MiB with one decimal.
+pub(crate) fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::execution::memory_pool::GreedyMemoryPool;
+
+    #[test]
+    fn extraction_reserves_three_times_its_files_before_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("orders.csv");
+        std::fs::write(&file, vec![b'x'; 2 << 20]).unwrap();
+        let project = dir.path().join("p");
+        std::fs::create_dir_all(project.join("transforms")).unwrap();
+        std::fs::write(project.join("crmcube.yaml"), format!("version: 1\nname: t\nsources: {}\n", dir.path().display())).unwrap();
+        std::fs::write(
+            project.join("transforms/orders.yaml"),
+            "version: 1\ntable: orders\nsource: { path: orders.csv }\ncolumns:\n  - { name: order_id, type: string }\n",
+        )
+        .unwrap();
+        let set = TransformSet::load(&crate::project::Project::open(&project).unwrap()).unwrap();
+        let Some(TransformBody::Source(spec)) = set.get("orders").map(|t| &t.body) else { panic!("a source") };
+
+        let small: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(4 << 20));
+        let err = reserve_extraction(&small, "orders", spec, std::slice::from_ref(&file)).unwrap_err();
+        assert!(err.is_out_of_memory(), "{err}");
+        assert!(err.to_string().contains("extracting table 'orders' (2.0 MiB of export files) needs about 6.0 MiB"), "{err}");
+        assert_eq!(small.reserved(), 0, "a failed reservation holds nothing");
+
+        let enough: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(8 << 20));
+        let reservation = reserve_extraction(&enough, "orders", spec, std::slice::from_ref(&file)).unwrap();
+        assert_eq!((reservation.size(), enough.reserved()), (6 << 20, 6 << 20));
+        drop(reservation);
+        assert_eq!(enough.reserved(), 0);
+    }
 }
