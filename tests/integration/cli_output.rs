@@ -65,15 +65,24 @@ fn a_query_over_the_memory_limit_fails_with_a_hint_not_a_kill() {
     assert!(out.lines().count() == 2, "{out}");
 }
 
+/// `crmcube --memory-limit MIB load` in a fresh project: the exit code and stderr.
+fn load_under(t: &crate::common::TestProject, mib: &str) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(["--memory-limit", mib, "load"]).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_nothing_committed(t: &crate::common::TestProject) {
+    assert!(t.warehouse.current().unwrap().is_none(), "nothing was committed");
+    assert!(!t.warehouse.root().join("LOCK").exists(), "the lock is released");
+}
+
 #[test]
 fn a_load_over_the_memory_limit_fails_with_a_hint_and_commits_nothing() {
     let t = crate::common::test_project();
-    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(["--memory-limit", "4", "load"]).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = load_under(&t, "4");
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("Resources exhausted") && err.contains("a load needs room to hold its largest exports' text"), "{err}");
-    assert!(t.warehouse.current().unwrap().is_none(), "nothing was committed");
-    assert!(!t.warehouse.root().join("LOCK").exists(), "the lock is released");
+    assert_nothing_committed(&t);
 }
 
 #[test]
@@ -82,18 +91,16 @@ fn a_load_counts_the_exports_it_reads_and_the_tables_it_holds_against_the_memory
     // tables waiting for the commit live outside any DataFusion operator; under 16 MiB one of
     // those reservations is refused (which one depends on the order of the work).
     let t = crate::common::test_project();
-    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(["--memory-limit", "16", "load"]).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = load_under(&t, "16");
+    assert_eq!(code, Some(1), "{err}");
     let ours = ["extracting table '", "cleaning table '", "holding table '"];
     assert!(ours.iter().any(|o| err.contains(o)) && err.contains("MiB") && err.contains("Resources exhausted"), "{err}");
     assert!(err.contains("raise --memory-limit"), "{err}");
-    assert!(t.warehouse.current().unwrap().is_none(), "nothing was committed");
-    assert!(!t.warehouse.root().join("LOCK").exists(), "the lock is released");
+    assert_nothing_committed(&t);
 
     // Within a limit the load fits in, it commits the same tables as a load without one.
-    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(["--memory-limit", "512", "load"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, err) = load_under(&t, "512");
+    assert_eq!(code, Some(0), "{err}");
     let bounded = t.warehouse.current().unwrap().expect("a snapshot");
     let unbounded = loaded().test.warehouse.current().unwrap().expect("a snapshot");
     let rows = |s: &crmcube::warehouse::Snapshot| s.tables.iter().map(|(n, e)| (n.clone(), e.rows)).collect::<Vec<_>>();
