@@ -373,30 +373,22 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     // Commit: every table first, then the snapshot that names them.
     let files = run.ledger(&files_now);
     let mut entries = std::mem::take(&mut run.entries);
-    entries.append(&mut run.written);
     for out in std::mem::take(&mut run.outputs) {
-        let (name, bytes) = (out.name.clone(), crate::warehouse::memory_size(&out.rows));
-        let (_, entry) = write_output(warehouse, out).await?;
+        let n = count_rows(&out.rows);
+        let bytes = crate::warehouse::memory_size(&out.rows);
+        let version = if out.append {
+            warehouse.append_table(&out.name, out.schema, out.rows).await?
+        } else {
+            warehouse.write_partitioned(&out.name, out.schema, out.rows, &out.partition).await?
+        };
         run.held.shrink(bytes.min(run.held.size()));
-        entries.insert(name, entry);
+        crate::fault::point(&format!("wrote {}", out.name));
+        tracing::info!(table = %out.name, version, rows = n, "written");
+        entries.insert(out.name, TableEntry { version, rows: out.total_rows, spec: out.spec, watermark: out.watermark });
     }
     let snapshot: Snapshot = warehouse.commit(entries, files, crate::rollup::fingerprints(&cubes))?;
     tracing::info!(snapshot = snapshot.id, "snapshot committed");
     Ok(LoadReport { snapshot: snapshot.id, unchanged: false, tables: run.reports, files: files_report, seconds: started.elapsed().as_secs_f64() })
-}
-
-/// Writes a table as its new Delta version (appended to the previous one, or replacing it) and
-/// passes its fault point; returns the version and the entry a snapshot records of it.
-async fn write_output(warehouse: &Warehouse, out: Output) -> Result<(u64, TableEntry)> {
-    let n = count_rows(&out.rows);
-    let version = if out.append {
-        warehouse.append_table(&out.name, out.schema, out.rows).await?
-    } else {
-        warehouse.write_partitioned(&out.name, out.schema, out.rows, &out.partition).await?
-    };
-    crate::fault::point(&format!("wrote {}", out.name));
-    tracing::info!(table = %out.name, version, rows = n, "written");
-    Ok((version, TableEntry { version, rows: out.total_rows, spec: out.spec, watermark: out.watermark }))
 }
 
 /// What a load does with one source table.
@@ -436,8 +428,6 @@ struct Run<'a> {
     done: BTreeSet<String>,
     /// Kept tables: the previous snapshot's entries.
     entries: BTreeMap<String, TableEntry>,
-    /// Tables already written as new Delta versions (under `--memory-limit`), by name.
-    written: BTreeMap<String, TableEntry>,
     outputs: Vec<Output>,
     /// The memory of `outputs`, in the session's pool: under `--memory-limit` a load holding
     /// more than the limit fails with a clear error instead of growing until the OS kills it.
@@ -460,7 +450,6 @@ impl<'a> Run<'a> {
             changed: BTreeSet::new(),
             done: BTreeSet::new(),
             entries: BTreeMap::new(),
-            written: BTreeMap::new(),
             outputs: Vec::new(),
             held: MemoryConsumer::new("load: tables held until the commit").register(&ctx.runtime_env().memory_pool),
             reports: Vec::new(),
@@ -470,22 +459,8 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Keeps a table to write at the commit, its memory counted against the limit — or, under
-    /// `--memory-limit`, writes it now as its new Delta version (invisible to readers until the
-    /// snapshot names it) and reads it from there for the rest of the load, so a load holds one
-    /// table's rows at a time instead of every table's. (An append — tonight's rows of an
-    /// incremental table — is small and stays held.)
-    async fn hold_or_write(&mut self, out: Output) -> Result<()> {
-        if self.warehouse.memory_limit().is_some() && !out.append {
-            let name = out.name.clone();
-            let (version, entry) = write_output(self.warehouse, out).await?;
-            if self.ctx.table_exist(name.as_str())? {
-                self.ctx.deregister_table(name.as_str())?;
-                self.ctx.register_table(name.as_str(), self.warehouse.provider(self.ctx, &name, version).await?)?;
-            }
-            self.written.insert(name, entry);
-            return Ok(());
-        }
+    /// Keeps a table to write at the commit, its memory counted against the limit.
+    fn hold(&mut self, out: Output) -> Result<()> {
         let bytes = crate::warehouse::memory_size(&out.rows);
         self.held.try_grow(bytes).map_err(|e| e.context(format!("holding table '{}' ({}) until the commit", out.name, mib(bytes))))?;
         self.outputs.push(out);
@@ -641,7 +616,7 @@ impl<'a> Run<'a> {
         tracing::info!(table = %t.name, read = report.read, loaded = report.loaded, updated = report.updated, quarantined, duplicates = report.duplicates, "cleaned");
         self.changed.insert(t.name.clone());
         self.done.insert(t.name.clone());
-        self.hold_or_write(Output { spec: fingerprint, ..output }).await?;
+        self.hold(Output { spec: fingerprint, ..output })?;
         self.reports.push(report);
         Ok(())
     }
@@ -792,7 +767,7 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(t.name.clone());
         self.done.insert(t.name.clone());
-        self.hold_or_write(Output { name: t.name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None }).await?;
+        self.hold(Output { name: t.name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None })?;
         Ok(())
     }
 
@@ -836,7 +811,7 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(name.clone());
         self.done.insert(name.clone());
-        self.hold_or_write(Output { name: name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None }).await?;
+        self.hold(Output { name: name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None })?;
         Ok(())
     }
 
@@ -861,7 +836,7 @@ impl<'a> Run<'a> {
             let millis = table_started.elapsed().as_millis() as u64;
             self.reports.push(TableReport { table: name.clone(), kind: "model", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
             self.changed.insert(name.clone());
-            self.hold_or_write(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint.clone()), watermark: None }).await?;
+            self.hold(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint.clone()), watermark: None })?;
         }
         Ok(())
     }
@@ -883,7 +858,7 @@ impl<'a> Run<'a> {
         self.reports.push(TableReport { table: rollup.table.clone(), kind: "rollup", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
         self.changed.insert(rollup.table.clone());
         let partition = rollup.partition_column(cube).into_iter().collect();
-        self.hold_or_write(Output { name: rollup.table.clone(), schema, rows, total_rows: n, append: false, partition, spec: None, watermark: None }).await?;
+        self.hold(Output { name: rollup.table.clone(), schema, rows, total_rows: n, append: false, partition, spec: None, watermark: None })?;
         Ok(())
     }
 
@@ -911,7 +886,7 @@ impl<'a> Run<'a> {
         }
         rows.append(&mut self.quarantine);
         let n = count_rows(&rows);
-        self.hold_or_write(Output { name: QUARANTINE_TABLE.into(), schema: quarantine_schema(), rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None }).await?;
+        self.hold(Output { name: QUARANTINE_TABLE.into(), schema: quarantine_schema(), rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None })?;
         Ok(())
     }
 

@@ -126,11 +126,6 @@ impl Warehouse {
         self
     }
 
-    /// The memory limit of its sessions, in bytes (`None`: unbounded).
-    pub fn memory_limit(&self) -> Option<usize> {
-        self.memory_limit
-    }
-
     /// An empty session with the warehouse's catalog names and memory limit.
     pub fn context(&self) -> Result<SessionContext> {
         let mut config = datafusion::prelude::SessionConfig::new()
