@@ -4,7 +4,9 @@
 //! kept as text: typing happens in the cleaning plan, so one place decides what a bad value is.
 //! Every record carries its file and line, and its raw text for quarantine. Records that cannot
 //! even be split (ragged CSV rows, invalid JSON) are rejected here with their reason. Several
-//! files of one source, and several sources, are read in parallel with rayon.
+//! files of one source are read in parallel with rayon; the load extracts each source while the
+//! one before it is cleaned. Columns are built in Arrow builders (one buffer per column, no string
+//! per field); the load reserves their memory before reading (see `etl::load`).
 
 use std::borrow::Cow;
 use std::fmt::Write as _;

@@ -261,8 +261,6 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     }
     // An incremental table's files may be removed once loaded; only a full table's are missed.
     files_report.gone.retain(|path| run.full_patterns.iter().any(|p| p.matches(path)));
-    // Extract the files to read, every source in parallel (decoding and splitting is CPU work
-    // outside DataFusion).
     // Each source is extracted one ahead of its cleaning: the next source's files are read and
     // split (CPU work outside DataFusion, on a blocking thread) while this one is cleaned, so the
     // text of two sources at most is held at once.
