@@ -157,15 +157,8 @@ impl<'a> Working<'a> {
         // before them are no longer read.
         let previous = std::mem::replace(&mut self.last, bytes);
         self.reservation.shrink(before.saturating_sub(previous));
-        Ok(self.ctx.read_batches(with_schema(schema, batches))?)
+        Ok(self.ctx.read_batches(crate::warehouse::with_empty(&schema, batches))?)
     }
-}
-
-fn with_schema(schema: SchemaRef, mut batches: Vec<RecordBatch>) -> Vec<RecordBatch> {
-    if batches.is_empty() {
-        batches.push(RecordBatch::new_empty(schema));
-    }
-    batches
 }
 
 pub fn count_rows(batches: &[RecordBatch]) -> u64 {

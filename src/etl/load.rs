@@ -211,12 +211,8 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     // Size and modification time of every export before it is read: compared after reading, a
     // difference means the file changed under the load (the file's own clock, so a writer with
     // another clock does not matter).
-    let stat = |f: &PathBuf| -> Result<(u64, Option<std::time::SystemTime>)> {
-        let m = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
-        Ok((m.len(), m.modified().ok()))
-    };
-    let stats_before: Vec<Vec<(u64, Option<std::time::SystemTime>)>> =
-        listed.iter().map(|files| files.iter().map(stat).collect::<Result<_>>()).collect::<Result<_>>()?;
+    let stats_before: Vec<Vec<FileStat>> =
+        listed.iter().map(|files| files.iter().map(|f| FileStat::of(f)).collect::<Result<_>>()).collect::<Result<_>>()?;
     let mut surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources)).collect::<Result<_>>()?;
     // A staged database source is recorded by table, wherever the warehouse lives; an
     // incremental one with nothing new stands for what the previous snapshot loaded (so it is
@@ -279,25 +275,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
                 if ex.is_some() {
                     crate::fault::point(&format!("extracted {}", t.name));
                 }
-                // An export rewritten while this load read it (still being written, or replaced)
-                // would load rows of two versions, and the ledger would name a checksum it did not
-                // read: stop.
-                for ((path, surveyed), (bytes_before, modified_before)) in listed_files[i].iter().zip(&surveyed[i]).zip(&stats_before[i]) {
-                    let (bytes_now, modified_now) = stat(path)?;
-                    if bytes_now != surveyed.bytes || bytes_now != *bytes_before || modified_now != *modified_before {
-                        return Err(DataError::Input {
-                            file: project.display_path(path),
-                            line: None,
-                            message: format!(
-                                "the file changed while this load read it ({} bytes when surveyed, {bytes_now} now{}); nothing was committed — \
-                                 load again once the export is complete",
-                                surveyed.bytes,
-                                if modified_now != *modified_before { ", modified since" } else { "" }
-                            ),
-                        }
-                        .into());
-                    }
-                }
+                unchanged_while_read(project, &listed_files[i], &surveyed[i], &stats_before[i])?;
                 run.source(t, spec, plans[i].clone(), ex, options).await?;
             }
             TransformBody::History(h) => run.history(t, h).await?,
@@ -634,7 +612,7 @@ impl<'a> Run<'a> {
         use datafusion::prelude::{cast, col, lit};
         let ctx = self.ctx;
         let previous_entry = self.previous_entry(&t.name);
-        let mut delta = ctx.read_batches(with_empty(&schema, rows))?;
+        let mut delta = ctx.read_batches(crate::warehouse::with_empty(&schema, rows))?;
         report.watermark_before = previous_entry.and_then(|e| e.watermark.clone());
         if let (Some(w), Some(before)) = (&spec.watermark, &report.watermark_before) {
             let ty = schema.field_with_name(w)?.data_type().clone();
@@ -956,16 +934,9 @@ async fn history_sql(ctx: &SessionContext, h: &History, previous: Option<&str>) 
 }
 
 /// `rows`, or one empty batch of `schema` (DataFusion's `read_batches` needs one).
-fn with_empty(schema: &SchemaRef, mut rows: Vec<RecordBatch>) -> Vec<RecordBatch> {
-    if rows.is_empty() {
-        rows.push(RecordBatch::new_empty(schema.clone()));
-    }
-    rows
-}
-
 /// The greatest value of `column` in `rows`, as text (None when there is none).
 async fn max_text(ctx: &SessionContext, schema: &SchemaRef, rows: &[RecordBatch], column: &str) -> Result<Option<String>> {
-    let df = ctx.read_batches(with_empty(schema, rows.to_vec()))?;
+    let df = ctx.read_batches(crate::warehouse::with_empty(schema, rows.to_vec()))?;
     let max = df.aggregate(vec![], vec![datafusion::functions_aggregate::expr_fn::max(datafusion::prelude::col(column))])?;
     first_text(&max.collect().await?)
 }
@@ -1016,6 +987,45 @@ fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch> {
             Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.raw.as_str()))),
         ],
     )?)
+}
+
+/// A file's size and modification time (by the file's own clock, so a writer with another clock
+/// does not matter).
+#[derive(PartialEq)]
+struct FileStat {
+    bytes: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStat {
+    fn of(f: &std::path::Path) -> Result<Self> {
+        let m = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+        Ok(Self { bytes: m.len(), modified: m.modified().ok() })
+    }
+}
+
+/// Stops the load if a source's export was rewritten while this load read it (still being
+/// written, or replaced): it would load rows of two versions, and the ledger would name a
+/// checksum it did not read.
+fn unchanged_while_read(project: &Project, files: &[PathBuf], surveyed: &[SourceFile], before: &[FileStat]) -> Result<()> {
+    for ((path, surveyed), before) in files.iter().zip(surveyed).zip(before) {
+        let now = FileStat::of(path)?;
+        if now.bytes != surveyed.bytes || now != *before {
+            return Err(DataError::Input {
+                file: project.display_path(path),
+                line: None,
+                message: format!(
+                    "the file changed while this load read it ({} bytes when surveyed, {} now{}); nothing was committed — \
+                     load again once the export is complete",
+                    surveyed.bytes,
+                    now.bytes,
+                    if now.modified != before.modified { ", modified since" } else { "" }
+                ),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Starts extracting a source's files (none for a kept table) on a blocking thread, its memory

@@ -541,11 +541,15 @@ fn delta_compatible(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<(Sch
 /// several later plans, so the work is done once.
 pub async fn materialize(ctx: &SessionContext, df: DataFrame) -> Result<DataFrame> {
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let mut batches = df.collect().await?;
-    if batches.is_empty() {
-        batches.push(RecordBatch::new_empty(schema));
+    Ok(ctx.read_batches(with_empty(&schema, df.collect().await?))?)
+}
+
+/// `rows`, or one empty batch of `schema` when there are none (for `read_batches`).
+pub fn with_empty(schema: &SchemaRef, mut rows: Vec<RecordBatch>) -> Vec<RecordBatch> {
+    if rows.is_empty() {
+        rows.push(RecordBatch::new_empty(schema.clone()));
     }
-    Ok(ctx.read_batches(batches)?)
+    rows
 }
 
 /// The memory `batches` hold, each allocation counted once: batches sliced from one another
