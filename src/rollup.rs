@@ -26,6 +26,8 @@
 //! Access rules: sessions of restricted users do not install the rule (their tables are rule
 //! views; rollups are aggregates over everything), so they always read the base tables.
 
+pub mod partitions;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
@@ -53,6 +55,11 @@ pub fn level_columns(cube: &Cube, rollup: &Rollup) -> Vec<String> {
 /// The rows of `rollup`, planned over the cube's tables in `ctx`, sorted by its partition and
 /// levels (so each Parquet row group covers a narrow range of members).
 pub async fn build(ctx: &SessionContext, cube: &Cube, rollup: &Rollup) -> Result<DataFrame> {
+    sorted(cube, rollup, aggregate(ctx, cube, rollup).await?)
+}
+
+/// The rollup's rows grouped from the cube's rows, in no particular order.
+async fn aggregate(ctx: &SessionContext, cube: &Cube, rollup: &Rollup) -> Result<DataFrame> {
     let groups = level_columns(cube, rollup);
     let mut wanted = groups.clone();
     wanted.extend(rollup.measures.iter().cloned());
@@ -69,12 +76,17 @@ pub async fn build(ctx: &SessionContext, cube: &Cube, rollup: &Rollup) -> Result
     let columns = grouped.schema().columns();
     let mut select: Vec<Expr> = groups.iter().map(|g| col(g.as_str())).collect();
     select.extend(rollup.measures.iter().enumerate().map(|(i, m)| Expr::Column(columns[groups.len() + i].clone()).alias(m.as_str())));
+    Ok(grouped.select(select)?)
+}
+
+/// A rollup's rows in the order they are written: by partition, then by every level.
+fn sorted(cube: &Cube, rollup: &Rollup, rows: DataFrame) -> Result<DataFrame> {
     let mut sorts = Vec::new();
     if let Some(p) = rollup.partition_column(cube) {
         sorts.push(col(p.as_str()).sort(true, true));
     }
-    sorts.extend(groups.iter().map(|g| col(g.as_str()).sort(true, true)));
-    Ok(grouped.select(select)?.sort(sorts)?)
+    sorts.extend(level_columns(cube, rollup).iter().map(|g| col(g.as_str()).sort(true, true)));
+    Ok(rows.sort(sorts)?)
 }
 
 /// Rollups up to this many rows are kept in memory by a session after their first read.
@@ -491,6 +503,7 @@ pub async fn refresh(warehouse: &crate::warehouse::Warehouse, cubes: &CubeSet, a
         tables.remove(t);
     }
     let mut rebuilt = Vec::new();
+    let mut prints = partitions::PrintCache::default();
     for cube in &cubes.cubes {
         for rollup in &cube.rollups {
             let current = snapshot.rollups.get(&rollup.table) == Some(&rollup.fingerprint(cube)) && snapshot.tables.contains_key(&rollup.table);
@@ -505,7 +518,13 @@ pub async fn refresh(warehouse: &crate::warehouse::Warehouse, cubes: &CubeSet, a
             let version = warehouse.write_partitioned(&rollup.table, schema, rows, &partition).await?;
             crate::fault::point(&format!("refreshed {}", rollup.table));
             tracing::info!(table = %rollup.table, rows = n, version, "written");
-            tables.insert(rollup.table.clone(), crate::warehouse::TableEntry::new(version, n));
+            // The units' prints, so that the next load can refresh this rollup by partition.
+            let units = match partitions::refresh_unit(cube, rollup) {
+                Some(u) => partitions::units(&ctx, &mut prints, cube, u).await?,
+                None => None,
+            };
+            let entry = crate::warehouse::TableEntry { partitions: units.map(|u| u.prints).unwrap_or_default(), ..crate::warehouse::TableEntry::new(version, n) };
+            tables.insert(rollup.table.clone(), entry);
             rebuilt.push((rollup.table.clone(), n));
         }
     }

@@ -863,6 +863,9 @@ fn print_load(out: &mut dyn Write, report: &LoadReport) -> Result<()> {
             )
             .map_err(io)?;
         }
+        if !t.partitions.is_empty() {
+            writeln!(out, "{:<w$}   rebuilt {} partition(s), the others kept: {}", "", t.partitions.len(), t.partitions.join(", ")).map_err(io)?;
+        }
     }
     let f = &report.files;
     if let Some(since) = f.since {

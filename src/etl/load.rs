@@ -60,6 +60,10 @@ pub struct TableReport {
     pub watermark_before: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watermark_after: Option<String>,
+    /// A rollup refreshed by partition (mode `incremental`): the units rebuilt, e.g. the months
+    /// tonight's rows touched; its other rows were kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<String>,
     /// Time spent on this table (extraction is shared and counted in the load's total).
     pub millis: u64,
 }
@@ -360,7 +364,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         run.held.shrink(bytes.min(run.held.size()));
         crate::fault::point(&format!("wrote {}", out.name));
         tracing::info!(table = %out.name, version, rows = n, "written");
-        entries.insert(out.name, TableEntry { version, rows: out.total_rows, spec: out.spec, watermark: out.watermark });
+        entries.insert(out.name, TableEntry { version, rows: out.total_rows, spec: out.spec, watermark: out.watermark, partitions: out.partitions });
     }
     let snapshot: Snapshot = warehouse.commit(entries, files, crate::rollup::fingerprints(&cubes))?;
     tracing::info!(snapshot = snapshot.id, "snapshot committed");
@@ -390,6 +394,8 @@ struct Output {
     partition: Vec<String>,
     spec: Option<String>,
     watermark: Option<String>,
+    /// Rollups: each refresh unit's print (see [`TableEntry::partitions`]).
+    partitions: BTreeMap<String, String>,
 }
 
 /// The state of one load: which tables changed, what is kept, what will be written.
@@ -414,6 +420,10 @@ struct Run<'a> {
     requarantined: BTreeSet<String>,
     /// Full tables: their files are the ones matched tonight; other files of theirs leave the ledger.
     full_patterns: Vec<glob::Pattern>,
+    /// Fact prints shared by the rollups refreshed by partition (see crate::rollup::partitions).
+    prints: crate::rollup::partitions::PrintCache,
+    /// Dimension tables checked for kept members, by table and columns: the answer.
+    members_kept: BTreeMap<(String, Vec<String>), bool>,
 }
 
 impl<'a> Run<'a> {
@@ -432,6 +442,8 @@ impl<'a> Run<'a> {
             quarantine: Vec::new(),
             requarantined: BTreeSet::new(),
             full_patterns: Vec::new(),
+            prints: Default::default(),
+            members_kept: BTreeMap::new(),
         }
     }
 
@@ -583,7 +595,7 @@ impl<'a> Run<'a> {
             }
             self.register(&t.name, &schema, &cleaned.rows)?;
             let watermark = report.watermark_after.clone();
-            Output { name: t.name.clone(), schema, rows: cleaned.rows, total_rows: report.loaded, append: false, partition: vec![], spec: None, watermark }
+            Output { name: t.name.clone(), schema, rows: cleaned.rows, total_rows: report.loaded, append: false, partition: vec![], spec: None, watermark, partitions: BTreeMap::new() }
         };
         if report.read != report.loaded + report.quarantined + report.duplicates + report.skipped {
             return Err(Error::Internal(format!("row accounting does not add up for table '{}': {report:?}", t.name)));
@@ -677,13 +689,13 @@ impl<'a> Run<'a> {
             report.rows = total;
             self.ctx.deregister_table(t.name.as_str())?;
             self.ctx.register_table(t.name.as_str(), merged.into_view())?;
-            return Ok(Output { name: t.name.clone(), schema, rows: delta_rows, total_rows: total, append, partition: vec![], spec: None, watermark: report.watermark_after.clone() });
+            return Ok(Output { name: t.name.clone(), schema, rows: delta_rows, total_rows: total, append, partition: vec![], spec: None, watermark: report.watermark_after.clone(), partitions: BTreeMap::new() });
         }
         let merged_rows = merged.collect().await?;
         let total = count_rows(&merged_rows);
         report.rows = total;
         self.register(&t.name, &schema, &merged_rows)?;
-        Ok(Output { name: t.name.clone(), schema, rows: merged_rows, total_rows: total, append: false, partition: vec![], spec: None, watermark: report.watermark_after.clone() })
+        Ok(Output { name: t.name.clone(), schema, rows: merged_rows, total_rows: total, append: false, partition: vec![], spec: None, watermark: report.watermark_after.clone(), partitions: BTreeMap::new() })
     }
 
     /// A type-2 history: the previous history, versions closed and opened where a tracked
@@ -743,7 +755,7 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(t.name.clone());
         self.done.insert(t.name.clone());
-        self.hold(Output { name: t.name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None })?;
+        self.hold(Output { name: t.name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None, partitions: BTreeMap::new() })?;
         Ok(())
     }
 
@@ -787,7 +799,7 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(name.clone());
         self.done.insert(name.clone());
-        self.hold(Output { name: name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None })?;
+        self.hold(Output { name: name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None, partitions: BTreeMap::new() })?;
         Ok(())
     }
 
@@ -812,30 +824,107 @@ impl<'a> Run<'a> {
             let millis = table_started.elapsed().as_millis() as u64;
             self.reports.push(TableReport { table: name.clone(), kind: "model", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
             self.changed.insert(name.clone());
-            self.hold(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint.clone()), watermark: None })?;
+            self.hold(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint.clone()), watermark: None, partitions: BTreeMap::new() })?;
         }
         Ok(())
     }
 
+    /// A rollup: kept when nothing it reads changed; else rebuilt by partition when it can be
+    /// (only the units whose fact rows changed, see crate::rollup::partitions), else in full.
     async fn rollup(&mut self, cube: &crate::cube::Cube, rollup: &crate::cube::Rollup) -> Result<()> {
+        use crate::rollup::partitions;
         let current = self.previous.and_then(|p| p.rollups.get(&rollup.table)) == Some(&rollup.fingerprint(cube));
         let mut inputs = std::iter::once(&cube.fact).chain(cube.dimensions.iter().filter_map(|d| d.join.as_ref().map(|j| &j.table)));
         if current && self.previous_entry(&rollup.table).is_some() && !inputs.any(|t| self.changed.contains(t)) {
             return self.keep(&rollup.table, "rollup").await;
         }
         let table_started = Instant::now();
-        let df = crate::rollup::build(self.ctx, cube, rollup).await?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        let rows = df.collect().await?;
+        let unit = partitions::refresh_unit(cube, rollup);
+        let units = match unit {
+            Some(u) => partitions::units(self.ctx, &mut self.prints, cube, u).await?,
+            None => None,
+        };
+        let stored = self.previous_entry(&rollup.table).map(|e| e.partitions.clone()).filter(|p| current && !p.is_empty());
+        let mut rebuilt_units = Vec::new();
+        let (schema, rows, read) = match (unit, &units, stored) {
+            (Some(u), Some(units), Some(stored)) if self.members_kept(cube, rollup).await? => {
+                let touched = units.touched(&stored);
+                if touched.is_empty() {
+                    return self.keep(&rollup.table, "rollup").await;
+                }
+                let previous = format!("__previous_{}", rollup.table);
+                self.register_previous(&rollup.table, &previous).await?;
+                let out = partitions::rebuild(self.ctx, cube, rollup, u, units, &touched, &previous).await;
+                self.ctx.deregister_table(previous.as_str())?;
+                rebuilt_units = touched.into_iter().collect();
+                out?
+            }
+            _ => {
+                let df = crate::rollup::build(self.ctx, cube, rollup).await?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                let rows = df.collect().await?;
+                let n = count_rows(&rows);
+                (schema, rows, n)
+            }
+        };
         crate::fault::point(&format!("built {}", rollup.table));
         let n = count_rows(&rows);
-        tracing::info!(table = %rollup.table, rows = n, "derived");
+        let mode = if rebuilt_units.is_empty() { "full" } else { "incremental" };
+        tracing::info!(table = %rollup.table, rows = n, mode, partitions = rebuilt_units.len(), "derived");
         let millis = table_started.elapsed().as_millis() as u64;
-        self.reports.push(TableReport { table: rollup.table.clone(), kind: "rollup", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
+        self.reports.push(TableReport {
+            table: rollup.table.clone(),
+            kind: "rollup",
+            mode,
+            read,
+            loaded: read,
+            rows: n,
+            millis,
+            partitions: rebuilt_units,
+            ..Default::default()
+        });
         self.changed.insert(rollup.table.clone());
         let partition = rollup.partition_column(cube).into_iter().collect();
-        self.hold(Output { name: rollup.table.clone(), schema, rows, total_rows: n, append: false, partition, spec: None, watermark: None })?;
+        let partitions = units.map(|u| u.prints).unwrap_or_default();
+        self.hold(Output { name: rollup.table.clone(), schema, rows, total_rows: n, append: false, partition, spec: None, watermark: None, partitions })?;
         Ok(())
+    }
+
+    /// Whether every changed dimension table `rollup` reads still holds each of its previous
+    /// members with the same key and levels (see crate::rollup::partitions).
+    async fn members_kept(&mut self, cube: &crate::cube::Cube, rollup: &crate::cube::Rollup) -> Result<bool> {
+        for d in &cube.dimensions {
+            let Some(j) = &d.join else { continue };
+            if !self.changed.contains(&j.table) {
+                continue;
+            }
+            let mut columns = vec![j.key.clone()];
+            for (_, i) in rollup.levels.iter().filter(|(name, _)| *name == d.name) {
+                let level = &d.levels[*i];
+                columns.extend(std::iter::once(level.column.clone()).chain(level.label.clone()));
+            }
+            if columns.len() == 1 {
+                continue;
+            }
+            columns.sort();
+            columns.dedup();
+            let id = (j.table.clone(), columns.clone());
+            let kept = match self.members_kept.get(&id) {
+                Some(k) => *k,
+                None => {
+                    let previous = format!("__members_{}", j.table);
+                    let k = self.register_previous(&j.table, &previous).await?
+                        && crate::rollup::partitions::members_kept(self.ctx, &previous, &j.table, &columns).await?;
+                    let _ = self.ctx.deregister_table(previous.as_str())?;
+                    self.members_kept.insert(id, k);
+                    k
+                }
+            };
+            if !kept {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The quarantine after this load: earlier rows of tables not rebuilt in full tonight, then
@@ -862,7 +951,7 @@ impl<'a> Run<'a> {
         }
         rows.append(&mut self.quarantine);
         let n = count_rows(&rows);
-        self.hold(Output { name: QUARANTINE_TABLE.into(), schema: quarantine_schema(), rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None })?;
+        self.hold(Output { name: QUARANTINE_TABLE.into(), schema: quarantine_schema(), rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None, partitions: BTreeMap::new() })?;
         Ok(())
     }
 

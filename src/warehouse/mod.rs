@@ -46,11 +46,15 @@ pub struct TableEntry {
     /// Incremental sources: the greatest watermark value loaded so far, as text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<String>,
+    /// Rollups: the fingerprint of the fact rows each refresh unit was built from (see
+    /// [`crate::rollup::partitions`]); the next load rebuilds only units whose rows changed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub partitions: BTreeMap<String, String>,
 }
 
 impl TableEntry {
     pub fn new(version: u64, rows: u64) -> Self {
-        Self { version, rows, spec: None, watermark: None }
+        Self { version, rows, spec: None, watermark: None, partitions: BTreeMap::new() }
     }
 }
 

@@ -177,7 +177,7 @@ fn a_changed_rollup_is_stale_until_refresh_rebuilds_it_and_a_killed_refresh_chan
     let cube = dir.join("cubes/sales.yaml");
     let yaml = std::fs::read_to_string(&cube).unwrap();
     // The yearly rollup now keeps revenue only: the stored one (with orders) no longer matches.
-    std::fs::write(&cube, yaml.replace("  - name: year\n    levels: [time.year]\n", "  - name: year\n    levels: [time.year]\n    measures: [revenue]\n")).unwrap();
+    std::fs::write(&cube, yaml.replace("  - name: year\n    levels: [time.year]\n    partition: time.year\n", "  - name: year\n    levels: [time.year]\n    measures: [revenue]\n")).unwrap();
     let orders = "SELECT time_year, orders FROM cubes.sales GROUP BY 1 ORDER BY 1";
     let explain = stdout(&cli(dir, &["sql", "--explain", orders], None));
     assert!(!explain.contains("TableScan: rollup_sales"), "{explain}");
