@@ -139,6 +139,23 @@ fn main() {
     }
     println!("incremental / full time: {:.3} (target ≤ 0.05)", incremental.seconds / full.seconds);
     println!("full load: {:.0} order lines/s (target ≥ 1,000,000)", night1_lines as f64 / full.seconds);
+    // Rollups: the incremental night refreshes by partition (crate::rollup::partitions).
+    let rollups = |r: &serde_json::Value| -> (u64, Vec<String>) {
+        let mut ms = 0;
+        let mut modes = Vec::new();
+        for t in r["tables"].as_array().unwrap().iter().filter(|t| t["kind"] == "rollup") {
+            ms += t["millis"].as_u64().unwrap();
+            let parts = t["partitions"].as_array().map(|p| p.len()).unwrap_or(0);
+            modes.push(format!("{} {}{}", t["table"].as_str().unwrap(), t["mode"].as_str().unwrap(), if parts > 0 { format!(" ({parts} partitions)") } else { String::new() }));
+        }
+        (ms, modes)
+    };
+    let ((full_ms, _), (incr_ms, incr_modes)) = (rollups(&full.report), rollups(&incremental.report));
+    println!(
+        "rollups: full build {full_ms} ms, incremental refresh {incr_ms} ms, ratio {:.3} (target ≤ 0.05): {}",
+        incr_ms as f64 / full_ms.max(1) as f64,
+        incr_modes.join("; ")
+    );
     for (night, r) in [("full load", &full), ("incremental night", &incremental)] {
         let mut slowest: Vec<(u64, String, String)> = r.report["tables"]
             .as_array()

@@ -5,6 +5,8 @@
 //! its quarter and year. It is an ordinary Delta table of the snapshot (`rollup_<cube>_<name>`),
 //! written after the base tables by `crmcube load` and stamped in the manifest with a
 //! fingerprint of its definition, so a rollup left over from an older cube file never answers.
+//! A load rebuilds a partitioned rollup only in the partitions whose fact rows changed
+//! ([`partitions`]).
 //!
 //! [`RollupRule`] is a DataFusion analyzer rule. Every cube query reaches it in the same shape,
 //! from the CLI (which plans over `cubes.<cube>`) and from SQL or Flight SQL alike:
