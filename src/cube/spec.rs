@@ -95,6 +95,8 @@ pub enum Aggregation {
     Sum,
     Count,
     CountDistinct,
+    /// `approx_distinct` (HyperLogLog): rollups keep it as a sketch that merges at any grouping.
+    ApproxCountDistinct,
     Min,
     Max,
     Avg,

@@ -352,6 +352,7 @@ pub(crate) fn aggregate_call(agg: Aggregation, c: Expr) -> Expr {
         Aggregation::Sum => sum(c),
         Aggregation::Count => count(c),
         Aggregation::CountDistinct => count_distinct(c),
+        Aggregation::ApproxCountDistinct => datafusion::functions_aggregate::expr_fn::approx_distinct(crate::rollup::sketch::value_udf().call(vec![c])),
         Aggregation::Min => min(c),
         Aggregation::Max => max(c),
         Aggregation::Avg => avg(c),

@@ -56,6 +56,8 @@ pub async fn register_cubes(ctx: &SessionContext, cubes: &CubeSet) -> Result<()>
     if catalog.schema(CUBES_SCHEMA).is_none() {
         catalog.register_schema(CUBES_SCHEMA, std::sync::Arc::new(datafusion::catalog::MemorySchemaProvider::new()))?;
     }
+    // Approximate distinct counts hash their values through it (see rollup::sketch).
+    ctx.register_udf(crate::rollup::sketch::value_udf());
     for cube in &cubes.cubes {
         // A cube whose tables this snapshot lacks (a cube added since the last load, or an
         // older snapshot read with --as-of) is left out; the others stay usable.
@@ -354,6 +356,7 @@ fn measure_expr(cube: &Cube, name: &str, depth: usize, semi: &mut Vec<(String, S
                 Aggregation::Sum => format!("SUM({column})"),
                 Aggregation::Count => format!("COUNT({column})"),
                 Aggregation::CountDistinct => format!("COUNT(DISTINCT {column})"),
+                Aggregation::ApproxCountDistinct => format!("approx_distinct({}({column}))", crate::rollup::sketch::VALUE_FUNCTION),
                 Aggregation::Min => format!("MIN({column})"),
                 Aggregation::Max => format!("MAX({column})"),
                 Aggregation::Avg => format!("AVG({column})"),

@@ -135,6 +135,34 @@ async fn min_max_and_distinct_members_of_levels_come_from_a_rollup_and_match_bas
     assert_eq!(got.len(), 5);
 }
 
+/// Distinct customers by quarter, which no rollup holds exactly, come approximately from the
+/// sketches of the monthly rollup: labelled approximate, equal to approx_distinct over the base
+/// rows, and within 2 % of the exact count written by hand.
+#[tokio::test]
+async fn approximate_distinct_counts_merge_rollup_sketches_at_a_coarser_grain() {
+    let cubes = cubes();
+    let (on, notes) = ctx(true).await;
+    let text = "SELECT time_quarter, customers_approx FROM cubes.sales GROUP BY 1 ORDER BY 1";
+    let got = cells(&cube_sql::sql(&on, &cubes, text).await.unwrap().collect().await.unwrap());
+    let said = notes.lock().unwrap().join("\n");
+    assert!(said.contains("rollup sales.month (") && said.contains("approximate: its distinct-count estimates merge the HyperLogLog sketches"), "{said}");
+    let exact = sql(
+        &on,
+        "SELECT to_char(o.order_date, '%Y') || '-Q' || CAST(date_part('quarter', o.order_date) AS INT), count(DISTINCT o.customer_id), \
+         approx_distinct(o.customer_id) FROM order_lines l JOIN orders o ON l.order_id = o.order_id \
+         WHERE o.status = 'completed' GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    assert_eq!(got.len(), exact.len());
+    assert!(got.len() >= 12, "{got:?}");
+    for (g, e) in got.iter().zip(&exact) {
+        assert_eq!(g[0], e[0]);
+        let (estimate, count): (f64, f64) = (g[1].parse().unwrap(), e[1].parse().unwrap());
+        assert!((estimate - count).abs() / count <= 0.02, "{}: estimate {estimate}, exact {count}", g[0]);
+        assert_eq!(g[1], e[2], "{}: the rollup's merged sketches give the base rows' estimate", g[0]);
+    }
+}
+
 #[tokio::test]
 async fn restricted_users_never_read_rollups() {
     use crmcube::access::{Principal, restrict};

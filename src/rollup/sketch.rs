@@ -1,0 +1,228 @@
+//! Approximate distinct counts a rollup can store and re-aggregate: HyperLogLog sketches.
+//!
+//! A measure with `agg: approx_count_distinct` is `approx_distinct(crmcube_hll_value(column))`
+//! over the base rows (DataFusion's HyperLogLog, 16,384 registers: a standard error of about
+//! 0.8 %). A rollup stores, per group, the sketch itself — the registers `approx_distinct` keeps
+//! as its state — written by [`sketch_udaf`]; a query at any coarser grouping merges the stored
+//! sketches with [`merge_udaf`] (register by register, the maximum) and estimates from the merged
+//! registers. The registers of a union are the merge of the parts' registers, so the answer from
+//! a rollup is the very estimate the base rows give — approximate in the same way, and labelled so.
+//!
+//! DataFusion hashes `Utf8` and `Utf8View` text differently, and a load's tables hold `Utf8`
+//! where a query's Parquet reads give `Utf8View`: [`value_udf`] (`crmcube_hll_value`) casts text
+//! to one type first, so sketches built by a load and estimates made by a query agree.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::ArrayRef;
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::functions_aggregate::approx_distinct::ApproxDistinct;
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature, Volatility,
+};
+use datafusion::scalar::ScalarValue;
+
+/// Value types whose `approx_distinct` state is a register sketch (the small fixed domains,
+/// booleans and 8/16-bit integers, are counted exactly by a bitmap instead).
+fn sketched(t: &DataType) -> Result<()> {
+    match t {
+        DataType::Boolean | DataType::UInt8 | DataType::Int8 | DataType::UInt16 | DataType::Int16 => Err(DataFusionError::Plan(format!(
+            "an approximate distinct count of a {t} column is not kept as a sketch: count it exactly (agg: count_distinct)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The type values are hashed as: every text type as `Utf8View`, other types as they are.
+pub fn canonical_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => DataType::Utf8View,
+        DataType::Dictionary(_, value) => canonical_type(value),
+        other => other.clone(),
+    }
+}
+
+/// `crmcube_hll_value(value)`: the value cast to [`canonical_type`].
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Value {
+    signature: Signature,
+}
+
+/// The scalar function every sketched value passes through (see the module docs).
+pub fn value_udf() -> ScalarUDF {
+    ScalarUDF::from(Value { signature: Signature::any(1, Volatility::Immutable) })
+}
+
+/// The name of [`value_udf`], for SQL text and for recognising it in plans.
+pub const VALUE_FUNCTION: &str = "crmcube_hll_value";
+
+impl ScalarUDFImpl for Value {
+    fn name(&self) -> &str {
+        VALUE_FUNCTION
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, args: &[DataType]) -> Result<DataType> {
+        Ok(canonical_type(&args[0]))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let to = canonical_type(&args.args[0].data_type());
+        args.args[0].cast_to(&to, None)
+    }
+}
+
+/// `crmcube_hll_sketch(value)`: the HyperLogLog sketch of a group's values (Binary).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Sketch {
+    signature: Signature,
+}
+
+/// `crmcube_hll_merge(sketch)`: the distinct-count estimate of merged sketches of values of
+/// `value_type` (UInt64, as `approx_distinct` returns).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Merge {
+    signature: Signature,
+    value_type: DataType,
+}
+
+fn canonical_field(t: &DataType) -> FieldRef {
+    Arc::new(Field::new("value", canonical_type(t), true))
+}
+
+/// The aggregate that builds a stored sketch.
+pub fn sketch_udaf() -> AggregateUDF {
+    AggregateUDF::from(Sketch { signature: Signature::any(1, Volatility::Immutable) })
+}
+
+/// The aggregate that merges stored sketches of values of `value_type` into an estimate.
+pub fn merge_udaf(value_type: DataType) -> AggregateUDF {
+    // Stored sketches read back from Parquet as binary views.
+    let binary = [DataType::Binary, DataType::BinaryView, DataType::LargeBinary].map(|t| TypeSignature::Exact(vec![t]));
+    AggregateUDF::from(Merge { signature: Signature::one_of(binary.to_vec(), Volatility::Immutable), value_type })
+}
+
+impl AggregateUDFImpl for Sketch {
+    fn name(&self) -> &str {
+        "crmcube_hll_sketch"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, args: &[DataType]) -> Result<DataType> {
+        sketched(&canonical_type(&args[0]))?;
+        Ok(DataType::Binary)
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        let value = canonical_field(args.input_fields[0].data_type());
+        ApproxDistinct::new().state_fields(StateFieldsArgs { input_fields: &[value], ..args })
+    }
+
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        let to = canonical_type(args.expr_fields[0].data_type());
+        let value = canonical_field(&to);
+        Ok(Box::new(SketchAccumulator { inner: ApproxDistinct::new().accumulator(AccumulatorArgs { expr_fields: &[value], ..args })?, to }))
+    }
+}
+
+impl AggregateUDFImpl for Merge {
+    fn name(&self) -> &str {
+        "crmcube_hll_merge"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::UInt64)
+    }
+
+    fn is_nullable(&self) -> bool {
+        false
+    }
+
+    fn default_value(&self, _data_type: &DataType) -> Result<ScalarValue> {
+        Ok(ScalarValue::UInt64(Some(0)))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        let value = canonical_field(&self.value_type);
+        ApproxDistinct::new().state_fields(StateFieldsArgs { input_fields: &[value], ..args })
+    }
+
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        sketched(&canonical_type(&self.value_type))?;
+        // approx_distinct's own accumulator for the values' type: its state is the sketch.
+        let value = canonical_field(&self.value_type);
+        Ok(Box::new(MergeAccumulator { inner: ApproxDistinct::new().accumulator(AccumulatorArgs { expr_fields: &[value], ..args })? }))
+    }
+}
+
+#[derive(Debug)]
+struct SketchAccumulator {
+    inner: Box<dyn Accumulator>,
+    /// The canonical type the values are hashed as.
+    to: DataType,
+}
+
+impl Accumulator for SketchAccumulator {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let values = datafusion::arrow::compute::cast(&values[0], &self.to)?;
+        self.inner.update_batch(&[values])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.inner.merge_batch(states)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        self.inner.state()
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        self.inner.state()?.into_iter().next().ok_or_else(|| DataFusionError::Internal("approx_distinct has no state".into()))
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+}
+
+#[derive(Debug)]
+struct MergeAccumulator {
+    inner: Box<dyn Accumulator>,
+}
+
+impl Accumulator for MergeAccumulator {
+    /// The input rows are stored sketches: states of the inner accumulator (as Binary).
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let binary = datafusion::arrow::compute::cast(&values[0], &DataType::Binary)?;
+        self.inner.merge_batch(&[binary])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.inner.merge_batch(states)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        self.inner.state()
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        self.inner.evaluate()
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+}
+
