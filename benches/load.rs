@@ -146,16 +146,16 @@ fn main() {
         for t in r["tables"].as_array().unwrap().iter().filter(|t| t["kind"] == "rollup") {
             ms += t["millis"].as_u64().unwrap();
             let parts = t["partitions"].as_array().map(|p| p.len()).unwrap_or(0);
-            modes.push(format!("{} {}{}", t["table"].as_str().unwrap(), t["mode"].as_str().unwrap(), if parts > 0 { format!(" ({parts} partitions)") } else { String::new() }));
+            let name = t["table"].as_str().unwrap().trim_start_matches("rollup_");
+            let parts = if parts > 0 { format!(", {parts} partition(s)") } else { String::new() };
+            modes.push(format!("{name} {} ms ({}{parts})", t["millis"], t["mode"].as_str().unwrap()));
         }
         (ms, modes)
     };
-    let ((full_ms, _), (incr_ms, incr_modes)) = (rollups(&full.report), rollups(&incremental.report));
-    println!(
-        "rollups: full build {full_ms} ms, incremental refresh {incr_ms} ms, ratio {:.3} (target ≤ 0.05): {}",
-        incr_ms as f64 / full_ms.max(1) as f64,
-        incr_modes.join("; ")
-    );
+    let ((full_ms, full_modes), (incr_ms, incr_modes)) = (rollups(&full.report), rollups(&incremental.report));
+    println!("rollups: full build {full_ms} ms, incremental refresh {incr_ms} ms, ratio {:.3} (target ≤ 0.05)", incr_ms as f64 / full_ms.max(1) as f64);
+    println!("  full night:        {}", full_modes.join("; "));
+    println!("  incremental night: {}", incr_modes.join("; "));
     for (night, r) in [("full load", &full), ("incremental night", &incremental)] {
         let mut slowest: Vec<(u64, String, String)> = r.report["tables"]
             .as_array()
