@@ -47,6 +47,10 @@ pub struct Cleaned {
 ///
 /// Referenced tables must already be registered in `ctx` under their warehouse names.
 pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, raw: RecordBatch) -> Result<Cleaned> {
+    // Each record's text, by file and line (the same buffers, not a copy): only rejected rows
+    // need it, joined back at the end, so no cleaning step copies it along with its rows.
+    let schema = raw.schema();
+    let texts = raw.project(&[schema.index_of(FILE_COL)?, schema.index_of(LINE_COL)?, schema.index_of(RAW_COL)?])?;
     let typed = typed_with_reasons(ctx.read_batch(raw)?, spec)?;
     // Each step's rows are materialised, and counted in the session's memory pool while the
     // next step is computed from them (two steps' rows at a time at most).
@@ -122,6 +126,8 @@ pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, ra
     let good = good.select(select)?;
     let schema: SchemaRef = Arc::new(good.schema().as_arrow().clone());
     let rows = good.collect().await?;
+    drop(working);
+    let rejected_rows = with_texts(ctx, rejected_rows, texts).await?;
     Ok(Cleaned {
         schema,
         loaded: count_rows(&rows),
@@ -181,7 +187,7 @@ fn typed_with_reasons(raw: DataFrame, spec: &SourceTransform) -> Result<DataFram
             t.alias(c.name.as_str())
         })
         .collect();
-    trimmed.extend([col(FILE_COL), col(LINE_COL), col(RAW_COL)]);
+    trimmed.extend([col(FILE_COL), col(LINE_COL)]);
     let text = raw.select(trimmed)?;
 
     // Step 2: parse and check every column.
@@ -203,7 +209,7 @@ fn typed_with_reasons(raw: DataFrame, spec: &SourceTransform) -> Result<DataFram
     exprs.push(reason.alias(REASON_COL));
     exprs.push(column.otherwise(lit(ScalarValue::Utf8(None)))?.alias(COLUMN_COL));
     exprs.push(rule.otherwise(lit(ScalarValue::Utf8(None)))?.alias(RULE_COL));
-    exprs.extend([col(FILE_COL), col(LINE_COL), col(RAW_COL)]);
+    exprs.extend([col(FILE_COL), col(LINE_COL)]);
     Ok(text.select(exprs)?)
 }
 
@@ -287,7 +293,7 @@ fn rank_by_key(good: DataFrame, spec: &SourceTransform) -> Result<DataFrame> {
     Ok(good.window(vec![rn])?)
 }
 
-/// Shapes rejected rows as quarantine rows.
+/// Shapes rejected rows as quarantine rows, but for their text (see [`with_texts`]).
 fn quarantine_rows(df: DataFrame, table: &str, column: Expr, rule: Expr, reason: Expr) -> Result<DataFrame> {
     Ok(df.select(vec![
         lit(table).alias("table_name"),
@@ -296,6 +302,26 @@ fn quarantine_rows(df: DataFrame, table: &str, column: Expr, rule: Expr, reason:
         cast(column, DataType::Utf8).alias("column_name"),
         cast(rule, DataType::Utf8).alias("rule"),
         cast(reason, DataType::Utf8).alias("reason"),
-        col(RAW_COL).alias("raw"),
     ])?)
+}
+
+/// Quarantine rows with each record's text (`raw`), found in `texts` by file and line.
+async fn with_texts(ctx: &SessionContext, rejected: Vec<RecordBatch>, texts: RecordBatch) -> Result<Vec<RecordBatch>> {
+    let n = count_rows(&rejected);
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let rejected = ctx.read_batches(rejected)?;
+    let texts = ctx.read_batch(texts)?.select(vec![col(FILE_COL).alias("_text_file"), col(LINE_COL).alias("_text_line"), col(RAW_COL)])?;
+    // Joined on the line (a number); the file (dictionary-encoded text) checked on the few matches.
+    let same_file = cast(col("_text_file"), DataType::Utf8).eq(col("source_file"));
+    let joined = rejected.join(texts, JoinType::Inner, &["line"], &["_text_line"], Some(same_file))?;
+    let columns = ["table_name", "source_file", "line", "column_name", "rule", "reason"];
+    let mut select: Vec<Expr> = columns.iter().map(|c| col(*c)).collect();
+    select.push(col(RAW_COL).alias("raw"));
+    let rows = joined.select(select)?.collect().await?;
+    if count_rows(&rows) != n {
+        return Err(crate::error::Error::Internal(format!("{n} rejected rows found {} record texts", count_rows(&rows))));
+    }
+    Ok(rows)
 }
