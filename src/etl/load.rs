@@ -280,9 +280,9 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
                     crate::fault::point(&format!("extracted {}", t.name));
                 }
                 unchanged_while_read(project, &listed_files[i], &surveyed[i], &stats_before[i])?;
-                run.source(t, spec, plans[i].clone(), ex, options).await?;
+                in_table(&t.name, run.source(t, spec, plans[i].clone(), ex, options).await)?;
             }
-            TransformBody::History(h) => run.history(t, h).await?,
+            TransformBody::History(h) => in_table(&t.name, run.history(t, h).await)?,
             TransformBody::Derived { .. } => {}
         }
     }
@@ -301,7 +301,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
                 i += 1;
                 continue;
             }
-            run.derived(&set, t, sql, &inputs).await?;
+            in_table(&t.name, run.derived(&set, t, sql, &inputs).await)?;
             pending.remove(i);
             progressed = true;
         }
@@ -318,7 +318,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
 
     // Lifetime value models, fitted over the whole customer base (see etl::models).
     if set.get("fact_sales").is_some() {
-        run.models().await?;
+        in_table("customer_clv", run.models().await)?;
     }
 
     // Every column the cube files name exists in tonight's tables (before rollups read them).
@@ -337,7 +337,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     // Rollups, from the tables just derived (see crate::rollup).
     for cube in &cubes.cubes {
         for rollup in &cube.rollups {
-            run.rollup(cube, rollup).await?;
+            in_table(&rollup.table, run.rollup(cube, rollup).await)?;
         }
     }
 
@@ -1050,6 +1050,10 @@ fn referenced_tables(ctx: &SessionContext, sql: &str) -> Result<Vec<String>> {
 }
 
 fn derived_error(set: &TransformSet, table: &str, e: datafusion::error::DataFusionError) -> Error {
+    // Out of memory is not a mistake in the SELECT.
+    if matches!(e.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_)) {
+        return Error::Engine(e);
+    }
     let file = set.get(table).map(|t| t.file.display().to_string()).unwrap_or_default();
     Error::Spec(crate::error::SpecErrors(vec![crate::error::Diagnostic {
         file: file.into(),
@@ -1059,6 +1063,17 @@ fn derived_error(set: &TransformSet, table: &str, e: datafusion::error::DataFusi
         message: e.to_string(),
         hint: Some("fix the SELECT; `crmcube sql` runs it over the current snapshot".into()),
     }]))
+}
+
+/// Names the table a load was making when it ran out of memory: DataFusion's message names only
+/// the operator (`HashJoinInput[0]`).
+fn in_table<T>(table: &str, result: Result<T>) -> Result<T> {
+    result.map_err(|e| match e {
+        Error::Engine(d) if matches!(d.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_)) => {
+            Error::Engine(d.context(format!("making table '{table}'")))
+        }
+        e => e,
+    })
 }
 
 /// Quarantine rows for records rejected while reading the export.
