@@ -295,13 +295,13 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         let mut i = 0;
         while i < pending.len() {
             let t = pending[i];
-            let TransformBody::Derived { sql } = &t.body else { unreachable!("only derived tables are pending") };
+            let TransformBody::Derived { sql, grows_with } = &t.body else { unreachable!("only derived tables are pending") };
             let inputs = referenced_tables(&ctx, sql)?;
             if inputs.iter().any(|n| pending_names.contains(n) && !run.done.contains(n)) {
                 i += 1;
                 continue;
             }
-            in_table(&t.name, run.derived(&set, t, sql, &inputs).await)?;
+            in_table(&t.name, run.derived(&set, t, sql, grows_with.as_deref(), &inputs).await)?;
             pending.remove(i);
             progressed = true;
         }
@@ -424,6 +424,11 @@ struct Run<'a> {
     prints: crate::rollup::partitions::PrintCache,
     /// Dimension tables checked for kept members, by table and columns: the answer.
     members_kept: BTreeMap<(String, Vec<String>), bool>,
+    /// Tables that only gained rows tonight (new keys appended), with those rows: what a
+    /// derived table that `grows_with` one of them appends from.
+    appended: BTreeMap<String, (SchemaRef, Vec<RecordBatch>)>,
+    /// Tables registered in memory beyond the outputs (a grown table's previous rows).
+    registered: MemoryReservation,
 }
 
 impl<'a> Run<'a> {
@@ -444,6 +449,8 @@ impl<'a> Run<'a> {
             full_patterns: Vec::new(),
             prints: Default::default(),
             members_kept: BTreeMap::new(),
+            appended: BTreeMap::new(),
+            registered: MemoryConsumer::new("load: grown tables' previous rows").register(&ctx.runtime_env().memory_pool),
         }
     }
 
@@ -687,6 +694,7 @@ impl<'a> Run<'a> {
             // there when needed rather than holding it all in memory.
             let total = entry.rows + count_rows(&delta_rows);
             report.rows = total;
+            self.appended.insert(t.name.clone(), (schema.clone(), delta_rows.clone()));
             self.ctx.deregister_table(t.name.as_str())?;
             self.ctx.register_table(t.name.as_str(), merged.into_view())?;
             return Ok(Output { name: t.name.clone(), schema, rows: delta_rows, total_rows: total, append, partition: vec![], spec: None, watermark: report.watermark_after.clone(), partitions: BTreeMap::new() });
@@ -759,13 +767,19 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    async fn derived(&mut self, set: &TransformSet, t: &Transform, sql: &str, inputs: &[String]) -> Result<()> {
+    async fn derived(&mut self, set: &TransformSet, t: &Transform, sql: &str, grows_with: Option<&str>, inputs: &[String]) -> Result<()> {
         let (fingerprint, same_spec) = self.fingerprint_unchanged(t)?;
         if same_spec && !inputs.iter().any(|i| self.changed.contains(i)) {
             return self.keep(&t.name, "derived").await;
         }
         let name = &t.name;
         let table_started = Instant::now();
+        if same_spec
+            && let Some(driver) = grows_with
+            && self.grow(set, t, sql, driver, inputs, &fingerprint, table_started).await?
+        {
+            return Ok(());
+        }
         let df = self.ctx.sql(sql).await.map_err(|e| derived_error(set, name, e))?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let rows = df.collect().await.map_err(|e| derived_error(set, name, e))?;
@@ -801,6 +815,90 @@ impl<'a> Run<'a> {
         self.done.insert(name.clone());
         self.hold(Output { name: name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None, partitions: BTreeMap::new() })?;
         Ok(())
+    }
+
+    /// A derived table that `grows_with` a driver table, on a night when the driver only gained
+    /// rows and every other table its SQL reads kept its rows (or only gained new keys the driver
+    /// references, so no earlier driver row finds a new match): the SELECT of the driver's new
+    /// rows alone, appended to the previous rows. False when the night does not allow it (the
+    /// caller recomputes the table).
+    #[allow(clippy::too_many_arguments)]
+    async fn grow(&mut self, set: &TransformSet, t: &Transform, sql: &str, driver: &str, inputs: &[String], fingerprint: &str, started: Instant) -> Result<bool> {
+        use datafusion::prelude::{cast, col};
+        let name = t.name.as_str();
+        let Some(entry) = self.previous_entry(name).cloned() else { return Ok(false) };
+        let Some((driver_schema, new_rows)) = self.appended.get(driver).cloned() else { return Ok(false) };
+        let referenced: Vec<&str> = match set.get(driver).map(|d| &d.body) {
+            Some(TransformBody::Source(s)) => s.references.iter().map(|r| r.table.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        if let Some(i) = inputs.iter().find(|i| *i != driver && self.changed.contains(*i) && !(self.appended.contains_key(*i) && referenced.contains(&i.as_str()))) {
+            tracing::info!(table = name, "recomputed in full: {i} changed other than by new rows {driver} references");
+            return Ok(false);
+        }
+        let plan = self.ctx.sql(sql).await.map_err(|e| derived_error(set, name, e))?.into_unoptimized_plan();
+        if let Some(why) = not_row_wise(&plan, driver, inputs) {
+            tracing::warn!(table = name, "grows_with {driver} does not apply: {why}; the table is recomputed in full");
+            return Ok(false);
+        }
+        // Append only onto the very version the previous snapshot names (see merge).
+        if self.warehouse.latest_version(name).await? != Some(entry.version) {
+            return Ok(false);
+        }
+        // The SELECT over the driver's new rows: the driver reads as those rows meanwhile.
+        let whole = self.ctx.deregister_table(driver)?.ok_or_else(|| Error::Internal(format!("table '{driver}' is not registered")))?;
+        self.register(driver, &driver_schema, &new_rows)?;
+        let result = async {
+            let df = self.ctx.sql(sql).await?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            Ok::<_, datafusion::error::DataFusionError>((schema, df.collect().await?))
+        }
+        .await;
+        self.ctx.deregister_table(driver)?;
+        self.ctx.register_table(driver, whole)?;
+        let (schema, rows) = result.map_err(|e| derived_error(set, name, e))?;
+
+        // The table after the load, for the tables read after it: the previous rows (in
+        // tonight's types) and the new ones, in memory.
+        let previous = format!("__previous_{name}");
+        self.register_previous(name, &previous).await?;
+        let old = self.ctx.table(previous.as_str()).await?;
+        let old = old.select(schema.fields().iter().map(|f| cast(col(f.name().as_str()), f.data_type().clone()).alias(f.name())).collect::<Vec<_>>())?;
+        let mut all = old.collect().await?;
+        self.ctx.deregister_table(previous.as_str())?;
+        let bytes = crate::warehouse::memory_size(&all);
+        self.registered.try_grow(bytes).map_err(|e| e.context(format!("holding table '{name}' ({}) for the tables read after it", mib(bytes))))?;
+        all.extend(rows.iter().cloned());
+        self.register(name, &schema, &all)?;
+        crate::fault::point(&format!("derived {name}"));
+        let n = count_rows(&rows);
+        tracing::info!(table = name, rows = n, "appended");
+        self.reports.push(TableReport {
+            table: name.to_string(),
+            kind: "derived",
+            mode: "incremental",
+            read: n,
+            loaded: n,
+            rows: entry.rows + n,
+            millis: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        });
+        self.changed.insert(name.to_string());
+        self.done.insert(name.to_string());
+        self.appended.insert(name.to_string(), (schema.clone(), rows.clone()));
+        let output = Output {
+            name: name.to_string(),
+            schema,
+            rows,
+            total_rows: entry.rows + n,
+            append: true,
+            partition: vec![],
+            spec: Some(fingerprint.to_string()),
+            watermark: None,
+            partitions: BTreeMap::new(),
+        };
+        self.hold(output)?;
+        Ok(true)
     }
 
     async fn models(&mut self) -> Result<()> {
@@ -1065,6 +1163,43 @@ fn derived_error(set: &TransformSet, table: &str, e: datafusion::error::DataFusi
     }]))
 }
 
+/// Why `plan` is not a row-wise function of `driver`'s rows — each output row from one driver row,
+/// joined (inner, or left with the driver on the left) and filtered — or None when it is. The
+/// tables it reads (`inputs`) are leaves, whether scanned or inlined as views.
+fn not_row_wise(plan: &datafusion::logical_expr::LogicalPlan, driver: &str, inputs: &[String]) -> Option<String> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Expr, JoinType, LogicalPlan};
+    // The name of the input table a node stands for, if it is one.
+    let table = |n: &LogicalPlan| match n {
+        LogicalPlan::TableScan(s) => Some(s.table_name.table().to_string()),
+        LogicalPlan::SubqueryAlias(a) if inputs.iter().any(|i| i == a.alias.table()) => Some(a.alias.table().to_string()),
+        _ => None,
+    };
+    let reads = |p: &LogicalPlan| p.exists(|n| Ok(table(n).as_deref() == Some(driver))).unwrap_or(true);
+    let subquery = |e: &Expr| e.exists(|x| Ok(matches!(x, Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)))).unwrap_or(true);
+    let (mut scans, mut why) = (0, None);
+    let _ = plan.apply(|node| {
+        if let Some(t) = table(node) {
+            scans += usize::from(t == driver);
+            return Ok(TreeNodeRecursion::Jump);
+        }
+        let problem = match node {
+            LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => None,
+            LogicalPlan::Join(j) if j.join_type == JoinType::Inner => None,
+            LogicalPlan::Join(j) if j.join_type == JoinType::Left && !reads(&j.right) => None,
+            LogicalPlan::Join(j) => Some(format!("it has a {} join", j.join_type)),
+            other => Some(format!("it has a step `{}`", other.display().to_string().split(':').next().unwrap_or_default())),
+        };
+        let problem = problem.or_else(|| node.expressions().iter().any(subquery).then(|| "it has a subquery".to_string()));
+        if problem.is_some() {
+            why = problem;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    why.or_else(|| (scans != 1).then(|| format!("it reads {driver} {scans} times")))
+}
+
 /// Names the table a load was making when it ran out of memory: DataFusion's message names only
 /// the operator (`HashJoinInput[0]`).
 fn in_table<T>(table: &str, result: Result<T>) -> Result<T> {
@@ -1182,6 +1317,35 @@ pub(crate) fn mib(bytes: usize) -> String {
 mod tests {
     use super::*;
     use datafusion::execution::memory_pool::GreedyMemoryPool;
+
+    /// Only joins and filters of the driver's rows grow with it; anything that combines rows
+    /// (or reads the driver on the kept side of another table's join) recomputes the table.
+    #[tokio::test]
+    async fn a_select_grows_with_its_driver_only_when_each_row_comes_from_one_driver_row() {
+        let ctx = SessionContext::new();
+        for t in ["CREATE TABLE lines (order_id TEXT, qty INT)", "CREATE TABLE orders (order_id TEXT, day DATE)"] {
+            ctx.sql(t).await.unwrap().collect().await.unwrap();
+        }
+        let inputs = vec!["lines".to_string(), "orders".to_string()];
+        let why = |sql: &'static str| {
+            let (ctx, inputs) = (ctx.clone(), inputs.clone());
+            async move { not_row_wise(&ctx.sql(sql).await.unwrap().into_unoptimized_plan(), "lines", &inputs) }
+        };
+        assert_eq!(why("SELECT l.order_id, l.qty * 2 AS q, o.day FROM lines l JOIN orders o ON l.order_id = o.order_id WHERE l.qty > 0").await, None);
+        assert_eq!(why("SELECT l.order_id, o.day FROM lines l LEFT JOIN orders o ON l.order_id = o.order_id").await, None);
+        for (sql, expected) in [
+            ("SELECT order_id, sum(qty) FROM lines GROUP BY 1", "Aggregate"),
+            ("SELECT DISTINCT order_id FROM lines", "Distinct"),
+            ("SELECT o.order_id FROM orders o LEFT JOIN lines l ON l.order_id = o.order_id", "Left join"),
+            ("SELECT order_id FROM lines UNION ALL SELECT order_id FROM lines", "Union"),
+            ("SELECT order_id FROM lines WHERE qty > (SELECT avg(qty) FROM lines)", "subquery"),
+            ("SELECT order_id, row_number() OVER (ORDER BY qty) FROM lines", "Window"),
+            ("SELECT order_id FROM orders", "reads lines 0 times"),
+        ] {
+            let got = why(sql).await.unwrap_or_else(|| panic!("{sql} is not row-wise"));
+            assert!(got.contains(expected), "{sql}: {got}");
+        }
+    }
 
     #[test]
     fn extraction_reserves_three_times_its_files_before_reading_them() {

@@ -22,6 +22,12 @@ pub struct TransformSpec {
     /// A SELECT over other warehouse tables (derived tables).
     #[serde(default)]
     pub sql: Option<String>,
+    /// Derived tables: each row comes from one row of this table, joined to other tables by
+    /// their keys and filtered. On a night when it only gained rows, and every other table the
+    /// SQL reads kept its rows (or only gained new keys it references), a load appends the
+    /// SELECT of the new rows instead of recomputing the table.
+    #[serde(default)]
+    pub grows_with: Option<Spanned<String>>,
     #[serde(default)]
     pub columns: Vec<ColumnSpec>,
     /// Column(s) identifying a row; duplicates are resolved by `duplicates`.

@@ -30,8 +30,9 @@ pub struct Transform {
 #[derive(Debug, Clone)]
 pub enum TransformBody {
     Source(SourceTransform),
-    /// A SELECT over other warehouse tables, run after its inputs are loaded.
-    Derived { sql: String },
+    /// A SELECT over other warehouse tables, run after its inputs are loaded; `grows_with`: see
+    /// [`super::spec::TransformSpec::grows_with`].
+    Derived { sql: String, grows_with: Option<String> },
     /// The type-2 history of a source table that declares `history:` (see [`History`]); built by
     /// the load from the previous snapshot's history and the table's new rows.
     History(History),
@@ -136,6 +137,13 @@ pub fn resolve(specs: Vec<(PathBuf, TransformSpec)>, unreadable: &[String], erro
     };
     let mut cross = Vec::new();
     for (file, spec) in &specs {
+        if let Some(g) = &spec.grows_with
+            && !names.contains(&g.value.as_str())
+            && !unreadable.contains(&g.value)
+        {
+            let hint = valid_names_hint("tables", &g.value, names.iter().copied());
+            cross.push(diag(file, g, format!("table '{}' › grows_with", spec.table.value), format!("table '{}' not found", g.value), Some(hint)));
+        }
         for r in &spec.references {
             let key = format!("table '{}' › references › '{}'", spec.table.value, r.column.value);
             if unreadable.contains(&r.table.value) {
@@ -224,11 +232,14 @@ fn resolve_one(
                 "a transform needs exactly one of `source:` (an export) or `sql:` (a derived table)".into(),
                 None,
             ));
-            TransformBody::Derived { sql: String::new() }
+            TransformBody::Derived { sql: String::new(), grows_with: None }
         }
-        (None, Some(sql)) => TransformBody::Derived { sql: sql.clone() },
+        (None, Some(sql)) => TransformBody::Derived { sql: sql.clone(), grows_with: spec.grows_with.as_ref().map(|g| g.value.clone()) },
         (Some(source), None) => TransformBody::Source(resolve_source(file, spec, source, errors)),
     };
+    if let (Some(g), Some(_)) = (&spec.grows_with, &spec.source) {
+        errors.push(diag(file, g, at("grows_with"), "`grows_with` is for derived tables (`sql:`); a source table declares `load: incremental`".into(), None));
+    }
     let access = spec.access.as_ref().map(|rules| crate::access::resolve_rules(file, &table, rules, errors));
     Transform { name: table, file: file.to_path_buf(), body, access }
 }

@@ -240,7 +240,7 @@ async fn hand_made() -> datafusion::prelude::SessionContext {
 async fn derived(ctx: &datafusion::prelude::SessionContext, table: &str, select: &str) -> Vec<Vec<String>> {
     let project = &crate::common::loaded().test.project;
     let transforms = crmcube::etl::TransformSet::load(project).unwrap();
-    let crmcube::etl::TransformBody::Derived { sql } = &transforms.get(table).unwrap().body else { panic!("{table} is derived") };
+    let crmcube::etl::TransformBody::Derived { sql, .. } = &transforms.get(table).unwrap().body else { panic!("{table} is derived") };
     let df = ctx.sql(sql).await.unwrap();
     let view = datafusion::prelude::SessionContext::new();
     view.register_table(table, df.into_view()).unwrap();
@@ -419,7 +419,7 @@ async fn service_levels_from_hand_made_contacts_with_an_abandon_after_answering(
     }
     let project = &crate::common::loaded().test.project;
     let transforms = crmcube::etl::TransformSet::load(project).unwrap();
-    let crmcube::etl::TransformBody::Derived { sql } = &transforms.get("service_level").unwrap().body else { panic!("derived") };
+    let crmcube::etl::TransformBody::Derived { sql, .. } = &transforms.get("service_level").unwrap().body else { panic!("derived") };
     let df = ctx.sql(sql).await.unwrap();
     ctx.register_table("service_level", df.into_view()).unwrap();
     let options = crmcube::report::Options { date: Some("2025-06-30".parse().unwrap()), ..Default::default() };

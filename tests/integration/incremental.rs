@@ -129,6 +129,8 @@ fn a_second_nights_files_add_exactly_the_new_and_changed_rows_with_history() {
         for t in ["dim_product", "dim_sales_rep", "fact_payment", "fact_invoice", "fact_interaction"] {
             assert_eq!(table(&second, t).mode, "unchanged", "{t} read nothing new");
         }
+        // An order changed (cancelled) and a customer moved: the sales are recomputed, not grown.
+        assert_eq!(table(&second, "fact_sales").mode, "full");
         assert_eq!(count(&w1, "dim_customer").await, before["dim_customer"] + 1);
         assert_eq!(count(&w1, "orders").await, before["orders"] + 3);
         assert_eq!(count(&w1, "order_lines").await, before["order_lines"] + 4);
@@ -295,5 +297,55 @@ fn a_second_night_rebuilds_only_the_rollup_partitions_its_rows_touch() {
         // A third night with nothing new for the facts keeps every rollup as it is.
         let third = load(&project, &w).await.unwrap();
         assert!(third.unchanged, "{third:?}");
+    });
+}
+
+/// A night of new orders and their lines only: the sales facts are appended (`grows_with:
+/// order_lines`), not recomputed, and equal what their SQL gives over the whole base tables.
+#[test]
+fn a_night_of_new_orders_only_appends_the_sales_facts() {
+    let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let project = incremental_project(dir.path(), true);
+    let w = Warehouse::new(project.warehouse.clone());
+    block_on(async move {
+        load(&project, &w).await.unwrap();
+        let before = count(&w, "fact_sales").await;
+        std::fs::write(
+            project.sources.join("orders_2026-11-01.csv"),
+            format!(
+                "order_id,customer_id,rep_id,channel,order_date,status,updated_at\n\
+                 O9000001,{MOVER},R004,online,2026-11-02,completed,2026-11-02 10:00:00\n\
+                 O9000002,{MOVER},R004,store,2026-11-03,cancelled,2026-11-03 10:00:00\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            project.sources.join("order_lines_2026-11-01.csv"),
+            "order_id,line_no,product_id,quantity,unit_price,discount_pct\nO9000001,1,P0059,4,489.00,5\nO9000001,2,P0047,1,2019.00,0\nO9000002,1,P0047,2,2019.00,10\n",
+        )
+        .unwrap();
+        let second = load(&project, &w).await.unwrap();
+        let f = table(&second, "fact_sales");
+        // Two completed lines in; the cancelled order's line is filtered out as ever.
+        assert_eq!((f.mode, f.read, f.rows), ("incremental", 2, before as u64 + 2), "{f:?}");
+        assert_eq!(count(&w, "fact_sales").await, before + 2);
+        let log = w.table_path("fact_sales").join("_delta_log");
+        let last = std::fs::read_dir(&log).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "json")).max().unwrap();
+        assert!(std::fs::read_to_string(&last).unwrap().contains(r#""mode":"Append""#));
+
+        // The same rows as the transform's SELECT over the whole tables, and the new lines'
+        // revenue by hand: 4 × 489.00 × 95 % + 1 × 2019.00.
+        let ctx = w.session().await.unwrap();
+        let transforms = crmcube::etl::TransformSet::load(&project).unwrap();
+        let crmcube::etl::TransformBody::Derived { sql: select, .. } = &transforms.get("fact_sales").unwrap().body else { panic!("fact_sales is derived") };
+        ctx.register_table("recomputed", ctx.sql(select).await.unwrap().into_view()).unwrap();
+        assert_eq!(content_checksum(&ctx, "fact_sales").await.unwrap(), content_checksum(&ctx, "recomputed").await.unwrap());
+        let revenue = scalar(&ctx, "SELECT CAST(sum(revenue) AS VARCHAR) FROM fact_sales WHERE order_id = 'O9000001'").await;
+        assert_eq!(cents(&revenue), 4 * 48900 * 95 / 100 + 201900);
+        drop(ctx);
+
+        // Downstream tables read the grown table: the rollups refresh November only.
+        let r = table(&second, "rollup_sales_month");
+        assert_eq!((r.mode, r.partitions.as_slice()), ("incremental", ["2026-11".to_string()].as_slice()), "{r:?}");
     });
 }
