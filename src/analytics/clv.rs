@@ -54,7 +54,17 @@ fn ln_gamma(x: f64) -> f64 {
 /// it is the same operations in the same order.
 struct Likelihood {
     terms: fn(&[f64], f64) -> [f64; 3],
-    ll: fn(&[f64], &[f64; 3], &Customer) -> f64,
+    /// The customer's value given `x`'s terms and `ln(p[1] + T)`, `ln(p[1] + t_x)` (BG/NBD's
+    /// `ln(α + T)` and `ln(α + t_x)`; see [`Likelihood::logs`]).
+    ll: fn(&[f64], &[f64; 3], &Customer, [f64; 2]) -> f64,
+    /// Whether `ll` reads those logs: a fit then computes them once per distinct age and recency
+    /// (a few hundred: whole days in the time unit) rather than once per customer.
+    logs: bool,
+}
+
+/// `ln(p[1] + T)` and `ln(p[1] + t_x)` of one customer, computed for it alone.
+fn logs_of(params: &[f64], c: &Customer) -> [f64; 2] {
+    [(params[1] + c.t).ln(), (params[1] + c.t_x).ln()]
 }
 
 /// BG/NBD, parameters (r, α, a, b): `x`'s terms are a₁ and a₂ of Fader, Hardie & Lee, and the
@@ -68,19 +78,20 @@ const BGNBD: Likelihood = Likelihood {
             a.ln() - (b + x - 1.0).ln(),
         ]
     },
-    ll: |p, terms, c| {
-        let (r, alpha) = (p[0], p[1]);
+    ll: |p, terms, c, [ln_t, ln_t_x]| {
+        let r = p[0];
         let [a1, a2, a4_x] = *terms;
         let x = c.x;
-        let a3 = -(r + x) * (alpha + c.t).ln();
+        let a3 = -(r + x) * ln_t;
         if x > 0.0 {
-            let a4 = a4_x - (r + x) * (alpha + c.t_x).ln();
+            let a4 = a4_x - (r + x) * ln_t_x;
             let hi = a3.max(a4);
             a1 + a2 + hi + ((a3 - hi).exp() + (a4 - hi).exp()).ln()
         } else {
             a1 + a2 + a3
         }
     },
+    logs: true,
 };
 
 /// Gamma-Gamma, parameters (p, q, v), over customers with `x` > 0.
@@ -89,17 +100,27 @@ const GAMMA_GAMMA: Likelihood = Likelihood {
         let (p, q, v) = (p[0], p[1], p[2]);
         [ln_gamma(p * x + q) - ln_gamma(p * x) - ln_gamma(q) + q * v.ln(), p * x * x.ln(), 0.0]
     },
-    ll: |p, terms, c| {
+    ll: |p, terms, c, _| {
         let (p, q, v) = (p[0], p[1], p[2]);
         let (x, m) = (c.x, c.m);
         terms[0] + (p * x - 1.0) * m.ln() + terms[1] - (p * x + q) * (x * m + v).ln()
     },
+    logs: false,
 };
 
 /// One customer's log-likelihood under `f` at `params`, its terms computed for it alone.
 #[cfg(test)]
 fn direct_ll(f: &Likelihood, params: &[f64], c: &Customer) -> f64 {
-    (f.ll)(params, &(f.terms)(params, c.x), c)
+    (f.ll)(params, &(f.terms)(params, c.x), c, logs_of(params, c))
+}
+
+/// The distinct values of `value` over the customers, and each customer's index among them.
+fn distinct(customers: &[Customer], value: fn(&Customer) -> f64) -> (Vec<f64>, Vec<u32>) {
+    let mut values: Vec<u64> = customers.iter().map(|c| value(c).to_bits()).collect();
+    values.sort_unstable();
+    values.dedup();
+    let index = customers.iter().map(|c| values.binary_search(&value(c).to_bits()).unwrap_or(0) as u32).collect();
+    (values.into_iter().map(f64::from_bits).collect(), index)
 }
 
 /// The largest repeat count, when every one is a whole number small enough to tabulate.
@@ -123,6 +144,10 @@ struct Problem<'a> {
     f: &'a Likelihood,
     /// See [`tabulable`].
     max_x: Option<usize>,
+    /// Distinct ages and recencies, and each customer's index in them (when `f.logs` and they
+    /// are few enough to be worth it).
+    ages: Option<(Vec<f64>, Vec<u32>)>,
+    recencies: Option<(Vec<f64>, Vec<u32>)>,
 }
 
 impl CostFunction for Problem<'_> {
@@ -133,13 +158,33 @@ impl CostFunction for Problem<'_> {
         use rayon::prelude::*;
         let params: Vec<f64> = log_params.iter().map(|p| p.exp()).collect();
         let table: Option<Vec<[f64; 3]>> = self.max_x.map(|m| (0..=m).map(|x| (self.f.terms)(&params, x as f64)).collect());
-        let ll = |c: &Customer| match &table {
-            Some(t) => (self.f.ll)(&params, &t[c.x as usize], c),
-            None => (self.f.ll)(&params, &(self.f.terms)(&params, c.x), c),
+        fn shifted<'d>(alpha: f64, d: &'d Option<(Vec<f64>, Vec<u32>)>) -> Option<(Vec<f64>, &'d [u32])> {
+            d.as_ref().map(|(values, index)| (values.iter().map(|v| (alpha + v).ln()).collect(), index.as_slice()))
+        }
+        let (ln_ages, ln_recencies) = (shifted(params[1], &self.ages), shifted(params[1], &self.recencies));
+        let ll = |(i, c): (usize, &Customer)| {
+            let logs = if self.f.logs {
+                let direct = logs_of(&params, c);
+                [
+                    ln_ages.as_ref().map_or(direct[0], |(l, index)| l[index[i] as usize]),
+                    ln_recencies.as_ref().map_or(direct[1], |(l, index)| l[index[i] as usize]),
+                ]
+            } else {
+                [0.0; 2]
+            };
+            match &table {
+                Some(t) => (self.f.ll)(&params, &t[c.x as usize], c, logs),
+                None => (self.f.ll)(&params, &(self.f.terms)(&params, c.x), c, logs),
+            }
         };
         // Fixed chunks summed in parallel, then their sums in order: the same total on any
         // number of threads (a load's tables must not depend on scheduling).
-        let chunks: Vec<f64> = self.customers.par_chunks(LL_CHUNK).map(|chunk| chunk.iter().map(ll).sum::<f64>()).collect();
+        let chunks: Vec<f64> = self
+            .customers
+            .par_chunks(LL_CHUNK)
+            .enumerate()
+            .map(|(k, chunk)| chunk.iter().enumerate().map(|(i, c)| ll((k * LL_CHUNK + i, c))).sum::<f64>())
+            .collect();
         let total: f64 = chunks.iter().sum();
         let mean = -total / self.customers.len() as f64;
         Ok(if mean.is_finite() { mean } else { f64::MAX })
@@ -153,6 +198,9 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
     if customers.is_empty() {
         return Err("no customers to fit".into());
     }
+    // Tabulated when there are at most a quarter as many distinct values as customers.
+    let few = |d: (Vec<f64>, Vec<u32>)| (d.0.len() * 4 <= customers.len()).then_some(d);
+    let (ages, recencies) = if f.logs { (few(distinct(customers, |c| c.t)), few(distinct(customers, |c| c.t_x))) } else { (None, None) };
     let mut best: Vec<f64> = start.iter().map(|p| p.ln()).collect();
     let mut best_cost = f64::MAX;
     for _ in 0..8 {
@@ -163,7 +211,8 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
             simplex.push(v);
         }
         let solver = NelderMead::new(simplex).with_sd_tolerance(1e-12).map_err(|e| e.to_string())?;
-        let result = Executor::new(Problem { customers, f, max_x: tabulable(customers) }, solver)
+        let problem = Problem { customers, f, max_x: tabulable(customers), ages: ages.clone(), recencies: recencies.clone() };
+        let result = Executor::new(problem, solver)
             .configure(|s| s.max_iters(20_000))
             .run()
             .map_err(|e| e.to_string())?;
@@ -433,8 +482,11 @@ mod tests {
         let max = tabulable(&customers).unwrap();
         for (f, params) in [(&BGNBD, vec![0.7, 4.0, 1.1, 2.5]), (&GAMMA_GAMMA, vec![5.0, 3.5, 12.0])] {
             let table: Vec<[f64; 3]> = (0..=max).map(|x| (f.terms)(&params, x as f64)).collect();
-            for c in customers.iter().filter(|c| c.x > 0.0 || params.len() == 4) {
-                let tabulated = (f.ll)(&params, &table[c.x as usize], c);
+            let (ages, age_of) = distinct(&customers, |c| c.t);
+            let (recencies, recency_of) = distinct(&customers, |c| c.t_x);
+            for (i, c) in customers.iter().enumerate().filter(|(_, c)| c.x > 0.0 || params.len() == 4) {
+                let logs = [(params[1] + ages[age_of[i] as usize]).ln(), (params[1] + recencies[recency_of[i] as usize]).ln()];
+                let tabulated = (f.ll)(&params, &table[c.x as usize], c, logs);
                 assert_eq!(tabulated.to_bits(), direct_ll(f, &params, c).to_bits(), "{c:?}");
             }
         }

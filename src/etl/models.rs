@@ -129,7 +129,11 @@ pub async fn clv_tables(ctx: &SessionContext, settings: &clv::Settings) -> Resul
             Arc::new(Date32Array::from(vec![settings.observation_end.map(Date32Type::from_naive_date)])),
         ],
     )?;
-    let col = |g: &dyn Fn(&Customer) -> f64| -> Arc<dyn Array> { Arc::new(Float64Array::from(customers.iter().map(g).collect::<Vec<_>>())) };
+    // Each customer's prediction on its own (the expected purchases sum a series): in parallel.
+    let col = |g: &(dyn Fn(&Customer) -> f64 + Sync)| -> Arc<dyn Array> {
+        use rayon::prelude::*;
+        Arc::new(Float64Array::from(customers.par_iter().map(g).collect::<Vec<_>>()))
+    };
     let rows = RecordBatch::try_new(
         customer_schema.clone(),
         vec![
