@@ -129,7 +129,7 @@ impl AggregateUDFImpl for Sketch {
     fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         let to = canonical_type(args.expr_fields[0].data_type());
         let value = canonical_field(&to);
-        Ok(Box::new(SketchAccumulator { inner: ApproxDistinct::new().accumulator(AccumulatorArgs { expr_fields: &[value], ..args })?, to }))
+        Ok(Box::new(HllAccumulator { inner: ApproxDistinct::new().accumulator(AccumulatorArgs { expr_fields: &[value], ..args })?, rows_as: to, merging: false }))
     }
 }
 
@@ -163,21 +163,26 @@ impl AggregateUDFImpl for Merge {
         sketched(&canonical_type(&self.value_type))?;
         // approx_distinct's own accumulator for the values' type: its state is the sketch.
         let value = canonical_field(&self.value_type);
-        Ok(Box::new(MergeAccumulator { inner: ApproxDistinct::new().accumulator(AccumulatorArgs { expr_fields: &[value], ..args })? }))
+        let inner = ApproxDistinct::new().accumulator(AccumulatorArgs { expr_fields: &[value], ..args })?;
+        Ok(Box::new(HllAccumulator { inner, rows_as: DataType::Binary, merging: true }))
     }
 }
 
+/// approx_distinct's own accumulator, fed values (building a sketch) or stored sketches (merging).
 #[derive(Debug)]
-struct SketchAccumulator {
+struct HllAccumulator {
     inner: Box<dyn Accumulator>,
-    /// The canonical type the values are hashed as.
-    to: DataType,
+    /// Rows are cast to this type first: the canonical value type when building (see
+    /// [`canonical_type`]), Binary when merging (stored sketches are states of `inner`).
+    rows_as: DataType,
+    /// Building: the result is the sketch (the state); merging: the estimate.
+    merging: bool,
 }
 
-impl Accumulator for SketchAccumulator {
+impl Accumulator for HllAccumulator {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        let values = datafusion::arrow::compute::cast(&values[0], &self.to)?;
-        self.inner.update_batch(&[values])
+        let rows = datafusion::arrow::compute::cast(&values[0], &self.rows_as)?;
+        if self.merging { self.inner.merge_batch(&[rows]) } else { self.inner.update_batch(&[rows]) }
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
@@ -189,6 +194,9 @@ impl Accumulator for SketchAccumulator {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
+        if self.merging {
+            return self.inner.evaluate();
+        }
         self.inner.state()?.into_iter().next().ok_or_else(|| DataFusionError::Internal("approx_distinct has no state".into()))
     }
 
@@ -196,33 +204,3 @@ impl Accumulator for SketchAccumulator {
         self.inner.size()
     }
 }
-
-#[derive(Debug)]
-struct MergeAccumulator {
-    inner: Box<dyn Accumulator>,
-}
-
-impl Accumulator for MergeAccumulator {
-    /// The input rows are stored sketches: states of the inner accumulator (as Binary).
-    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        let binary = datafusion::arrow::compute::cast(&values[0], &DataType::Binary)?;
-        self.inner.merge_batch(&[binary])
-    }
-
-    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        self.inner.merge_batch(states)
-    }
-
-    fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        self.inner.state()
-    }
-
-    fn evaluate(&mut self) -> Result<ScalarValue> {
-        self.inner.evaluate()
-    }
-
-    fn size(&self) -> usize {
-        self.inner.size()
-    }
-}
-
