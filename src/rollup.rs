@@ -351,7 +351,8 @@ fn pinned(chain: &[&LogicalPlan]) -> BTreeSet<String> {
     out
 }
 
-fn has_subquery(e: &Expr) -> bool {
+/// Whether `e` holds a subquery (scalar, IN or EXISTS).
+pub(crate) fn has_subquery(e: &Expr) -> bool {
     e.exists(|x| Ok(matches!(x, Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)))).unwrap_or(true)
 }
 

@@ -654,16 +654,8 @@ impl<'a> Run<'a> {
         let previous = if had_previous {
             let old = ctx.table(previous_name.as_str()).await?;
             let old_columns: BTreeSet<String> = old.schema().fields().iter().map(|f| f.name().clone()).collect();
-            let select: Vec<_> = schema
-                .fields()
-                .iter()
-                .map(|f| {
-                    let value = if old_columns.contains(f.name()) { col(f.name().as_str()) } else { lit(datafusion::scalar::ScalarValue::Null) };
-                    cast(value, f.data_type().clone()).alias(f.name())
-                })
-                .collect();
             let same_columns = old.schema().fields().len() == schema.fields().len() && schema.fields().iter().all(|f| old_columns.contains(f.name()));
-            Some((old.select(select)?, same_columns))
+            Some((crate::warehouse::in_columns(old, &schema)?, same_columns))
         } else {
             None
         };
@@ -824,7 +816,6 @@ impl<'a> Run<'a> {
     /// caller recomputes the table).
     #[allow(clippy::too_many_arguments)]
     async fn grow(&mut self, set: &TransformSet, t: &Transform, sql: &str, driver: &str, inputs: &[String], fingerprint: &str, started: Instant) -> Result<bool> {
-        use datafusion::prelude::{cast, col};
         let name = t.name.as_str();
         let Some(entry) = self.previous_entry(name).cloned() else { return Ok(false) };
         let Some((driver_schema, new_rows)) = self.appended.get(driver).cloned() else { return Ok(false) };
@@ -862,9 +853,7 @@ impl<'a> Run<'a> {
         // tonight's types) and the new ones, in memory.
         let previous = format!("__previous_{name}");
         self.register_previous(name, &previous).await?;
-        let old = self.ctx.table(previous.as_str()).await?;
-        let old = old.select(schema.fields().iter().map(|f| cast(col(f.name().as_str()), f.data_type().clone()).alias(f.name())).collect::<Vec<_>>())?;
-        let mut all = old.collect().await?;
+        let mut all = crate::warehouse::in_columns(self.ctx.table(previous.as_str()).await?, &schema)?.collect().await?;
         self.ctx.deregister_table(previous.as_str())?;
         let bytes = crate::warehouse::memory_size(&all);
         self.registered.try_grow(bytes).map_err(|e| e.context(format!("holding table '{name}' ({}) for the tables read after it", mib(bytes))))?;
@@ -1120,7 +1109,6 @@ async fn history_sql(ctx: &SessionContext, h: &History, previous: Option<&str>) 
     ))
 }
 
-/// `rows`, or one empty batch of `schema` (DataFusion's `read_batches` needs one).
 /// The greatest value of `column` in `rows`, as text (None when there is none).
 async fn max_text(ctx: &SessionContext, schema: &SchemaRef, rows: &[RecordBatch], column: &str) -> Result<Option<String>> {
     let df = ctx.read_batches(crate::warehouse::with_empty(schema, rows.to_vec()))?;
@@ -1168,7 +1156,7 @@ fn derived_error(set: &TransformSet, table: &str, e: datafusion::error::DataFusi
 /// tables it reads (`inputs`) are leaves, whether scanned or inlined as views.
 fn not_row_wise(plan: &datafusion::logical_expr::LogicalPlan, driver: &str, inputs: &[String]) -> Option<String> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-    use datafusion::logical_expr::{Expr, JoinType, LogicalPlan};
+    use datafusion::logical_expr::{JoinType, LogicalPlan};
     // The name of the input table a node stands for, if it is one.
     let table = |n: &LogicalPlan| match n {
         LogicalPlan::TableScan(s) => Some(s.table_name.table().to_string()),
@@ -1176,7 +1164,6 @@ fn not_row_wise(plan: &datafusion::logical_expr::LogicalPlan, driver: &str, inpu
         _ => None,
     };
     let reads = |p: &LogicalPlan| p.exists(|n| Ok(table(n).as_deref() == Some(driver))).unwrap_or(true);
-    let subquery = |e: &Expr| e.exists(|x| Ok(matches!(x, Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)))).unwrap_or(true);
     let (mut scans, mut why) = (0, None);
     let _ = plan.apply(|node| {
         if let Some(t) = table(node) {
@@ -1190,7 +1177,7 @@ fn not_row_wise(plan: &datafusion::logical_expr::LogicalPlan, driver: &str, inpu
             LogicalPlan::Join(j) => Some(format!("it has a {} join", j.join_type)),
             other => Some(format!("it has a step `{}`", other.display().to_string().split(':').next().unwrap_or_default())),
         };
-        let problem = problem.or_else(|| node.expressions().iter().any(subquery).then(|| "it has a subquery".to_string()));
+        let problem = problem.or_else(|| node.expressions().iter().any(crate::rollup::has_subquery).then(|| "it has a subquery".to_string()));
         if problem.is_some() {
             why = problem;
             return Ok(TreeNodeRecursion::Stop);

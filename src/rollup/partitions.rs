@@ -170,7 +170,7 @@ pub async fn rebuild(
             kept = kept.filter(cast(col(unit_column.as_str()), DataType::Utf8).in_list(names, true))?;
         }
         // The stored rows in tonight's column order and types (Delta reads may type text as views).
-        let kept = kept.select(schema.fields().iter().map(|f| cast(col(f.name().as_str()), f.data_type().clone()).alias(f.name())).collect::<Vec<_>>())?;
+        let kept = crate::warehouse::in_columns(kept, schema.as_arrow())?;
         let rows = super::sorted(cube, rollup, kept.union(fresh)?)?;
         let arrow = Arc::new(rows.schema().as_arrow().clone());
         Ok::<_, Error>((arrow, rows.collect().await?, rebuilt))
@@ -184,12 +184,11 @@ pub async fn rebuild(
 /// still in `current` with the same values of `columns` (its key and the levels a rollup reads).
 pub async fn members_kept(ctx: &SessionContext, previous: &str, current: &str, columns: &[String]) -> Result<bool> {
     let now = ctx.table(current).await?.select_columns(&columns.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let types: Vec<DataType> = now.schema().fields().iter().map(|f| f.data_type().clone()).collect();
     let before = ctx.table(previous).await?;
     if columns.iter().any(|c| before.schema().field_with_unqualified_name(c).is_err()) {
         return Ok(false);
     }
-    let before = before.select(columns.iter().zip(&types).map(|(c, t)| cast(col(c.as_str()), t.clone()).alias(c.as_str())).collect::<Vec<_>>())?;
+    let before = crate::warehouse::in_columns(before, now.schema().as_arrow())?;
     Ok(before.except(now)?.limit(0, Some(1))?.count().await? == 0)
 }
 

@@ -548,6 +548,22 @@ pub async fn materialize(ctx: &SessionContext, df: DataFrame) -> Result<DataFram
     Ok(ctx.read_batches(with_empty(&schema, df.collect().await?))?)
 }
 
+/// `df` in the columns of `schema` — by name, in its order, cast to its types — where a column
+/// `df` lacks reads NULL: a stored table read in tonight's columns (Delta may store text as views
+/// and timestamps in microseconds; a column added to a transform has no earlier values).
+pub fn in_columns(df: DataFrame, schema: &Schema) -> Result<DataFrame> {
+    use datafusion::prelude::{cast, col, lit};
+    let select: Vec<_> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let value = if df.schema().has_column_with_unqualified_name(f.name()) { col(f.name().as_str()) } else { lit(datafusion::scalar::ScalarValue::Null) };
+            cast(value, f.data_type().clone()).alias(f.name())
+        })
+        .collect();
+    Ok(df.select(select)?)
+}
+
 /// `rows`, or one empty batch of `schema` when there are none (for `read_batches`).
 pub fn with_empty(schema: &SchemaRef, mut rows: Vec<RecordBatch>) -> Vec<RecordBatch> {
     if rows.is_empty() {
