@@ -542,7 +542,7 @@ pub async fn refresh(warehouse: &crate::warehouse::Warehouse, cubes: &CubeSet, a
             let rows = df.collect().await?;
             let n: u64 = rows.iter().map(|b| b.num_rows() as u64).sum();
             let partition: Vec<String> = rollup.partition_column(cube).into_iter().collect();
-            let version = warehouse.write_partitioned(&rollup.table, schema, rows, &partition).await?;
+            let version = warehouse.write_partitioned(&rollup.table, schema, rows, &partition, &Default::default()).await?;
             crate::fault::point(&format!("refreshed {}", rollup.table));
             tracing::info!(table = %rollup.table, rows = n, version, "written");
             // The units' prints, so that the next load can refresh this rollup by partition.

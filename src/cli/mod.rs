@@ -665,7 +665,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Compact { min_files, json } => {
             let project = project(&cli)?;
-            let r = warehouse(&cli, &project).compact(*min_files).await?;
+            let layouts = TransformSet::load(&project)?.transforms.into_iter().map(|t| (t.name, t.layout)).collect();
+            let r = warehouse(&cli, &project).compact(*min_files, &layouts).await?;
             let io = |e| Error::io("<stdout>", e);
             if *json {
                 return writeln!(out, "{}", serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?).map_err(io);
@@ -864,7 +865,7 @@ fn print_load(out: &mut dyn Write, report: &LoadReport) -> Result<()> {
             .map_err(io)?;
         }
         if !t.partitions.is_empty() {
-            writeln!(out, "{:<w$}   rebuilt {} partition(s), the others kept: {}", "", t.partitions.len(), t.partitions.join(", ")).map_err(io)?;
+            writeln!(out, "{:<w$}   rebuilt {} partition(s): {}; the others kept", "", t.partitions.len(), t.partitions.join(", ")).map_err(io)?;
         }
     }
     let f = &report.files;

@@ -23,7 +23,7 @@ use super::clean::{clean, count_rows};
 use super::extract::{self, Extracted, Reject};
 use super::spec::LoadMode;
 use super::validate::{History, SourceTransform, Transform, TransformBody, TransformSet};
-use crate::error::{DataError, Error, Result};
+use crate::error::{DataError, Diagnostic, Error, Result, SpecErrors};
 use crate::project::Project;
 use crate::warehouse::{Snapshot, SourceFile, TableEntry, Warehouse, content_checksum};
 
@@ -356,10 +356,12 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     for out in std::mem::take(&mut run.outputs) {
         let n = count_rows(&out.rows);
         let bytes = crate::warehouse::memory_size(&out.rows);
+        let layout = set.get(&out.name).map(|t| t.layout.clone()).unwrap_or_default();
+        let rows = in_table(&out.name, layout.sort(&ctx, out.rows).await)?;
         let version = if out.append {
-            warehouse.append_table(&out.name, out.schema, out.rows).await?
+            warehouse.append_table(&out.name, out.schema, rows, &layout).await?
         } else {
-            warehouse.write_partitioned(&out.name, out.schema, out.rows, &out.partition).await?
+            warehouse.write_partitioned(&out.name, out.schema, rows, &out.partition, &layout).await?
         };
         run.held.shrink(bytes.min(run.held.size()));
         crate::fault::point(&format!("wrote {}", out.name));
@@ -774,6 +776,18 @@ impl<'a> Run<'a> {
         }
         let df = self.ctx.sql(sql).await.map_err(|e| derived_error(set, name, e))?;
         let schema = Arc::new(df.schema().as_arrow().clone());
+        if let Some(c) = t.layout.missing(&schema).first() {
+            let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            return Err(SpecErrors(vec![Diagnostic {
+                file: t.file.clone(),
+                line: 0,
+                column: 0,
+                key: format!("table '{name}' › layout"),
+                message: format!("column '{c}' is not a column of the table's SELECT"),
+                hint: Some(crate::error::valid_names_hint("columns", c, columns.iter().copied())),
+            }])
+            .into());
+        }
         let rows = df.collect().await.map_err(|e| derived_error(set, name, e))?;
         let n = count_rows(&rows);
         // A small table recomputed to the same rows (a date dimension when only new orders
@@ -933,12 +947,17 @@ impl<'a> Run<'a> {
         };
         let stored = self.previous_entry(&rollup.table).map(|e| e.partitions.clone()).filter(|p| current && !p.is_empty());
         let mut rebuilt_units = Vec::new();
-        let (schema, rows, read) = match (unit, &units, stored) {
-            (Some(u), Some(units), Some(stored)) if self.members_kept(cube, rollup).await? => {
-                let touched = units.touched(&stored);
-                if touched.is_empty() {
-                    return self.keep(&rollup.table, "rollup").await;
-                }
+        let refresh = match (unit, &units, stored) {
+            (Some(u), Some(units), Some(stored)) if self.members_kept(cube, rollup).await? => Some((u, units, units.touched(&stored))),
+            _ => None,
+        };
+        if refresh.as_ref().is_some_and(|(_, _, touched)| touched.is_empty()) {
+            return self.keep(&rollup.table, "rollup").await;
+        }
+        // Every unit changed (a recomputed fact, a new print format): one full build is cheaper.
+        let refresh = refresh.filter(|(_, units, touched)| !units.prints.keys().all(|u| touched.contains(u)));
+        let (schema, rows, read) = match refresh {
+            Some((u, units, touched)) => {
                 let previous = format!("__previous_{}", rollup.table);
                 self.register_previous(&rollup.table, &previous).await?;
                 let out = partitions::rebuild(self.ctx, cube, rollup, u, units, &touched, &previous).await;
@@ -946,7 +965,7 @@ impl<'a> Run<'a> {
                 rebuilt_units = touched.into_iter().collect();
                 out?
             }
-            _ => {
+            None => {
                 let df = crate::rollup::build(self.ctx, cube, rollup).await?;
                 let schema = Arc::new(df.schema().as_arrow().clone());
                 let rows = df.collect().await?;

@@ -54,6 +54,26 @@ pub struct TransformSpec {
     /// `<table>_history`.
     #[serde(default)]
     pub history: Option<HistorySpec>,
+    /// How the table's Parquet files are laid out for the queries that read it.
+    #[serde(default)]
+    pub layout: Option<LayoutSpec>,
+}
+
+/// `layout:` of a transform (see [`crate::warehouse::Layout`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayoutSpec {
+    /// Columns the rows are sorted by when written, so each file, row group and page covers a
+    /// narrow range of them and a filter on them skips the rest (e.g. a fact's date).
+    #[serde(default)]
+    pub sort_by: Vec<Spanned<String>>,
+    /// Rows per Parquet row group (default 1,048,576).
+    #[serde(default)]
+    pub row_group_rows: Option<Spanned<usize>>,
+    /// Columns given a Bloom filter per row group, so a lookup of one value skips the row groups
+    /// that cannot hold it (keys looked up one at a time, e.g. a customer id).
+    #[serde(default)]
+    pub bloom_filters: Vec<Spanned<String>>,
 }
 
 /// How a load refreshes a source table.

@@ -25,6 +25,8 @@ pub struct Transform {
     pub body: TransformBody,
     /// Row-level access rules; None when the table declares none (everyone reads every row).
     pub access: Option<Vec<crate::access::AccessRule>>,
+    /// How its files are written (sort order, row groups, Bloom filters).
+    pub layout: crate::warehouse::Layout,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +186,7 @@ pub fn resolve(specs: Vec<(PathBuf, TransformSpec)>, unreadable: &[String], erro
                     changed_at: h.changed_at.value.clone(),
                 }),
                 access: t.access.clone(),
+                layout: Default::default(),
             })
         })
         .collect();
@@ -241,7 +244,34 @@ fn resolve_one(
         errors.push(diag(file, g, at("grows_with"), "`grows_with` is for derived tables (`sql:`); a source table declares `load: incremental`".into(), None));
     }
     let access = spec.access.as_ref().map(|rules| crate::access::resolve_rules(file, &table, rules, errors));
-    Transform { name: table, file: file.to_path_buf(), body, access }
+    let layout = resolve_layout(file, spec, &body, errors);
+    Transform { name: table, file: file.to_path_buf(), body, access, layout }
+}
+
+/// `layout:`. A source's columns are checked here; a derived table's when its SELECT is planned
+/// (see [`crate::warehouse::Layout::check`]).
+fn resolve_layout(file: &Path, spec: &TransformSpec, body: &TransformBody, errors: &mut Vec<Diagnostic>) -> crate::warehouse::Layout {
+    let Some(l) = &spec.layout else { return Default::default() };
+    let table = &spec.table.value;
+    if let TransformBody::Source(s) = body {
+        let names: Vec<&str> = s.columns.iter().map(|c| c.name.as_str()).collect();
+        for (what, c) in l.sort_by.iter().map(|c| ("sort_by", c)).chain(l.bloom_filters.iter().map(|c| ("bloom_filters", c))) {
+            if !names.contains(&c.value.as_str()) {
+                let hint = valid_names_hint("columns", &c.value, names.iter().copied());
+                errors.push(diag(file, c, format!("table '{table}' › layout › {what}"), format!("column '{}' not found", c.value), Some(hint)));
+            }
+        }
+    }
+    if let Some(n) = &l.row_group_rows
+        && n.value == 0
+    {
+        errors.push(diag(file, n, format!("table '{table}' › layout › row_group_rows"), "a row group holds at least one row".into(), Some("e.g. 131072; default 1048576".into())));
+    }
+    crate::warehouse::Layout {
+        sort_by: l.sort_by.iter().map(|c| c.value.clone()).collect(),
+        row_group_rows: l.row_group_rows.as_ref().map(|n| n.value),
+        bloom_filters: l.bloom_filters.iter().map(|c| c.value.clone()).collect(),
+    }
 }
 
 fn resolve_source(file: &Path, spec: &TransformSpec, source: &SourceSpec, errors: &mut Vec<Diagnostic>) -> SourceTransform {

@@ -28,6 +28,8 @@ use std::sync::Arc;
 
 use crate::error::{DataError, Error, Result};
 
+pub mod joins;
+
 /// The SQL catalog query sessions name (`crmcube.warehouse.fact_sales`).
 pub const CATALOG: &str = "crmcube";
 /// The schema holding the warehouse tables; the default schema of every query session.
@@ -55,6 +57,70 @@ pub struct TableEntry {
 impl TableEntry {
     pub fn new(version: u64, rows: u64) -> Self {
         Self { version, rows, spec: None, watermark: None, partitions: BTreeMap::new() }
+    }
+}
+
+/// How a table's Parquet files are written (a transform's `layout:`).
+///
+/// Every file gets min/max statistics per row group and per page and a page index (the Parquet
+/// writer's defaults); what a layout adds is measured in the dashboard bench (`benches/dashboard.rs`)
+/// and recorded in the README's layout section: sorting the rows by the columns queries filter
+/// on makes those statistics narrow, so a filter skips row groups and pages instead of decoding
+/// them; a Bloom filter lets a lookup of one value skip row groups whose range holds it but whose
+/// rows do not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub sort_by: Vec<String>,
+    pub row_group_rows: Option<usize>,
+    pub bloom_filters: Vec<String>,
+}
+
+impl Layout {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The columns the layout names that `schema` lacks (a derived table's SELECT is only known
+    /// once planned).
+    pub fn missing<'a>(&'a self, schema: &Schema) -> Vec<&'a str> {
+        self.sort_by.iter().chain(&self.bloom_filters).map(String::as_str).filter(|c| schema.field_with_name(c).is_err()).collect()
+    }
+
+    /// The Parquet writer's settings: delta-rs's own (Snappy) plus the row-group size and Bloom
+    /// filters asked for.
+    pub fn writer_properties(&self) -> deltalake::parquet::file::properties::WriterProperties {
+        use deltalake::parquet::basic::Compression;
+        use deltalake::parquet::file::properties::WriterProperties;
+        use deltalake::parquet::schema::types::ColumnPath;
+        let mut b = WriterProperties::builder().set_created_by(format!("crmcube {}", env!("CARGO_PKG_VERSION"))).set_compression(Compression::SNAPPY);
+        if let Some(n) = self.row_group_rows {
+            b = b.set_max_row_group_row_count(Some(n));
+        }
+        for c in &self.bloom_filters {
+            b = b.set_column_bloom_filter_enabled(ColumnPath::from(c.as_str()), true);
+        }
+        b.build()
+    }
+
+    /// delta-rs writes a plan's partitions through one writer, interleaving their batches; a
+    /// sorted table's rows are written from one partition so its files keep the order.
+    fn write_session(&self) -> Option<Arc<dyn datafusion::catalog::Session>> {
+        if self.sort_by.is_empty() {
+            return None;
+        }
+        let mut state = deltalake::delta_datafusion::create_session().state();
+        state.config_mut().options_mut().execution.target_partitions = 1;
+        Some(Arc::new(state))
+    }
+
+    /// `rows` in the layout's order (unchanged without `sort_by`); a sort that outgrows the
+    /// session's memory limit spills.
+    pub async fn sort(&self, ctx: &SessionContext, rows: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        if self.sort_by.is_empty() || rows.iter().map(RecordBatch::num_rows).sum::<usize>() < 2 {
+            return Ok(rows);
+        }
+        let keys = self.sort_by.iter().map(|c| datafusion::prelude::col(datafusion::common::Column::new_unqualified(c)).sort(true, false)).collect();
+        Ok(ctx.read_batches(rows)?.sort(keys)?.collect().await?)
     }
 }
 
@@ -141,11 +207,22 @@ impl Warehouse {
             let options = config.options_mut();
             options.execution.sort_spill_reservation_bytes = options.execution.sort_spill_reservation_bytes.min(bytes / 8);
         }
+        // Hash joins build on the dimension side of a star join (see `joins`).
+        let options = config.options_mut();
+        options.optimizer.use_statistics_registry = true;
+        options.optimizer.hash_join_single_partition_threshold = joins::COLLECT_BYTES;
+        options.optimizer.hash_join_single_partition_threshold_rows = joins::COLLECT_ROWS;
         let mut runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new();
         if let Some(bytes) = self.memory_limit {
             runtime = runtime.with_memory_pool(std::sync::Arc::new(datafusion::execution::memory_pool::FairSpillPool::new(bytes)));
         }
-        Ok(SessionContext::new_with_config_rt(config, runtime.build_arc()?))
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime.build_arc()?)
+            .with_default_features()
+            .with_statistics_registry(joins::registry())
+            .build();
+        Ok(SessionContext::new_with_state(state))
     }
 
     pub fn root(&self) -> &Path {
@@ -173,12 +250,13 @@ impl Warehouse {
     ///
     /// The new version is invisible to readers until a snapshot naming it is committed.
     pub async fn write_table(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<u64> {
-        self.write_partitioned(name, schema, batches, &[]).await
+        self.write_partitioned(name, schema, batches, &[], &Layout::default()).await
     }
 
     /// [`Self::write_table`] with the files split by the values of `partition` columns (Delta
     /// partitions: a filter on them skips whole folders).
-    pub async fn write_partitioned(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>, partition: &[String]) -> Result<u64> {
+    /// The rows are written in the order given: [`Layout::sort`] first for a sorted layout.
+    pub async fn write_partitioned(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>, partition: &[String], layout: &Layout) -> Result<u64> {
         let delta_err = |source| Error::Delta { table: name.to_string(), source };
         let (schema, mut batches) = delta_compatible(schema, batches)?;
         if batches.is_empty() {
@@ -192,12 +270,16 @@ impl Warehouse {
         } else {
             DeltaTableBuilder::from_url(url).map_err(delta_err)?.build().map_err(delta_err)?
         };
-        let table = table
-            .write(batches)
+        let mut write = table.write(batches);
+        if let Some(session) = layout.write_session() {
+            write = write.with_session_state(session);
+        }
+        let table = write
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
             .with_table_name(name)
             .with_partition_columns(partition.to_vec())
+            .with_writer_properties(layout.writer_properties())
             .await
             .map_err(delta_err)?;
         table
@@ -207,14 +289,18 @@ impl Warehouse {
 
     /// Adds `batches` to a table as a new Delta version (only the new rows are written; columns
     /// the table lacks are added, nullable); returns the version.
-    pub async fn append_table(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<u64> {
+    pub async fn append_table(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>, layout: &Layout) -> Result<u64> {
         let delta_err = |source| Error::Delta { table: name.to_string(), source };
         let (_, batches) = delta_compatible(schema, batches)?;
         let table = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(delta_err)?;
-        let table = table
-            .write(batches)
+        let mut write = table.write(batches);
+        if let Some(session) = layout.write_session() {
+            write = write.with_session_state(session);
+        }
+        let table = write
             .with_save_mode(SaveMode::Append)
             .with_schema_mode(deltalake::operations::write::SchemaMode::Merge)
+            .with_writer_properties(layout.writer_properties())
             .await
             .map_err(delta_err)?;
         table
@@ -350,7 +436,9 @@ impl Warehouse {
     /// snapshot naming the compacted versions: the same rows, read faster. Older snapshots keep
     /// their versions and files until `vacuum` drops them. Under the load lock, with a fault
     /// point after each table: a compaction killed midway leaves the current snapshot as it was.
-    pub async fn compact(&self, min_files: usize) -> Result<CompactReport> {
+    /// `layouts`: each table's [`Layout`] (from its transform), kept by the rewritten files.
+    pub async fn compact(&self, min_files: usize, layouts: &BTreeMap<String, Layout>) -> Result<CompactReport> {
+        let no_layout = Layout::default();
         let _lock = self.lock()?;
         let current = self.current_or_error()?;
         let mut tables = current.tables.clone();
@@ -362,8 +450,11 @@ impl Warehouse {
             if files_before < min_files.max(2) {
                 continue;
             }
+            let layout = layouts.get(name).unwrap_or(&no_layout);
             let (version, files_after, how) = if self.latest_version(name).await? == Some(entry.version) {
-                let (table, _) = table.optimize().await.map_err(delta_err)?;
+                // Bin-packing concatenates the files in order: each was written sorted, and a
+                // night's files hold that night's rows, so the ranges stay narrow.
+                let (table, _) = table.optimize().with_writer_properties(layout.writer_properties()).await.map_err(delta_err)?;
                 let files_after = table.get_file_uris().map_err(delta_err)?.count();
                 (table.version().map(|v| v as u64).unwrap_or(entry.version), files_after, "optimize")
             } else {
@@ -374,7 +465,8 @@ impl Warehouse {
                 let ctx = self.context()?;
                 let df = ctx.read_table(self.provider(&ctx, name, entry.version).await?)?;
                 let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-                let version = self.write_partitioned(name, schema, df.collect().await?, &partition).await?;
+                let rows = layout.sort(&ctx, df.collect().await?).await?;
+                let version = self.write_partitioned(name, schema, rows, &partition, layout).await?;
                 let files_after = DeltaTableBuilder::from_url(self.table_url(name)?).map_err(delta_err)?.with_version(version).load().await.map_err(delta_err)?.get_file_uris().map_err(delta_err)?.count();
                 (version, files_after, "rewrite")
             };

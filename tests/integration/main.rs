@@ -12,6 +12,7 @@ mod customer_value;
 mod flight;
 mod fuzz_corpus;
 mod incremental;
+mod layout;
 mod load_sample;
 mod postgres;
 mod metadata_errors;
