@@ -356,8 +356,13 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     for out in std::mem::take(&mut run.outputs) {
         let n = count_rows(&out.rows);
         let bytes = crate::warehouse::memory_size(&out.rows);
-        let layout = set.get(&out.name).map(|t| t.layout.clone()).unwrap_or_default();
-        let rows = in_table(&out.name, layout.sort(&ctx, out.rows).await)?;
+        let transform = set.get(&out.name);
+        let layout = transform.map(|t| t.layout.clone()).unwrap_or_default();
+        // A derived table recomputed in full was sorted as it was derived.
+        let rows = match transform.map(|t| &t.body) {
+            Some(TransformBody::Derived { .. }) if !out.append => out.rows,
+            _ => in_table(&out.name, layout.sort(&ctx, out.rows).await)?,
+        };
         let version = if out.append {
             warehouse.append_table(&out.name, out.schema, rows, &layout).await?
         } else {
@@ -788,6 +793,10 @@ impl<'a> Run<'a> {
             }])
             .into());
         }
+        // Sorted here rather than at the commit: the rows the later tables read are then the
+        // only copy held (sorting at the commit would hold a second one while every other table
+        // waits to be written).
+        let df = if t.layout.sort_by.is_empty() { df } else { df.sort(t.layout.sort_exprs())? };
         let rows = df.collect().await.map_err(|e| derived_error(set, name, e))?;
         let n = count_rows(&rows);
         // A small table recomputed to the same rows (a date dimension when only new orders

@@ -119,8 +119,12 @@ impl Layout {
         if self.sort_by.is_empty() || rows.iter().map(RecordBatch::num_rows).sum::<usize>() < 2 {
             return Ok(rows);
         }
-        let keys = self.sort_by.iter().map(|c| datafusion::prelude::col(datafusion::common::Column::new_unqualified(c)).sort(true, false)).collect();
-        Ok(ctx.read_batches(rows)?.sort(keys)?.collect().await?)
+        Ok(ctx.read_batches(rows)?.sort(self.sort_exprs())?.collect().await?)
+    }
+
+    /// `sort_by` as DataFusion sort expressions (ascending, NULLs last).
+    pub fn sort_exprs(&self) -> Vec<datafusion::logical_expr::SortExpr> {
+        self.sort_by.iter().map(|c| datafusion::prelude::col(datafusion::common::Column::new_unqualified(c)).sort(true, false)).collect()
     }
 }
 
