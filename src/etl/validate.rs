@@ -249,7 +249,7 @@ fn resolve_one(
 }
 
 /// `layout:`. A source's columns are checked here; a derived table's when its SELECT is planned
-/// (see [`crate::warehouse::Layout::check`]).
+/// (see [`crate::warehouse::Layout::missing`]).
 fn resolve_layout(file: &Path, spec: &TransformSpec, body: &TransformBody, errors: &mut Vec<Diagnostic>) -> crate::warehouse::Layout {
     let Some(l) = &spec.layout else { return Default::default() };
     let table = &spec.table.value;

@@ -76,10 +76,6 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn is_default(&self) -> bool {
-        *self == Self::default()
-    }
-
     /// The columns the layout names that `schema` lacks (a derived table's SELECT is only known
     /// once planned).
     pub fn missing<'a>(&'a self, schema: &Schema) -> Vec<&'a str> {
@@ -102,15 +98,17 @@ impl Layout {
         b.build()
     }
 
-    /// delta-rs writes a plan's partitions through one writer, interleaving their batches; a
-    /// sorted table's rows are written from one partition so its files keep the order.
-    fn write_session(&self) -> Option<Arc<dyn datafusion::catalog::Session>> {
+    /// A Delta write with the layout's writer settings. delta-rs writes a plan's partitions
+    /// through one writer, interleaving their batches; a sorted table's rows are written from one
+    /// partition so its files keep the order.
+    fn configure(&self, write: deltalake::operations::write::WriteBuilder) -> deltalake::operations::write::WriteBuilder {
+        let write = write.with_writer_properties(self.writer_properties());
         if self.sort_by.is_empty() {
-            return None;
+            return write;
         }
         let mut state = deltalake::delta_datafusion::create_session().state();
         state.config_mut().options_mut().execution.target_partitions = 1;
-        Some(Arc::new(state))
+        write.with_session_state(Arc::new(state))
     }
 
     /// `rows` in the layout's order (unchanged without `sort_by`); a sort that outgrows the
@@ -274,16 +272,12 @@ impl Warehouse {
         } else {
             DeltaTableBuilder::from_url(url).map_err(delta_err)?.build().map_err(delta_err)?
         };
-        let mut write = table.write(batches);
-        if let Some(session) = layout.write_session() {
-            write = write.with_session_state(session);
-        }
-        let table = write
+        let table = layout
+            .configure(table.write(batches))
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
             .with_table_name(name)
             .with_partition_columns(partition.to_vec())
-            .with_writer_properties(layout.writer_properties())
             .await
             .map_err(delta_err)?;
         table
@@ -297,14 +291,10 @@ impl Warehouse {
         let delta_err = |source| Error::Delta { table: name.to_string(), source };
         let (_, batches) = delta_compatible(schema, batches)?;
         let table = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(delta_err)?;
-        let mut write = table.write(batches);
-        if let Some(session) = layout.write_session() {
-            write = write.with_session_state(session);
-        }
-        let table = write
+        let table = layout
+            .configure(table.write(batches))
             .with_save_mode(SaveMode::Append)
             .with_schema_mode(deltalake::operations::write::SchemaMode::Merge)
-            .with_writer_properties(layout.writer_properties())
             .await
             .map_err(delta_err)?;
         table
