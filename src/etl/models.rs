@@ -16,9 +16,11 @@ use crate::error::{Error, Result};
 
 /// Per customer, in the settings' time unit: repeat purchase days (x), first → last purchase
 /// (t_x), first purchase → the observation end (t; the last order date unless the settings name
-/// one, and later purchases are ignored), mean value of the repeat purchase days (m). The mean is
-/// taken in decimal and only then made a float: a float sum depends on the order rows arrive in,
-/// and two loads of the same exports must give the same tables.
+/// one, and later purchases are ignored), mean value of the repeat purchase days (m: the days'
+/// total less the first day's, over x). The mean is taken in decimal and only then made a float:
+/// a float sum depends on the order rows arrive in, and two loads of the same exports must give
+/// the same tables. The purchase days are read once (DataFusion plans each mention of a CTE as a
+/// scan of its own; a join back to the first day cost a second and third pass over fact_sales).
 pub fn summary_sql(settings: &clv::Settings) -> String {
     let (cut, end) = match settings.observation_end {
         Some(d) => (format!("WHERE order_date <= DATE '{d}'"), format!("SELECT DATE '{d}' AS end_day")),
@@ -29,14 +31,14 @@ pub fn summary_sql(settings: &clv::Settings) -> String {
         "WITH days AS (
     SELECT customer_id, order_date, sum(revenue) AS value FROM fact_sales {cut} GROUP BY 1, 2
   ), firsts AS (
-    SELECT customer_id, min(order_date) AS first_day, max(order_date) AS last_day, count(*) - 1 AS x FROM days GROUP BY 1
-  ), repeats AS (
-    SELECT d.customer_id, CAST(avg(d.value) AS DOUBLE) AS m FROM days d JOIN firsts f ON d.customer_id = f.customer_id
-    WHERE d.order_date > f.first_day GROUP BY 1
+    SELECT customer_id, min(order_date) AS first_day, max(order_date) AS last_day, count(*) - 1 AS x,
+           sum(value) - first_value(value ORDER BY order_date) AS repeat_value
+    FROM days GROUP BY 1
   ), obs AS ({end})
   SELECT f.customer_id, CAST(f.x AS DOUBLE) AS x, CAST(f.last_day - f.first_day AS DOUBLE) / {days:?} AS t_x,
-         CAST(o.end_day - f.first_day AS DOUBLE) / {days:?} AS t, coalesce(r.m, 0) AS m
-  FROM firsts f CROSS JOIN obs o LEFT JOIN repeats r ON r.customer_id = f.customer_id ORDER BY 1"
+         CAST(o.end_day - f.first_day AS DOUBLE) / {days:?} AS t,
+         CASE WHEN f.x > 0 THEN CAST(f.repeat_value / f.x AS DOUBLE) ELSE 0 END AS m
+  FROM firsts f CROSS JOIN obs o ORDER BY 1"
     )
 }
 
