@@ -339,6 +339,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         for rollup in &cube.rollups {
             in_table(&rollup.table, run.rollup(cube, rollup).await)?;
         }
+        run.forget_growth(&cube.name)?;
     }
 
     if run.changed.is_empty()
@@ -431,6 +432,8 @@ struct Run<'a> {
     prints: crate::rollup::partitions::PrintCache,
     /// Dimension tables checked for kept members, by table and columns: the answer.
     members_kept: BTreeMap<(String, Vec<String>), bool>,
+    /// A cube's new fact rows on an append-only night, for its rollups, by cube.
+    growth: BTreeMap<String, crate::rollup::partitions::Appended>,
     /// Tables that only gained rows tonight (new keys appended), with those rows: what a
     /// derived table that `grows_with` one of them appends from.
     appended: BTreeMap<String, (SchemaRef, Vec<RecordBatch>)>,
@@ -456,6 +459,7 @@ impl<'a> Run<'a> {
             full_patterns: Vec::new(),
             prints: Default::default(),
             members_kept: BTreeMap::new(),
+            growth: BTreeMap::new(),
             appended: BTreeMap::new(),
             registered: MemoryConsumer::new("load: grown tables' previous rows").register(&ctx.runtime_env().memory_pool),
         }
@@ -950,11 +954,20 @@ impl<'a> Run<'a> {
         }
         let table_started = Instant::now();
         let unit = partitions::refresh_unit(cube, rollup);
+        let stored = self.previous_entry(&rollup.table).map(|e| e.partitions.clone()).filter(|p| current && !p.is_empty());
+        // A night that only appended facts: the stored rows plus the new rows' aggregate.
+        if let (Some(u), Some(stored)) = (unit, &stored)
+            && let Some(a) = self.append(cube, rollup, u, stored).await?
+        {
+            if a.touched.is_empty() {
+                return self.keep(&rollup.table, "rollup").await;
+            }
+            return self.rolled_up(cube, rollup, table_started, a.schema, a.rows, a.read, a.touched, a.prints);
+        }
         let units = match unit {
             Some(u) => partitions::units(self.ctx, &mut self.prints, cube, u).await?,
             None => None,
         };
-        let stored = self.previous_entry(&rollup.table).map(|e| e.partitions.clone()).filter(|p| current && !p.is_empty());
         let mut rebuilt_units = Vec::new();
         let refresh = match (unit, &units, stored) {
             (Some(u), Some(units), Some(stored)) if self.members_kept(cube, rollup).await? => Some((u, units, units.touched(&stored))),
@@ -982,6 +995,63 @@ impl<'a> Run<'a> {
                 (schema, rows, n)
             }
         };
+        let partitions = units.map(|u| u.prints).unwrap_or_default();
+        self.rolled_up(cube, rollup, table_started, schema, rows, read, rebuilt_units, partitions)
+    }
+
+    /// A rollup's rows refreshed on an append-only night (see crate::rollup::partitions::append),
+    /// or None when the night or the rollup does not allow it.
+    async fn append(
+        &mut self,
+        cube: &crate::cube::Cube,
+        rollup: &crate::cube::Rollup,
+        unit: crate::cube::LevelRef<'_>,
+        stored: &BTreeMap<String, String>,
+    ) -> Result<Option<crate::rollup::partitions::Appending>> {
+        use crate::rollup::partitions;
+        if !self.appended.contains_key(&cube.fact) {
+            return Ok(None);
+        }
+        // The stored rollup stands for the previous fact rows, which tonight's table extends.
+        let before = self.previous_entry(&cube.fact).map(|e| e.rows);
+        if before.is_none() || partitions::printed_rows(stored) != before || !self.members_kept(cube, rollup).await? {
+            return Ok(None);
+        }
+        if !self.growth.contains_key(&cube.name)
+            && let Some((schema, rows)) = self.appended.get(&cube.fact).cloned()
+        {
+            let growth = partitions::Appended::register(self.ctx, cube, &schema, &rows).await?;
+            self.growth.insert(cube.name.clone(), growth);
+        }
+        let previous = format!("__previous_{}", rollup.table);
+        self.register_previous(&rollup.table, &previous).await?;
+        let growth = self.growth.get_mut(&cube.name).ok_or_else(|| Error::Internal("appended facts registered above".into()))?;
+        let out = partitions::append(self.ctx, cube, rollup, unit, growth, stored, &previous).await;
+        self.ctx.deregister_table(previous.as_str())?;
+        out
+    }
+
+    /// Forgets the new fact rows registered for `cube`'s rollups (see [`Run::append`]).
+    fn forget_growth(&mut self, cube: &str) -> Result<()> {
+        if let Some(g) = self.growth.remove(cube) {
+            g.deregister(self.ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Reports and holds a rollup's rows; `units` are the partitions rebuilt (none: in full).
+    #[allow(clippy::too_many_arguments)]
+    fn rolled_up(
+        &mut self,
+        cube: &crate::cube::Cube,
+        rollup: &crate::cube::Rollup,
+        table_started: Instant,
+        schema: SchemaRef,
+        rows: Vec<RecordBatch>,
+        read: u64,
+        rebuilt_units: Vec<String>,
+        partitions: BTreeMap<String, String>,
+    ) -> Result<()> {
         crate::fault::point(&format!("built {}", rollup.table));
         let n = count_rows(&rows);
         let mode = if rebuilt_units.is_empty() { "full" } else { "incremental" };
@@ -1000,7 +1070,6 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(rollup.table.clone());
         let partition = rollup.partition_column(cube).into_iter().collect();
-        let partitions = units.map(|u| u.prints).unwrap_or_default();
         self.hold(Output { name: rollup.table.clone(), schema, rows, total_rows: n, append: false, partition, spec: None, watermark: None, partitions })?;
         Ok(())
     }

@@ -16,6 +16,15 @@
 //! definition changed, when a fact row's key has no unit (a date the date dimension lacks), or
 //! when nothing was stored, the rollup is rebuilt in full.
 //!
+//! On a night the fact table only gained rows (a `grows_with` table appended, so tonight's table
+//! is the previous version plus those rows) a rollup is refreshed by [`append`] instead: the
+//! stored rows merged group by group with the aggregate of the new rows alone, without reading a
+//! touched unit's old rows. Sums and counts add, minima and maxima are kept, HyperLogLog
+//! sketches merge, and an exact distinct count grows by the values that are new to their group:
+//! those whose every row in the group, among all fact rows holding a value the new rows hold (a
+//! semi-join of the fact table with the new values), is a new row. The units' prints add too,
+//! so the next night compares against exact prints without hashing the whole fact table.
+//!
 //! The row hash is DataFusion's (foldhash with fixed seeds) per column, mixed non-linearly row by
 //! row; a different build hashing differently only makes every unit look touched (a full rebuild),
 //! never a wrong answer. Two different sets of rows share a print with a chance of about 2⁻⁶⁴.
@@ -26,12 +35,14 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Decimal128Type, Int64Type, SchemaRef};
 use datafusion::common::hash_utils::{RandomState, create_hashes};
-use datafusion::functions_aggregate::expr_fn::{count, sum};
+use datafusion::datasource::MemTable;
+use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility};
-use datafusion::prelude::{Expr, SessionContext, cast, col, lit};
+use datafusion::prelude::{DataFrame, Expr, JoinType, SessionContext, cast, col, lit};
 use datafusion::scalar::ScalarValue;
 
-use crate::cube::{Cube, LevelRef, Rollup};
+use super::sketch;
+use crate::cube::{Aggregation, Cube, LevelRef, MeasureKind, Rollup};
 use crate::error::{Error, Result};
 
 /// A fingerprint of a multiset of rows: how many, and the sum (mod 2⁶⁴) of their row hashes.
@@ -49,6 +60,12 @@ impl Print {
     /// As stored in the snapshot manifest.
     pub fn text(&self) -> String {
         format!("{}:{:016x}", self.rows, self.sum)
+    }
+
+    /// A print as [`Print::text`] wrote it.
+    fn parse(text: &str) -> Option<Print> {
+        let (rows, sum) = text.split_once(':')?;
+        Some(Print { rows: rows.parse().ok()?, sum: u64::from_str_radix(sum, 16).ok()? })
     }
 }
 
@@ -112,6 +129,12 @@ impl Units {
 pub async fn units(ctx: &SessionContext, cache: &mut PrintCache, cube: &Cube, unit: LevelRef<'_>) -> Result<Option<Units>> {
     let join = unit.dimension.join.as_ref().ok_or_else(|| Error::Internal("a refresh unit's dimension joins a table".into()))?;
     let facts = cache.facts(ctx, &cube.fact, &join.foreign_key).await?;
+    units_of(ctx, unit, &facts).await
+}
+
+/// The units the fact rows of `facts` fall in; None when one has no unit.
+async fn units_of(ctx: &SessionContext, unit: LevelRef<'_>, facts: &[KeyPrint]) -> Result<Option<Units>> {
+    let join = unit.dimension.join.as_ref().ok_or_else(|| Error::Internal("a refresh unit's dimension joins a table".into()))?;
     let members = ctx
         .table(join.table.as_str())
         .await?
@@ -178,6 +201,251 @@ pub async fn rebuild(
     .await;
     ctx.deregister_table(view.as_str())?;
     result
+}
+
+/// The fact rows a print map stands for (None when one print is not in [`Print::text`]'s format).
+pub fn printed_rows(prints: &BTreeMap<String, String>) -> Option<u64> {
+    prints.values().map(|p| Print::parse(p).map(|p| p.rows)).sum()
+}
+
+/// A cube's new fact rows on a night its fact table only gained rows (the table is its previous
+/// version and these rows, see `grows_with`): what [`append`] refreshes the cube's rollups from,
+/// registered in the session once for all of them.
+#[derive(Debug)]
+pub struct Appended {
+    /// The new fact rows.
+    facts: String,
+    rows: u64,
+    /// The cube's rows over the new facts, with every level and measure its rollups keep.
+    frame: String,
+    /// Per exact distinct count (measure): the cube's rows over every fact row, old or new,
+    /// whose counted value is one the new rows hold (the levels of the rollups keeping the
+    /// measure, and the value). None when the measure counts a column the fact table lacks.
+    prior: BTreeMap<String, Option<String>>,
+    /// The new rows' prints by foreign key.
+    prints: HashMap<String, Vec<KeyPrint>>,
+}
+
+impl Appended {
+    /// Registers the new fact rows `rows` of `cube` and the cube's rows over them.
+    pub async fn register(ctx: &SessionContext, cube: &Cube, schema: &SchemaRef, rows: &[RecordBatch]) -> Result<Appended> {
+        let facts = format!("__appended_{}", cube.name);
+        ctx.register_table(facts.as_str(), Arc::new(MemTable::try_new(schema.clone(), vec![rows.to_vec()])?))?;
+        let mut out = Appended {
+            facts: facts.clone(),
+            rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
+            frame: format!("__appended_frame_{}", cube.name),
+            prior: BTreeMap::new(),
+            prints: HashMap::new(),
+        };
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+        let mut distinct: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for r in &cube.rollups {
+            let levels = super::level_columns(cube, r);
+            wanted.extend(levels.iter().cloned());
+            wanted.extend(r.measures.iter().cloned());
+            for m in &r.measures {
+                if let MeasureKind::Base { agg: Aggregation::CountDistinct, .. } = &cube.measure(m)?.kind {
+                    distinct.entry(m.clone()).or_default().extend(levels.iter().cloned());
+                }
+            }
+        }
+        let wanted: Vec<String> = wanted.into_iter().collect();
+        let scoped = Cube { fact: facts.clone(), ..cube.clone() };
+        let started = std::time::Instant::now();
+        register_rows(ctx, &out.frame, crate::query::cube_frame(ctx, &scoped, Some(&wanted)).await?).await?;
+        tracing::debug!(cube = %cube.name, ms = started.elapsed().as_millis() as u64, "appended facts: cube rows");
+        let fact = ctx.table(cube.fact.as_str()).await?;
+        for (m, levels) in distinct {
+            let MeasureKind::Base { column, .. } = &cube.measure(&m)?.kind else { continue };
+            if !fact.schema().has_column_with_unqualified_name(column) {
+                out.prior.insert(m, None);
+                continue;
+            }
+            // Every fact row holding one of the new rows' values: a semi-join, the new values
+            // (a small build side) probed by the fact table's rows.
+            let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias("__value")])?.distinct()?;
+            let mut subset = fact.clone().join(values, JoinType::LeftSemi, &[column.as_str()], &["__value"], None)?;
+            // Only rows in the units the new rows fall in can share a group with them: those of
+            // the coarsest refresh unit of the rollups keeping the measure.
+            let units: Option<Vec<LevelRef<'_>>> = cube.rollups.iter().filter(|r| r.measures.contains(&m)).map(|r| refresh_unit(cube, r)).collect();
+            if let Some(units) = units
+                && let Some(first) = units.first()
+                && units.iter().all(|u| u.dimension.name == first.dimension.name)
+                && let Some(coarsest) = units.iter().min_by_key(|u| u.index)
+                && let Some(join) = coarsest.dimension.join.as_ref()
+            {
+                let prints = out.prints(ctx, &join.foreign_key).await?;
+                if let Some(touched) = units_of(ctx, *coarsest, &prints).await? {
+                    let names: Vec<Expr> = touched.prints.keys().map(|u| lit(u.as_str())).collect();
+                    let members = ctx.table(join.table.as_str()).await?;
+                    let members = if names.is_empty() { members.limit(0, Some(0))? } else { members.filter(cast(col(coarsest.level().column.as_str()), DataType::Utf8).in_list(names, false))? };
+                    let keys = members.select(vec![col(join.key.as_str()).alias("__unit_key")])?;
+                    subset = subset.join(keys, JoinType::LeftSemi, &[join.foreign_key.as_str()], &["__unit_key"], None)?;
+                }
+            }
+            let view = format!("__appended_prior_facts_{}", cube.name);
+            ctx.register_table(view.as_str(), subset.into_view())?;
+            let scoped = Cube { fact: view.clone(), ..cube.clone() };
+            let mut columns: Vec<String> = levels.into_iter().collect();
+            columns.push(m.clone());
+            let name = format!("__appended_prior_{}_{m}", cube.name);
+            let registered = async { register_rows(ctx, &name, crate::query::cube_frame(ctx, &scoped, Some(&columns)).await?).await }.await;
+            ctx.deregister_table(view.as_str())?;
+            registered?;
+            tracing::debug!(cube = %cube.name, measure = %m, ms = started.elapsed().as_millis() as u64, "appended facts: rows holding their values");
+            out.prior.insert(m, Some(name));
+        }
+        Ok(out)
+    }
+
+    /// Removes what [`Appended::register`] registered.
+    pub fn deregister(&self, ctx: &SessionContext) -> Result<()> {
+        for t in [&self.facts, &self.frame].into_iter().chain(self.prior.values().flatten()) {
+            ctx.deregister_table(t.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn prints(&mut self, ctx: &SessionContext, key: &str) -> Result<Vec<KeyPrint>> {
+        if !self.prints.contains_key(key) {
+            let p = fact_prints(ctx, &self.facts, key).await?;
+            self.prints.insert(key.to_string(), p);
+        }
+        Ok(self.prints[key].clone())
+    }
+}
+
+/// Collects `df` and registers its rows in memory as `name`.
+async fn register_rows(ctx: &SessionContext, name: &str, df: DataFrame) -> Result<()> {
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let rows = df.collect().await?;
+    ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![rows])?))?;
+    Ok(())
+}
+
+/// A rollup refreshed by [`append`].
+#[derive(Debug)]
+pub struct Appending {
+    pub schema: SchemaRef,
+    pub rows: Vec<RecordBatch>,
+    /// The new fact rows read.
+    pub read: u64,
+    /// Tonight's prints by unit: the stored ones plus the new rows'.
+    pub prints: BTreeMap<String, String>,
+    /// The units the new rows fall in.
+    pub touched: Vec<String>,
+}
+
+/// The rows of `rollup` on a night its fact table only gained the rows of `appended`: the stored
+/// rows (`previous`, registered in `ctx`, built with the prints `stored`) merged group by group
+/// with the aggregate of the new rows alone — sums and counts added, minima and maxima kept,
+/// sketches merged, and each exact distinct count raised by the values new to its group (see
+/// [`new_values`]). The same rows a rebuild gives, reading only the new rows and, for a distinct
+/// count, the rows holding their values. None when it does not apply (a new row without a unit,
+/// a distinct count of a column the fact table lacks): the caller refreshes by unit.
+pub async fn append(
+    ctx: &SessionContext,
+    cube: &Cube,
+    rollup: &Rollup,
+    unit: LevelRef<'_>,
+    appended: &mut Appended,
+    stored: &BTreeMap<String, String>,
+    previous: &str,
+) -> Result<Option<Appending>> {
+    let join = unit.dimension.join.as_ref().ok_or_else(|| Error::Internal("a refresh unit's dimension joins a table".into()))?;
+    let started = std::time::Instant::now();
+    let new_prints = appended.prints(ctx, &join.foreign_key).await?;
+    let Some(new) = units_of(ctx, unit, &new_prints).await? else { return Ok(None) };
+    let mut prints = stored.clone();
+    for (u, text) in &new.prints {
+        let before = match stored.get(u) {
+            Some(t) => Print::parse(t),
+            None => Some(Print::default()),
+        };
+        let (Some(before), Some(add)) = (before, Print::parse(text)) else { return Ok(None) };
+        prints.insert(u.clone(), before.add(add).text());
+    }
+
+    let levels = super::level_columns(cube, rollup);
+    let by_levels = || levels.iter().map(|l| col(l.as_str())).collect::<Vec<Expr>>();
+    // The columns a full build gives (planned, never run): every part is cast to them.
+    let target = super::aggregate(ctx, cube, rollup).await?.schema().as_arrow().clone();
+    let frame = ctx.table(appended.frame.as_str()).await?;
+    let mut parts = vec![crate::warehouse::in_columns(ctx.table(previous).await?, &target)?];
+    let mut fresh = Vec::new();
+    let mut merged = Vec::new();
+    let mut names = Vec::new();
+    for m in &rollup.measures {
+        let MeasureKind::Base { agg, .. } = &cube.measure(m)?.kind else { continue };
+        let c = col(m.as_str());
+        let (new_rows, combine) = match agg {
+            Aggregation::Sum => (Some(sum(c.clone())), sum(c)),
+            Aggregation::Count => (Some(count(c.clone())), sum(c)),
+            Aggregation::Min => (Some(min(c.clone())), min(c)),
+            Aggregation::Max => (Some(max(c.clone())), max(c)),
+            Aggregation::ApproxCountDistinct => {
+                let value_type = frame.schema().field_with_unqualified_name(m)?.data_type().clone();
+                (Some(sketch::sketch_udaf().call(vec![c.clone()])), sketch::union_udaf(value_type).call(vec![c]))
+            }
+            Aggregation::CountDistinct => {
+                let Some(Some(prior)) = appended.prior.get(m) else { return Ok(None) };
+                let counted = new_values(ctx, prior, &appended.frame, &levels, m, (&unit.output_name(), new.prints.keys())).await?;
+                parts.push(crate::warehouse::in_columns(counted, &target)?);
+                (None, sum(c))
+            }
+            Aggregation::Avg => return Ok(None),
+        };
+        fresh.extend(new_rows.map(|e| e.alias(m.as_str())));
+        merged.push(combine.alias(m.as_str()));
+        names.push(m.clone());
+    }
+    // The new rows' sums, counts, extremes and sketches (distinct counts NULL: added above).
+    parts.push(crate::warehouse::in_columns(frame.aggregate(by_levels(), fresh)?, &target)?);
+    let mut all = parts.remove(0);
+    for p in parts {
+        all = all.union(p)?;
+    }
+    let grouped = all.aggregate(by_levels(), merged)?;
+    let mut select = by_levels();
+    for m in &names {
+        select.push(cast(col(m.as_str()), target.field_with_name(m)?.data_type().clone()).alias(m.as_str()));
+    }
+    let rows = super::sorted(cube, rollup, grouped.select(select)?)?;
+    let schema = Arc::new(rows.schema().as_arrow().clone());
+    let planned = started.elapsed().as_millis() as u64;
+    let rows = rows.collect().await?;
+    tracing::debug!(rollup = %rollup.table, planned, ms = started.elapsed().as_millis() as u64, "appended");
+    Ok(Some(Appending { schema, rows, read: appended.rows, prints, touched: new.prints.keys().cloned().collect() }))
+}
+
+/// Per group of `levels`, how many values of the distinct-count measure `m` the new rows
+/// (`frame`) bring that no earlier row of the group holds. `prior` holds every row, old or new,
+/// with a value some new row holds; a value is new to its group when every row of the group
+/// holding it is a new one. Only rows in the units `touched` (by the unit's level column) are
+/// read: the new rows' groups are in them.
+async fn new_values<'u>(
+    ctx: &SessionContext,
+    prior: &str,
+    frame: &str,
+    levels: &[String],
+    m: &str,
+    (unit, touched): (&str, impl Iterator<Item = &'u String>),
+) -> Result<DataFrame> {
+    let names: Vec<Expr> = touched.map(|u| lit(u.as_str())).collect();
+    let prior = ctx.table(prior).await?;
+    let prior = if names.is_empty() { prior.limit(0, Some(0))? } else { prior.filter(cast(col(unit), DataType::Utf8).in_list(names, false))? };
+    let tagged = |table: DataFrame, all: i64, new: i64| -> Result<DataFrame> {
+        let mut select: Vec<Expr> = levels.iter().map(|l| col(l.as_str())).collect();
+        select.extend([col(m).alias("__value"), lit(all).alias("__all"), lit(new).alias("__new")]);
+        Ok(table.select(select)?)
+    };
+    let rows = tagged(prior, 1, 0)?.union(tagged(ctx.table(frame).await?, 0, 1)?)?.filter(col("__value").is_not_null())?;
+    let mut by_value: Vec<Expr> = levels.iter().map(|l| col(l.as_str())).collect();
+    by_value.push(col("__value"));
+    let pairs = rows.aggregate(by_value, vec![sum(col("__all")).alias("__all"), sum(col("__new")).alias("__new")])?;
+    let fresh = pairs.filter(col("__all").eq(col("__new")))?;
+    Ok(fresh.aggregate(levels.iter().map(|l| col(l.as_str())).collect(), vec![count(lit(1)).alias(m)])?)
 }
 
 /// Whether every member `previous` (the stored dimension table, registered in `ctx`) held is

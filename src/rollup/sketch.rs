@@ -84,11 +84,14 @@ struct Sketch {
 }
 
 /// `crmcube_hll_merge(sketch)`: the distinct-count estimate of merged sketches of values of
-/// `value_type` (UInt64, as `approx_distinct` returns).
+/// `value_type` (UInt64, as `approx_distinct` returns); `crmcube_hll_union(sketch)`: the merged
+/// sketch itself (Binary), for a rollup refreshed by adding tonight's rows to its stored ones.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Merge {
     signature: Signature,
     value_type: DataType,
+    /// The merged sketch rather than its estimate.
+    sketch: bool,
 }
 
 fn canonical_field(t: &DataType) -> FieldRef {
@@ -102,9 +105,19 @@ pub fn sketch_udaf() -> AggregateUDF {
 
 /// The aggregate that merges stored sketches of values of `value_type` into an estimate.
 pub fn merge_udaf(value_type: DataType) -> AggregateUDF {
-    // Stored sketches read back from Parquet as binary views.
+    AggregateUDF::from(Merge { signature: sketches(), value_type, sketch: false })
+}
+
+/// The aggregate that merges sketches of values of `value_type` into one sketch (NULLs, groups
+/// without a sketch, are skipped).
+pub fn union_udaf(value_type: DataType) -> AggregateUDF {
+    AggregateUDF::from(Merge { signature: sketches(), value_type, sketch: true })
+}
+
+/// Stored sketches read back from Parquet as binary views.
+fn sketches() -> Signature {
     let binary = [DataType::Binary, DataType::BinaryView, DataType::LargeBinary].map(|t| TypeSignature::Exact(vec![t]));
-    AggregateUDF::from(Merge { signature: Signature::one_of(binary.to_vec(), Volatility::Immutable), value_type })
+    Signature::one_of(binary.to_vec(), Volatility::Immutable)
 }
 
 impl AggregateUDFImpl for Sketch {
@@ -129,13 +142,18 @@ impl AggregateUDFImpl for Sketch {
     fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         let to = canonical_type(args.expr_fields[0].data_type());
         let value = canonical_field(&to);
-        Ok(Box::new(HllAccumulator { inner: ApproxDistinct::new().accumulator(AccumulatorArgs { expr_fields: &[value], ..args })?, rows_as: to, merging: false }))
+        Ok(Box::new(HllAccumulator {
+            inner: ApproxDistinct::new().accumulator(AccumulatorArgs { expr_fields: &[value], ..args })?,
+            rows_as: to,
+            merging: false,
+            estimate: false,
+        }))
     }
 }
 
 impl AggregateUDFImpl for Merge {
     fn name(&self) -> &str {
-        "crmcube_hll_merge"
+        if self.sketch { "crmcube_hll_union" } else { "crmcube_hll_merge" }
     }
 
     fn signature(&self) -> &Signature {
@@ -143,15 +161,15 @@ impl AggregateUDFImpl for Merge {
     }
 
     fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
-        Ok(DataType::UInt64)
+        Ok(if self.sketch { DataType::Binary } else { DataType::UInt64 })
     }
 
     fn is_nullable(&self) -> bool {
-        false
+        self.sketch
     }
 
-    fn default_value(&self, _data_type: &DataType) -> Result<ScalarValue> {
-        Ok(ScalarValue::UInt64(Some(0)))
+    fn default_value(&self, data_type: &DataType) -> Result<ScalarValue> {
+        if self.sketch { ScalarValue::try_from(data_type) } else { Ok(ScalarValue::UInt64(Some(0))) }
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
@@ -164,7 +182,7 @@ impl AggregateUDFImpl for Merge {
         // approx_distinct's own accumulator for the values' type: its state is the sketch.
         let value = canonical_field(&self.value_type);
         let inner = ApproxDistinct::new().accumulator(AccumulatorArgs { expr_fields: &[value], ..args })?;
-        Ok(Box::new(HllAccumulator { inner, rows_as: DataType::Binary, merging: true }))
+        Ok(Box::new(HllAccumulator { inner, rows_as: DataType::Binary, merging: true, estimate: !self.sketch }))
     }
 }
 
@@ -175,14 +193,24 @@ struct HllAccumulator {
     /// Rows are cast to this type first: the canonical value type when building (see
     /// [`canonical_type`]), Binary when merging (stored sketches are states of `inner`).
     rows_as: DataType,
-    /// Building: the result is the sketch (the state); merging: the estimate.
+    /// Rows are stored sketches (merged) rather than values.
     merging: bool,
+    /// The result is the estimate rather than the sketch (the state).
+    estimate: bool,
 }
 
 impl Accumulator for HllAccumulator {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
         let rows = datafusion::arrow::compute::cast(&values[0], &self.rows_as)?;
-        if self.merging { self.inner.merge_batch(&[rows]) } else { self.inner.update_batch(&[rows]) }
+        if !self.merging {
+            return self.inner.update_batch(&[rows]);
+        }
+        // A group without a sketch (NULL) adds nothing; approx_distinct's merge refuses NULLs.
+        let rows = match rows.logical_null_count() {
+            0 => rows,
+            _ => datafusion::arrow::compute::filter(&rows, &datafusion::arrow::compute::is_not_null(&rows)?)?,
+        };
+        self.inner.merge_batch(&[rows])
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
@@ -194,7 +222,7 @@ impl Accumulator for HllAccumulator {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        if self.merging {
+        if self.estimate {
             return self.inner.evaluate();
         }
         self.inner.state()?.into_iter().next().ok_or_else(|| DataFusionError::Internal("approx_distinct has no state".into()))

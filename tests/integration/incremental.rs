@@ -73,6 +73,27 @@ async fn count(w: &Warehouse, table: &str) -> i64 {
     scalar(&w.session().await.unwrap(), &format!("SELECT count(*) FROM {table}")).await.parse().unwrap()
 }
 
+/// Asserts that `crmcube refresh --all`, rebuilding every rollup `night` refreshed from the
+/// whole base tables, gives the same rows; returns what `query` read before the rebuild.
+async fn rollups_equal_a_full_rebuild(project: &Project, w: &Warehouse, night: &LoadReport, query: &str) -> Vec<Vec<String>> {
+    let refreshed: Vec<String> = night.tables.iter().filter(|t| t.kind == "rollup").map(|t| t.table.clone()).collect();
+    let ctx = w.session().await.unwrap();
+    let mut before = BTreeMap::new();
+    for t in &refreshed {
+        before.insert(t.clone(), content_checksum(&ctx, t).await.unwrap());
+    }
+    let stored = sql(&ctx, query).await;
+    drop(ctx);
+    let cubes = crmcube::cube::CubeSet::load(project, &crmcube::etl::TransformSet::load(project).unwrap()).unwrap();
+    let report = crmcube::rollup::refresh(w, &cubes, true).await.unwrap();
+    assert_eq!(report.rebuilt.len(), refreshed.len());
+    let ctx = w.session().await.unwrap();
+    for t in &refreshed {
+        assert_eq!(content_checksum(&ctx, t).await.unwrap(), before[t], "{t}: refreshed incrementally differs from a full rebuild");
+    }
+    stored
+}
+
 #[test]
 fn a_second_nights_files_add_exactly_the_new_and_changed_rows_with_history() {
     let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -265,25 +286,9 @@ fn a_second_night_rebuilds_only_the_rollup_partitions_its_rows_touch() {
             let r = table(&second, rollup);
             assert_eq!((r.mode, &r.partitions), ("incremental", units), "{rollup}: {r:?}");
         }
-        let refreshed: Vec<String> = second.tables.iter().filter(|t| t.kind == "rollup").map(|t| t.table.clone()).collect();
-
-        // The same tables rebuilt in full by `crmcube refresh --all`: the same rows.
+        let stored = rollups_equal_a_full_rebuild(&project, &w, &second, "SELECT time_month, customer_region, CAST(revenue AS VARCHAR), CAST(orders AS VARCHAR), CAST(customers AS VARCHAR) \
+                            FROM rollup_sales_month_region ORDER BY 1, 2").await;
         let ctx = w.session().await.unwrap();
-        let mut before = BTreeMap::new();
-        for t in &refreshed {
-            before.insert(t.clone(), content_checksum(&ctx, t).await.unwrap());
-        }
-        let month_region = "SELECT time_month, customer_region, CAST(revenue AS VARCHAR), CAST(orders AS VARCHAR), CAST(customers AS VARCHAR) \
-                            FROM rollup_sales_month_region ORDER BY 1, 2";
-        let stored = sql(&ctx, month_region).await;
-        drop(ctx);
-        let cubes = crmcube::cube::CubeSet::load(&project, &crmcube::etl::TransformSet::load(&project).unwrap()).unwrap();
-        let report = crmcube::rollup::refresh(&w, &cubes, true).await.unwrap();
-        assert_eq!(report.rebuilt.len(), refreshed.len());
-        let ctx = w.session().await.unwrap();
-        for t in &refreshed {
-            assert_eq!(content_checksum(&ctx, t).await.unwrap(), before[t], "{t}: refreshed by partition differs from a full rebuild");
-        }
         // And by hand, from the facts and the dimensions as of each sale.
         let by_hand = sql(
             &ctx,
@@ -310,6 +315,12 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
     block_on(async move {
         load(&project, &w).await.unwrap();
         let before = count(&w, "fact_sales").await;
+        // Besides the new orders, one more line for an order of an earlier year: its order and
+        // customer are already counted in that month and year.
+        let ctx = w.session().await.unwrap();
+        let old = sql(&ctx, "SELECT order_id, CAST(order_date AS VARCHAR) FROM orders WHERE status = 'completed' AND order_date < DATE '2026-01-01' ORDER BY order_id LIMIT 1").await;
+        let (old_order, old_date) = (old[0][0].clone(), old[0][1].clone());
+        drop(ctx);
         std::fs::write(
             project.sources.join("orders_2026-11-01.csv"),
             format!(
@@ -321,14 +332,14 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         .unwrap();
         std::fs::write(
             project.sources.join("order_lines_2026-11-01.csv"),
-            "order_id,line_no,product_id,quantity,unit_price,discount_pct\nO9000001,1,P0059,4,489.00,5\nO9000001,2,P0047,1,2019.00,0\nO9000002,1,P0047,2,2019.00,10\n",
+            format!("order_id,line_no,product_id,quantity,unit_price,discount_pct\nO9000001,1,P0059,4,489.00,5\nO9000001,2,P0047,1,2019.00,0\nO9000002,1,P0047,2,2019.00,10\n{old_order},99,P0059,1,489.00,0\n"),
         )
         .unwrap();
         let second = load(&project, &w).await.unwrap();
         let f = table(&second, "fact_sales");
-        // Two completed lines in; the cancelled order's line is filtered out as ever.
-        assert_eq!((f.mode, f.read, f.rows), ("incremental", 2, before as u64 + 2), "{f:?}");
-        assert_eq!(count(&w, "fact_sales").await, before + 2);
+        // Three completed lines in; the cancelled order's line is filtered out as ever.
+        assert_eq!((f.mode, f.read, f.rows), ("incremental", 3, before as u64 + 3), "{f:?}");
+        assert_eq!(count(&w, "fact_sales").await, before + 3);
         let log = w.table_path("fact_sales").join("_delta_log");
         let last = std::fs::read_dir(&log).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "json")).max().unwrap();
         assert!(std::fs::read_to_string(&last).unwrap().contains(r#""mode":"Append""#));
@@ -344,8 +355,37 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         assert_eq!(cents(&revenue), 4 * 48900 * 95 / 100 + 201900);
         drop(ctx);
 
-        // Downstream tables read the grown table: the rollups refresh November only.
-        let r = table(&second, "rollup_sales_month");
-        assert_eq!((r.mode, r.partitions.as_slice()), ("incremental", ["2026-11".to_string()].as_slice()), "{r:?}");
+        // Downstream tables read the grown table: every rollup adds the aggregate of the three
+        // new rows (read: 3) to its stored rows, touching November and the old line's month (by
+        // month) or their years (by year).
+        let mut months = vec![old_date[..7].to_string(), "2026-11".to_string()];
+        months.sort();
+        let mut years = vec![old_date[..4].to_string(), "2026".to_string()];
+        years.sort();
+        for (rollup, units) in [
+            ("rollup_sales_month", &months),
+            ("rollup_sales_month_region", &months),
+            ("rollup_sales_month_region_category_channel", &months),
+            ("rollup_sales_year", &years),
+            ("rollup_sales_year_region", &years),
+            ("rollup_sales_year_province_subcategory", &years),
+        ] {
+            let r = table(&second, rollup);
+            assert_eq!((r.mode, &r.partitions, r.read), ("incremental", units, 3), "{rollup}: {r:?}");
+        }
+        // The same rows a full rebuild gives; the exact distinct counts by hand: the old order's
+        // new line adds no order and no customer to its year.
+        let year_region = "SELECT time_year, customer_region, CAST(revenue AS VARCHAR), CAST(quantity AS VARCHAR), CAST(orders AS VARCHAR), CAST(customers AS VARCHAR) \
+                           FROM rollup_sales_year_region ORDER BY 1, 2";
+        let stored = rollups_equal_a_full_rebuild(&project, &w, &second, year_region).await;
+        let ctx = w.session().await.unwrap();
+        let by_hand = sql(
+            &ctx,
+            "SELECT d.year, h.region, CAST(sum(f.revenue) AS VARCHAR), CAST(sum(f.quantity) AS VARCHAR), CAST(count(DISTINCT f.order_id) AS VARCHAR), CAST(count(DISTINCT f.customer_id) AS VARCHAR) \
+             FROM fact_sales f JOIN dim_date d ON d.date = f.order_date JOIN dim_customer_history h ON h.version_key = f.customer_version \
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .await;
+        assert_eq!(stored, by_hand);
     });
 }
