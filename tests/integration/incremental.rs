@@ -73,6 +73,32 @@ async fn count(w: &Warehouse, table: &str) -> i64 {
     scalar(&w.session().await.unwrap(), &format!("SELECT count(*) FROM {table}")).await.parse().unwrap()
 }
 
+/// Asserts that every rollup was refreshed incrementally in the units of `date` (an older
+/// sale's day) and of November 2026: those months for a rollup by month, those years for one by
+/// year; and, when `read` is given, that each read that many fact rows.
+fn assert_refreshed_units(night: &LoadReport, date: &str, read: Option<u64>) {
+    let units = |n: usize| {
+        let mut u = vec![date[..n].to_string(), "2026-11"[..n].to_string()];
+        u.sort();
+        u
+    };
+    let (months, years) = (units(7), units(4));
+    for (rollup, units) in [
+        ("rollup_sales_month", &months),
+        ("rollup_sales_month_region", &months),
+        ("rollup_sales_month_region_category_channel", &months),
+        ("rollup_sales_year", &years),
+        ("rollup_sales_year_region", &years),
+        ("rollup_sales_year_province_subcategory", &years),
+    ] {
+        let r = table(night, rollup);
+        assert_eq!((r.mode, &r.partitions), ("incremental", units), "{rollup}: {r:?}");
+        if let Some(n) = read {
+            assert_eq!(r.read, n, "{rollup}: {r:?}");
+        }
+    }
+}
+
 /// Asserts that `crmcube refresh --all`, rebuilding every rollup `night` refreshed from the
 /// whole base tables, gives the same rows; returns what `query` read before the rebuild.
 async fn rollups_equal_a_full_rebuild(project: &Project, w: &Warehouse, night: &LoadReport, query: &str) -> Vec<Vec<String>> {
@@ -265,27 +291,7 @@ fn a_second_night_rebuilds_only_the_rollup_partitions_its_rows_touch() {
 
         // The months and years touched, from the night's own files: the new orders' and the
         // cancelled order's.
-        let months: Vec<String> = {
-            let mut m = vec![date[..7].to_string(), "2026-11".to_string()];
-            m.sort();
-            m
-        };
-        let years: Vec<String> = {
-            let mut y = vec![date[..4].to_string(), "2026".to_string()];
-            y.sort();
-            y
-        };
-        for (rollup, units) in [
-            ("rollup_sales_month", &months),
-            ("rollup_sales_month_region", &months),
-            ("rollup_sales_month_region_category_channel", &months),
-            ("rollup_sales_year", &years),
-            ("rollup_sales_year_region", &years),
-            ("rollup_sales_year_province_subcategory", &years),
-        ] {
-            let r = table(&second, rollup);
-            assert_eq!((r.mode, &r.partitions), ("incremental", units), "{rollup}: {r:?}");
-        }
+        assert_refreshed_units(&second, date, None);
         let stored = rollups_equal_a_full_rebuild(&project, &w, &second, "SELECT time_month, customer_region, CAST(revenue AS VARCHAR), CAST(orders AS VARCHAR), CAST(customers AS VARCHAR) \
                             FROM rollup_sales_month_region ORDER BY 1, 2").await;
         let ctx = w.session().await.unwrap();
@@ -358,21 +364,7 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         // Downstream tables read the grown table: every rollup adds the aggregate of the three
         // new rows (read: 3) to its stored rows, touching November and the old line's month (by
         // month) or their years (by year).
-        let mut months = vec![old_date[..7].to_string(), "2026-11".to_string()];
-        months.sort();
-        let mut years = vec![old_date[..4].to_string(), "2026".to_string()];
-        years.sort();
-        for (rollup, units) in [
-            ("rollup_sales_month", &months),
-            ("rollup_sales_month_region", &months),
-            ("rollup_sales_month_region_category_channel", &months),
-            ("rollup_sales_year", &years),
-            ("rollup_sales_year_region", &years),
-            ("rollup_sales_year_province_subcategory", &years),
-        ] {
-            let r = table(&second, rollup);
-            assert_eq!((r.mode, &r.partitions, r.read), ("incremental", units, 3), "{rollup}: {r:?}");
-        }
+        assert_refreshed_units(&second, &old_date, Some(3));
         // The same rows a full rebuild gives; the exact distinct counts by hand: the old order's
         // new line adds no order and no customer to its year.
         let year_region = "SELECT time_year, customer_region, CAST(revenue AS VARCHAR), CAST(quantity AS VARCHAR), CAST(orders AS VARCHAR), CAST(customers AS VARCHAR) \
