@@ -379,9 +379,9 @@ pub async fn append(
     for m in &rollup.measures {
         let MeasureKind::Base { agg, .. } = &cube.measure(m)?.kind else { continue };
         let c = col(m.as_str());
+        // The new rows aggregate as a build does (super::aggregate); the parts then combine.
         let (new_rows, combine) = match agg {
-            Aggregation::Sum => (Some(sum(c.clone())), sum(c)),
-            Aggregation::Count => (Some(count(c.clone())), sum(c)),
+            Aggregation::Sum | Aggregation::Count => (Some(crate::query::aggregate_call(*agg, c.clone())), sum(c)),
             Aggregation::Min => (Some(min(c.clone())), min(c)),
             Aggregation::Max => (Some(max(c.clone())), max(c)),
             Aggregation::ApproxCountDistinct => {
