@@ -134,6 +134,11 @@ pub async fn units(ctx: &SessionContext, cache: &mut PrintCache, cube: &Cube, un
 
 /// The units the fact rows of `facts` fall in; None when one has no unit.
 async fn units_of(ctx: &SessionContext, unit: LevelRef<'_>, facts: &[KeyPrint]) -> Result<Option<Units>> {
+    Ok(units_in(&unit_members(ctx, unit).await?, facts))
+}
+
+/// The unit (as text) of each member key (as text) of `unit`'s dimension.
+async fn unit_members(ctx: &SessionContext, unit: LevelRef<'_>) -> Result<HashMap<String, String>> {
     let join = unit.dimension.join.as_ref().ok_or_else(|| Error::Internal("a refresh unit's dimension joins a table".into()))?;
     let members = ctx
         .table(join.table.as_str())
@@ -150,15 +155,20 @@ async fn units_of(ctx: &SessionContext, unit: LevelRef<'_>, facts: &[KeyPrint]) 
             }
         }
     }
+    Ok(unit_of)
+}
+
+/// The units the fact rows of `facts` fall in, by `unit_of`; None when one has no unit.
+fn units_in(unit_of: &HashMap<String, String>, facts: &[KeyPrint]) -> Option<Units> {
     let mut prints: BTreeMap<String, Print> = BTreeMap::new();
     let mut keys: BTreeMap<String, Vec<ScalarValue>> = BTreeMap::new();
     for f in facts.iter() {
-        let Some(u) = f.text.as_ref().and_then(|t| unit_of.get(t)) else { return Ok(None) };
+        let u = f.text.as_ref().and_then(|t| unit_of.get(t))?;
         let p = prints.entry(u.clone()).or_default();
         *p = p.add(f.print);
         keys.entry(u.clone()).or_default().push(f.key.clone());
     }
-    Ok(Some(Units { prints: prints.into_iter().map(|(u, p)| (u, p.text())).collect(), keys }))
+    Some(Units { prints: prints.into_iter().map(|(u, p)| (u, p.text())).collect(), keys })
 }
 
 /// The rows of `rollup` with the units `touched` rebuilt from the fact rows in them and every
@@ -218,12 +228,16 @@ pub struct Appended {
     rows: u64,
     /// The cube's rows over the new facts, with every level and measure its rollups keep.
     frame: String,
-    /// Per exact distinct count (measure): the cube's rows over every fact row, old or new,
-    /// whose counted value is one the new rows hold (the levels of the rollups keeping the
-    /// measure, and the value). None when the measure counts a column the fact table lacks.
+    /// Per exact distinct count (measure): its pairs (the levels of the rollups keeping the
+    /// measure, a value the new rows hold) over every fact row, old or new, holding such a
+    /// value, with how many rows hold each pair (`__all`) and how many of them are new
+    /// (`__new`). One pass over the fact table finds the rows for all counts. None when the
+    /// measure counts a column the fact table lacks.
     prior: BTreeMap<String, Option<String>>,
     /// The new rows' prints by foreign key.
     prints: HashMap<String, Vec<KeyPrint>>,
+    /// The unit of each member key, by (dimension, level index) (see [`unit_members`]).
+    members: HashMap<(String, usize), HashMap<String, String>>,
 }
 
 impl Appended {
@@ -237,6 +251,7 @@ impl Appended {
             frame: format!("__appended_frame_{}", cube.name),
             prior: BTreeMap::new(),
             prints: HashMap::new(),
+            members: HashMap::new(),
         };
         let mut wanted: BTreeSet<String> = BTreeSet::new();
         let mut distinct: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -256,46 +271,71 @@ impl Appended {
         register_rows(ctx, &out.frame, crate::query::cube_frame(ctx, &scoped, Some(&wanted)).await?).await?;
         tracing::debug!(cube = %cube.name, ms = started.elapsed().as_millis() as u64, "appended facts: cube rows");
         let fact = ctx.table(cube.fact.as_str()).await?;
+        // The exact distinct counts of the fact table's columns: (measure, column, levels).
+        let mut counted = Vec::new();
         for (m, levels) in distinct {
             let MeasureKind::Base { column, .. } = &cube.measure(&m)?.kind else { continue };
-            if !fact.schema().has_column_with_unqualified_name(column) {
+            if fact.schema().has_column_with_unqualified_name(column) {
+                counted.push((m, column.clone(), levels));
+            } else {
                 out.prior.insert(m, None);
-                continue;
             }
-            // Every fact row holding one of the new rows' values: a semi-join, the new values
-            // (a small build side) probed by the fact table's rows.
-            let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias("__value")])?.distinct()?;
-            let mut subset = fact.clone().join(values, JoinType::LeftSemi, &[column.as_str()], &["__value"], None)?;
-            // Only rows in the units the new rows fall in can share a group with them: those of
-            // the coarsest refresh unit of the rollups keeping the measure.
-            let units: Option<Vec<LevelRef<'_>>> = cube.rollups.iter().filter(|r| r.measures.contains(&m)).map(|r| refresh_unit(cube, r)).collect();
-            if let Some(units) = units
-                && let Some(first) = units.first()
-                && units.iter().all(|u| u.dimension.name == first.dimension.name)
-                && let Some(coarsest) = units.iter().min_by_key(|u| u.index)
-                && let Some(join) = coarsest.dimension.join.as_ref()
-            {
-                let prints = out.prints(ctx, &join.foreign_key).await?;
-                if let Some(touched) = units_of(ctx, *coarsest, &prints).await? {
-                    let names: Vec<Expr> = touched.prints.keys().map(|u| lit(u.as_str())).collect();
-                    let members = ctx.table(join.table.as_str()).await?;
-                    let members = if names.is_empty() { members.limit(0, Some(0))? } else { members.filter(cast(col(coarsest.level().column.as_str()), DataType::Utf8).in_list(names, false))? };
-                    let keys = members.select(vec![col(join.key.as_str()).alias("__unit_key")])?;
-                    subset = subset.join(keys, JoinType::LeftSemi, &[join.foreign_key.as_str()], &["__unit_key"], None)?;
-                }
-            }
-            let view = format!("__appended_prior_facts_{}", cube.name);
-            ctx.register_table(view.as_str(), subset.into_view())?;
-            let scoped = Cube { fact: view.clone(), ..cube.clone() };
-            let mut columns: Vec<String> = levels.into_iter().collect();
-            columns.push(m.clone());
-            let name = format!("__appended_prior_{}_{m}", cube.name);
-            let registered = async { register_rows(ctx, &name, crate::query::cube_frame(ctx, &scoped, Some(&columns)).await?).await }.await;
-            ctx.deregister_table(view.as_str())?;
-            registered?;
-            tracing::debug!(cube = %cube.name, measure = %m, ms = started.elapsed().as_millis() as u64, "appended facts: rows holding their values");
-            out.prior.insert(m, Some(name));
         }
+        if counted.is_empty() {
+            return Ok(out);
+        }
+        // One pass over the fact table for all of them: every row holding a value some new row
+        // holds, of any counted column (a superset of each count's rows serves it: the rows
+        // are split by measure below). The new values (a small build side, on the left) are
+        // probed by the fact rows.
+        let started = std::time::Instant::now();
+        let mut subset = out.in_touched_units(ctx, cube, fact, counted.iter().map(|(m, ..)| m)).await?;
+        let mut holds = Vec::new();
+        for (i, (_, column, _)) in counted.iter().enumerate() {
+            let value = format!("__value_{i}");
+            let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias(value.as_str())])?.distinct()?;
+            subset = values.join(subset, JoinType::Right, &[value.as_str()], &[column.as_str()], None)?;
+            holds.push(col(value.as_str()).is_not_null());
+        }
+        if let Some(any) = datafusion::logical_expr::utils::disjunction(holds) {
+            subset = subset.filter(any)?;
+        }
+        let view = format!("__appended_prior_facts_{}", cube.name);
+        ctx.register_table(view.as_str(), subset.into_view())?;
+        let scoped = Cube { fact: view.clone(), ..cube.clone() };
+        let mut columns: BTreeSet<String> = counted.iter().flat_map(|(_, _, levels)| levels.iter().cloned()).collect();
+        columns.extend(counted.iter().map(|(m, ..)| m.clone()));
+        let columns: Vec<String> = columns.into_iter().collect();
+        let all = format!("__appended_prior_{}", cube.name);
+        let registered = async { register_rows(ctx, &all, crate::query::cube_frame(ctx, &scoped, Some(&columns)).await?).await }.await;
+        ctx.deregister_table(view.as_str())?;
+        registered?;
+        tracing::debug!(cube = %cube.name, ms = started.elapsed().as_millis() as u64, "appended facts: rows holding their values");
+        // Per count, its pairs (levels, value) with how many rows hold each and how many of
+        // those are new: what [`new_values`] regroups per rollup.
+        let pairs = async {
+            for (m, column, levels) in counted {
+                let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias("__value")])?.distinct()?;
+                let prior = values.join(ctx.table(all.as_str()).await?, JoinType::RightSemi, &["__value"], &[m.as_str()], None)?;
+                let tagged = |table: DataFrame, all: i64, new: i64| -> Result<DataFrame> {
+                    let mut select: Vec<Expr> = levels.iter().map(|l| col(l.as_str())).collect();
+                    select.extend([col(m.as_str()).alias("__value"), lit(all).alias("__all"), lit(new).alias("__new")]);
+                    Ok(table.select(select)?)
+                };
+                let rows = tagged(prior, 1, 0)?.union(tagged(ctx.table(out.frame.as_str()).await?, 0, 1)?)?.filter(col("__value").is_not_null())?;
+                let mut by_value: Vec<Expr> = levels.iter().map(|l| col(l.as_str())).collect();
+                by_value.push(col("__value"));
+                let grouped = rows.aggregate(by_value, vec![sum(col("__all")).alias("__all"), sum(col("__new")).alias("__new")])?;
+                let name = format!("__appended_pairs_{}_{m}", cube.name);
+                register_rows(ctx, &name, grouped).await?;
+                out.prior.insert(m, Some(name));
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        ctx.deregister_table(all.as_str())?;
+        pairs?;
+        tracing::debug!(cube = %cube.name, ms = started.elapsed().as_millis() as u64, "appended facts: pairs of the distinct counts");
         Ok(out)
     }
 
@@ -305,6 +345,39 @@ impl Appended {
             ctx.deregister_table(t.as_str())?;
         }
         Ok(())
+    }
+
+    /// The rows of `fact` that can share a group of a rollup keeping one of `measures` with a
+    /// new row: those in the units the new rows fall in, of the coarsest refresh unit of those
+    /// rollups (all of one dimension; otherwise every row).
+    async fn in_touched_units(&mut self, ctx: &SessionContext, cube: &Cube, fact: DataFrame, measures: impl Iterator<Item = &String>) -> Result<DataFrame> {
+        let measures: Vec<&String> = measures.collect();
+        let units: Option<Vec<LevelRef<'_>>> = cube.rollups.iter().filter(|r| r.measures.iter().any(|m| measures.contains(&m))).map(|r| refresh_unit(cube, r)).collect();
+        let Some(units) = units else { return Ok(fact) };
+        let (Some(first), Some(coarsest)) = (units.first(), units.iter().min_by_key(|u| u.index)) else { return Ok(fact) };
+        let Some(join) = coarsest.dimension.join.as_ref() else { return Ok(fact) };
+        if units.iter().any(|u| u.dimension.name != first.dimension.name) {
+            return Ok(fact);
+        }
+        let Some(touched) = self.units(ctx, *coarsest).await? else { return Ok(fact) };
+        let names: Vec<Expr> = touched.prints.keys().map(|u| lit(u.as_str())).collect();
+        let members = ctx.table(join.table.as_str()).await?;
+        let members = if names.is_empty() { members.limit(0, Some(0))? } else { members.filter(cast(col(coarsest.level().column.as_str()), DataType::Utf8).in_list(names, false))? };
+        let keys = members.select(vec![col(join.key.as_str()).alias("__unit_key")])?;
+        Ok(keys.join(fact, JoinType::RightSemi, &["__unit_key"], &[join.foreign_key.as_str()], None)?)
+    }
+
+    /// The units of `unit` the new rows fall in (None when one has no unit), the dimension's
+    /// members read once a night per level.
+    async fn units(&mut self, ctx: &SessionContext, unit: LevelRef<'_>) -> Result<Option<Units>> {
+        let join = unit.dimension.join.as_ref().ok_or_else(|| Error::Internal("a refresh unit's dimension joins a table".into()))?;
+        let prints = self.prints(ctx, &join.foreign_key).await?;
+        let level = (unit.dimension.name.clone(), unit.index);
+        if !self.members.contains_key(&level) {
+            let members = unit_members(ctx, unit).await?;
+            self.members.insert(level.clone(), members);
+        }
+        Ok(units_in(&self.members[&level], &prints))
     }
 
     async fn prints(&mut self, ctx: &SessionContext, key: &str) -> Result<Vec<KeyPrint>> {
@@ -353,10 +426,8 @@ pub async fn append(
     stored: &BTreeMap<String, String>,
     previous: &str,
 ) -> Result<Option<Appending>> {
-    let join = unit.dimension.join.as_ref().ok_or_else(|| Error::Internal("a refresh unit's dimension joins a table".into()))?;
     let started = std::time::Instant::now();
-    let new_prints = appended.prints(ctx, &join.foreign_key).await?;
-    let Some(new) = units_of(ctx, unit, &new_prints).await? else { return Ok(None) };
+    let Some(new) = appended.units(ctx, unit).await? else { return Ok(None) };
     let mut prints = stored.clone();
     for (u, text) in &new.prints {
         let before = match stored.get(u) {
@@ -390,7 +461,7 @@ pub async fn append(
             }
             Aggregation::CountDistinct => {
                 let Some(Some(prior)) = appended.prior.get(m) else { return Ok(None) };
-                let counted = new_values(ctx, prior, &appended.frame, &levels, m, (&unit.output_name(), new.prints.keys())).await?;
+                let counted = new_values(ctx, prior, &levels, m, (&unit.output_name(), new.prints.keys())).await?;
                 parts.push(crate::warehouse::in_columns(counted, &target)?);
                 (None, sum(c))
             }
@@ -419,32 +490,20 @@ pub async fn append(
     Ok(Some(Appending { schema, rows, read: appended.rows, prints, touched: new.prints.keys().cloned().collect() }))
 }
 
-/// Per group of `levels`, how many values of the distinct-count measure `m` the new rows
-/// (`frame`) bring that no earlier row of the group holds. `prior` holds every row, old or new,
-/// with a value some new row holds; a value is new to its group when every row of the group
-/// holding it is a new one. Only rows in the units `touched` (by the unit's level column) are
+/// Per group of `levels`, how many values of the distinct-count measure `m` the new rows bring
+/// that no earlier row of the group holds. `pairs` holds, per (levels of every rollup keeping
+/// `m`, value) with a value some new row holds, how many fact rows hold it (`__all`) and how
+/// many of them are new (`__new`); a value is new to its group when every row of the group
+/// holding it is a new one. Only pairs in the units `touched` (by the unit's level column) are
 /// read: the new rows' groups are in them.
-async fn new_values<'u>(
-    ctx: &SessionContext,
-    prior: &str,
-    frame: &str,
-    levels: &[String],
-    m: &str,
-    (unit, touched): (&str, impl Iterator<Item = &'u String>),
-) -> Result<DataFrame> {
+async fn new_values<'u>(ctx: &SessionContext, pairs: &str, levels: &[String], m: &str, (unit, touched): (&str, impl Iterator<Item = &'u String>)) -> Result<DataFrame> {
     let names: Vec<Expr> = touched.map(|u| lit(u.as_str())).collect();
-    let prior = ctx.table(prior).await?;
-    let prior = if names.is_empty() { prior.limit(0, Some(0))? } else { prior.filter(cast(col(unit), DataType::Utf8).in_list(names, false))? };
-    let tagged = |table: DataFrame, all: i64, new: i64| -> Result<DataFrame> {
-        let mut select: Vec<Expr> = levels.iter().map(|l| col(l.as_str())).collect();
-        select.extend([col(m).alias("__value"), lit(all).alias("__all"), lit(new).alias("__new")]);
-        Ok(table.select(select)?)
-    };
-    let rows = tagged(prior, 1, 0)?.union(tagged(ctx.table(frame).await?, 0, 1)?)?.filter(col("__value").is_not_null())?;
+    let pairs = ctx.table(pairs).await?;
+    let pairs = if names.is_empty() { pairs.limit(0, Some(0))? } else { pairs.filter(cast(col(unit), DataType::Utf8).in_list(names, false))? };
     let mut by_value: Vec<Expr> = levels.iter().map(|l| col(l.as_str())).collect();
     by_value.push(col("__value"));
-    let pairs = rows.aggregate(by_value, vec![sum(col("__all")).alias("__all"), sum(col("__new")).alias("__new")])?;
-    let fresh = pairs.filter(col("__all").eq(col("__new")))?;
+    let grouped = pairs.aggregate(by_value, vec![sum(col("__all")).alias("__all"), sum(col("__new")).alias("__new")])?;
+    let fresh = grouped.filter(col("__all").eq(col("__new")))?;
     Ok(fresh.aggregate(levels.iter().map(|l| col(l.as_str())).collect(), vec![count(lit(1)).alias(m)])?)
 }
 
