@@ -188,7 +188,7 @@ pub async fn rebuild(
     // The cube over only the touched units' fact rows (an empty IN list is not valid SQL).
     let view = format!("__rollup_facts_{}", rollup.table);
     let facts = ctx.table(cube.fact.as_str()).await?;
-    let facts = if keys.is_empty() { facts.limit(0, Some(0))? } else { facts.filter(col(join.foreign_key.as_str()).in_list(keys, false))? };
+    let facts = in_list(facts, col(join.foreign_key.as_str()), keys, false)?;
     ctx.register_table(view.as_str(), facts.into_view())?;
     let scoped = Cube { fact: view.clone(), ..cube.clone() };
     let fresh = super::aggregate(ctx, &scoped, rollup).await;
@@ -198,10 +198,7 @@ pub async fn rebuild(
         let schema = fresh.schema().clone();
         let unit_column = unit.output_name();
         let names: Vec<Expr> = touched.iter().map(|u| lit(u.as_str())).collect();
-        let mut kept = ctx.table(previous).await?;
-        if !names.is_empty() {
-            kept = kept.filter(cast(col(unit_column.as_str()), DataType::Utf8).in_list(names, true))?;
-        }
+        let kept = in_list(ctx.table(previous).await?, cast(col(unit_column.as_str()), DataType::Utf8), names, true)?;
         // The stored rows in tonight's column order and types (Delta reads may type text as views).
         let kept = crate::warehouse::in_columns(kept, schema.as_arrow())?;
         let rows = super::sorted(cube, rollup, kept.union(fresh)?)?;
@@ -291,11 +288,16 @@ impl Appended {
         let started = std::time::Instant::now();
         let mut subset = out.in_touched_units(ctx, cube, fact, counted.iter().map(|(m, ..)| m)).await?;
         let mut holds = Vec::new();
+        // Each counted column's new values, collected once: the pass and the pairs below read
+        // them (and a table in memory tells the join its exact size).
+        let mut new_values_of = Vec::new();
         for (i, (_, column, _)) in counted.iter().enumerate() {
             let value = format!("__value_{i}");
-            let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias(value.as_str())])?.distinct()?;
-            subset = values.join(subset, JoinType::Right, &[value.as_str()], &[column.as_str()], None)?;
+            let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias("__value")])?.distinct()?;
+            let values = crate::warehouse::materialize(ctx, values).await?;
+            subset = values.clone().select(vec![col("__value").alias(value.as_str())])?.join(subset, JoinType::Right, &[value.as_str()], &[column.as_str()], None)?;
             holds.push(col(value.as_str()).is_not_null());
+            new_values_of.push(values);
         }
         if let Some(any) = datafusion::logical_expr::utils::disjunction(holds) {
             subset = subset.filter(any)?;
@@ -314,8 +316,7 @@ impl Appended {
         // Per count, its pairs (levels, value) with how many rows hold each and how many of
         // those are new: what [`new_values`] regroups per rollup.
         let pairs = async {
-            for (m, column, levels) in counted {
-                let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias("__value")])?.distinct()?;
+            for ((m, _, levels), values) in counted.into_iter().zip(new_values_of) {
                 let prior = values.join(ctx.table(all.as_str()).await?, JoinType::RightSemi, &["__value"], &[m.as_str()], None)?;
                 let tagged = |table: DataFrame, all: i64, new: i64| -> Result<DataFrame> {
                     let mut select: Vec<Expr> = levels.iter().map(|l| col(l.as_str())).collect();
@@ -360,11 +361,27 @@ impl Appended {
             return Ok(fact);
         }
         let Some(touched) = self.units(ctx, *coarsest).await? else { return Ok(fact) };
-        let names: Vec<Expr> = touched.prints.keys().map(|u| lit(u.as_str())).collect();
-        let members = ctx.table(join.table.as_str()).await?;
-        let members = if names.is_empty() { members.limit(0, Some(0))? } else { members.filter(cast(col(coarsest.level().column.as_str()), DataType::Utf8).in_list(names, false))? };
-        let keys = members.select(vec![col(join.key.as_str()).alias("__unit_key")])?;
-        Ok(keys.join(fact, JoinType::RightSemi, &["__unit_key"], &[join.foreign_key.as_str()], None)?)
+        // The member keys of those units, as values of the fact's foreign key: a filter on the
+        // fact scan itself, which decodes the other columns only for the rows it keeps.
+        let key_type = fact.schema().field_with_unqualified_name(&join.foreign_key)?.data_type().clone();
+        let members = &self.members[&(coarsest.dimension.name.clone(), coarsest.index)];
+        let mut keys: Vec<&String> = members.iter().filter(|(_, u)| touched.prints.contains_key(*u)).map(|(k, _)| k).collect();
+        keys.sort();
+        let values: Option<Vec<Expr>> = keys.iter().map(|k| ScalarValue::try_from_string((*k).clone(), &key_type).ok().map(lit)).collect();
+        match values {
+            Some(values) if values.len() <= MAX_KEYS_IN_LIST => {
+                tracing::debug!(keys = values.len(), units = touched.prints.len(), "appended facts: the pass reads the touched units' keys");
+                in_list(fact, col(join.foreign_key.as_str()), values, false)
+            }
+            // Many members (or keys that do not read back as the foreign key's type): a
+            // semi-join with the dimension's rows in those units.
+            _ => {
+                let names: Vec<Expr> = touched.prints.keys().map(|u| lit(u.as_str())).collect();
+                let members = in_list(ctx.table(join.table.as_str()).await?, cast(col(coarsest.level().column.as_str()), DataType::Utf8), names, false)?;
+                let keys = members.select(vec![col(join.key.as_str()).alias("__unit_key")])?;
+                Ok(keys.join(fact, JoinType::RightSemi, &["__unit_key"], &[join.foreign_key.as_str()], None)?)
+            }
+        }
     }
 
     /// The units of `unit` the new rows fall in (None when one has no unit), the dimension's
@@ -387,6 +404,20 @@ impl Appended {
         }
         Ok(self.prints[key].clone())
     }
+}
+
+/// The most member keys [`Appended::in_touched_units`] lists in a filter (a few years of days);
+/// above it, the fact rows are semi-joined with the dimension instead.
+const MAX_KEYS_IN_LIST: usize = 4096;
+
+/// The rows of `df` whose `value` is one of `list` (or, `negated`, none of them). An empty list
+/// keeps no row (negated, every row): an empty IN list is not valid SQL.
+fn in_list(df: DataFrame, value: Expr, list: Vec<Expr>, negated: bool) -> Result<DataFrame> {
+    Ok(match (list.is_empty(), negated) {
+        (true, false) => df.limit(0, Some(0))?,
+        (true, true) => df,
+        (false, _) => df.filter(value.in_list(list, negated))?,
+    })
 }
 
 /// Collects `df` and registers its rows in memory as `name`.
@@ -498,8 +529,7 @@ pub async fn append(
 /// read: the new rows' groups are in them.
 async fn new_values<'u>(ctx: &SessionContext, pairs: &str, levels: &[String], m: &str, (unit, touched): (&str, impl Iterator<Item = &'u String>)) -> Result<DataFrame> {
     let names: Vec<Expr> = touched.map(|u| lit(u.as_str())).collect();
-    let pairs = ctx.table(pairs).await?;
-    let pairs = if names.is_empty() { pairs.limit(0, Some(0))? } else { pairs.filter(cast(col(unit), DataType::Utf8).in_list(names, false))? };
+    let pairs = in_list(ctx.table(pairs).await?, cast(col(unit), DataType::Utf8), names, false)?;
     let mut by_value: Vec<Expr> = levels.iter().map(|l| col(l.as_str())).collect();
     by_value.push(col("__value"));
     let grouped = pairs.aggregate(by_value, vec![sum(col("__all")).alias("__all"), sum(col("__new")).alias("__new")])?;
