@@ -289,7 +289,9 @@ impl Appended {
         let mut subset = out.in_touched_units(ctx, cube, fact, counted.iter().map(|(m, ..)| m)).await?;
         let mut holds = Vec::new();
         // Each counted column's new values, collected once: the pass and the pairs below read
-        // them (and a table in memory tells the join its exact size).
+        // them (and a table in memory tells the join its exact size). An IN list of the values
+        // instead of the joins costs less to run but far more to plan (tens of thousands of
+        // literals): measured slower.
         let mut new_values_of = Vec::new();
         for (i, (_, column, _)) in counted.iter().enumerate() {
             let value = format!("__value_{i}");
@@ -302,8 +304,10 @@ impl Appended {
         if let Some(any) = datafusion::logical_expr::utils::disjunction(holds) {
             subset = subset.filter(any)?;
         }
+        // Collected before the dimensions join them: the exact row count lets the joins hold the
+        // dimension, not these rows, in memory.
         let view = format!("__appended_prior_facts_{}", cube.name);
-        ctx.register_table(view.as_str(), subset.into_view())?;
+        register_rows(ctx, &view, subset).await?;
         let scoped = Cube { fact: view.clone(), ..cube.clone() };
         let mut columns: BTreeSet<String> = counted.iter().flat_map(|(_, _, levels)| levels.iter().cloned()).collect();
         columns.extend(counted.iter().map(|(m, ..)| m.clone()));
@@ -371,6 +375,18 @@ impl Appended {
         match values {
             Some(values) if values.len() <= MAX_KEYS_IN_LIST => {
                 tracing::debug!(keys = values.len(), units = touched.prints.len(), "appended facts: the pass reads the touched units' keys");
+                // When no other unit's key lies between the least and the greatest of them (the
+                // days of a year), a range says the same and costs a comparison per row.
+                let typed: Vec<ScalarValue> = keys.iter().filter_map(|k| ScalarValue::try_from_string((*k).clone(), &key_type).ok()).collect();
+                let (lo, hi) = (typed.iter().min_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal)), typed.iter().max_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal)));
+                if let (Some(lo), Some(hi)) = (lo, hi) {
+                    let inside = |k: &ScalarValue| k.partial_cmp(lo).is_none_or(|o| o.is_ge()) && k.partial_cmp(hi).is_none_or(|o| o.is_le());
+                    let others_inside = members.iter().filter(|(_, u)| !touched.prints.contains_key(*u)).any(|(k, _)| ScalarValue::try_from_string(k.clone(), &key_type).map_or(true, |k| inside(&k)));
+                    if !others_inside {
+                        let fk = col(join.foreign_key.as_str());
+                        return Ok(fact.filter(fk.clone().gt_eq(lit(lo.clone())).and(fk.lt_eq(lit(hi.clone()))))?);
+                    }
+                }
                 in_list(fact, col(join.foreign_key.as_str()), values, false)
             }
             // Many members (or keys that do not read back as the foreign key's type): a
@@ -420,10 +436,16 @@ fn in_list(df: DataFrame, value: Expr, list: Vec<Expr>, negated: bool) -> Result
     })
 }
 
-/// Collects `df` and registers its rows in memory as `name`.
+/// Collects `df` and registers its rows in memory as `name`. `CRMCUBE_LOG=trace` logs the plan
+/// that made them, with each operator's metrics (what EXPLAIN ANALYZE shows).
 async fn register_rows(ctx: &SessionContext, name: &str, df: DataFrame) -> Result<()> {
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let rows = df.collect().await?;
+    let plan = df.create_physical_plan().await?;
+    let rows = datafusion::physical_plan::collect(plan.clone(), ctx.task_ctx()).await?;
+    if tracing::enabled!(tracing::Level::TRACE) {
+        let shown = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref()).indent(true).to_string();
+        tracing::trace!(table = name, "registered from the plan:\n{shown}");
+    }
     ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![rows])?))?;
     Ok(())
 }
