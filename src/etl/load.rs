@@ -723,26 +723,17 @@ impl<'a> Run<'a> {
         // microseconds where the rows just cleaned may carry nanoseconds).
         let had_previous = self.register_previous(&t.name, &previous_name).await?;
         if had_previous {
-            use datafusion::prelude::{cast, col, lit};
             let stored = self.ctx.table(previous_name.as_str()).await?;
             let current = self.ctx.table(h.of.as_str()).await?;
             let changed_at = current.schema().field_with_unqualified_name(&h.changed_at)?.data_type().clone();
-            let has = |name: &str| stored.schema().field_with_unqualified_name(name).is_ok();
-            let mut select: Vec<_> = current
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| {
-                    let value = if has(f.name()) { col(f.name().as_str()) } else { lit(datafusion::scalar::ScalarValue::Null) };
-                    cast(value, f.data_type().clone()).alias(f.name())
-                })
-                .collect();
-            select.push(cast(col("version"), DataType::Int64).alias("version"));
-            select.push(cast(col("valid_from"), changed_at.clone()).alias("valid_from"));
-            select.push(cast(col("valid_to"), changed_at).alias("valid_to"));
-            select.push(col("is_current"));
-            select.push(col("version_key"));
-            let typed = stored.select(select)?;
+            let stored_field = |name: &str| stored.schema().field_with_unqualified_name(name).map(|f| f.as_ref().clone());
+            let mut columns: Vec<Field> = current.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+            columns.push(Field::new("version", DataType::Int64, true));
+            columns.push(Field::new("valid_from", changed_at.clone(), true));
+            columns.push(Field::new("valid_to", changed_at, true));
+            columns.push(stored_field("is_current")?);
+            columns.push(stored_field("version_key")?);
+            let typed = crate::warehouse::in_columns(stored, &Schema::new(columns))?;
             self.ctx.deregister_table(previous_name.as_str())?;
             self.ctx.register_table(previous_name.as_str(), typed.into_view())?;
         }
