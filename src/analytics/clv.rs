@@ -203,6 +203,7 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
     let (ages, recencies) = if f.logs { (few(distinct(customers, |c| c.t)), few(distinct(customers, |c| c.t_x))) } else { (None, None) };
     let mut best: Vec<f64> = start.iter().map(|p| p.ln()).collect();
     let mut best_cost = f64::MAX;
+    let (mut runs, mut iterations) = (0, 0);
     for _ in 0..8 {
         let mut simplex = vec![best.clone()];
         for i in 0..best.len() {
@@ -217,6 +218,8 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
             .run()
             .map_err(|e| e.to_string())?;
         let state = result.state();
+        runs += 1;
+        iterations += state.get_iter();
         let cost = state.get_best_cost();
         let param = state.get_best_param().cloned().ok_or("the optimiser found no parameters")?;
         let improved = best_cost - cost > 1e-12 * best_cost.abs().max(1.0);
@@ -226,6 +229,7 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
             break;
         }
     }
+    tracing::debug!(customers = customers.len(), runs, iterations, "maximised the likelihood (Nelder-Mead)");
     if !best_cost.is_finite() || best_cost == f64::MAX {
         return Err("the likelihood has no finite maximum for this data".into());
     }

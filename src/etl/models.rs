@@ -95,8 +95,15 @@ pub async fn clv_tables(ctx: &SessionContext, settings: &clv::Settings) -> Resul
         Field::new("expected_average_value", DataType::Float64, false),
         Field::new("clv", DataType::Float64, false),
     ]));
+    let started = std::time::Instant::now();
     let (ids, customers) = summary(ctx, settings).await?;
-    let fitted = clv::fit_bgnbd(&customers).and_then(|bg| Ok((bg, clv::fit_gamma_gamma(&customers)?)));
+    let summarised = started.elapsed().as_millis() as u64;
+    let fitted = clv::fit_bgnbd(&customers).and_then(|bg| {
+        let bg_ms = started.elapsed().as_millis() as u64 - summarised;
+        let gg = clv::fit_gamma_gamma(&customers)?;
+        tracing::debug!(customers = customers.len(), summary_ms = summarised, bgnbd_ms = bg_ms, gamma_gamma_ms = started.elapsed().as_millis() as u64 - summarised - bg_ms, "lifetime value: summarised and fitted");
+        Ok((bg, gg))
+    });
     let (bg, gg) = match fitted {
         Ok(f) => f,
         Err(e) => {
@@ -150,5 +157,6 @@ pub async fn clv_tables(ctx: &SessionContext, settings: &clv::Settings) -> Resul
             col(&|c| clv::clv(&bg, &gg, c, settings)),
         ],
     )?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "lifetime value: predicted");
     Ok(vec![("clv_model".into(), model_schema, vec![model]), ("customer_clv".into(), customer_schema, vec![rows])])
 }
