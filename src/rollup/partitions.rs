@@ -185,7 +185,7 @@ pub async fn rebuild(
 ) -> Result<(SchemaRef, Vec<RecordBatch>, u64)> {
     let join = unit.dimension.join.as_ref().ok_or_else(|| Error::Internal("a refresh unit's dimension joins a table".into()))?;
     let keys: Vec<Expr> = touched.iter().filter_map(|u| units.keys.get(u)).flatten().map(|k| lit(k.clone())).collect();
-    // The cube over only the touched units' fact rows (an empty IN list is not valid SQL).
+    // The cube over only the touched units' fact rows.
     let view = format!("__rollup_facts_{}", rollup.table);
     let facts = ctx.table(cube.fact.as_str()).await?;
     let facts = in_list(facts, col(join.foreign_key.as_str()), keys, false)?;
@@ -366,20 +366,19 @@ impl Appended {
         }
         let Some(touched) = self.units(ctx, *coarsest).await? else { return Ok(fact) };
         // The member keys of those units, as values of the fact's foreign key: a filter on the
-        // fact scan itself, which decodes the other columns only for the rows it keeps.
+        // fact rows instead of a join with the dimension.
         let key_type = fact.schema().field_with_unqualified_name(&join.foreign_key)?.data_type().clone();
         let members = &self.members[&(coarsest.dimension.name.clone(), coarsest.index)];
         let mut keys: Vec<&String> = members.iter().filter(|(_, u)| touched.prints.contains_key(*u)).map(|(k, _)| k).collect();
         keys.sort();
-        let values: Option<Vec<Expr>> = keys.iter().map(|k| ScalarValue::try_from_string((*k).clone(), &key_type).ok().map(lit)).collect();
-        match values {
-            Some(values) if values.len() <= MAX_KEYS_IN_LIST => {
-                tracing::debug!(keys = values.len(), units = touched.prints.len(), "appended facts: the pass reads the touched units' keys");
+        let typed: Option<Vec<ScalarValue>> = keys.iter().map(|k| ScalarValue::try_from_string((*k).clone(), &key_type).ok()).collect();
+        match typed {
+            Some(typed) if typed.len() <= MAX_KEYS_IN_LIST => {
+                tracing::debug!(keys = typed.len(), units = touched.prints.len(), "appended facts: the pass reads the touched units' keys");
                 // When no other unit's key lies between the least and the greatest of them (the
                 // days of a year), a range says the same and costs a comparison per row.
-                let typed: Vec<ScalarValue> = keys.iter().filter_map(|k| ScalarValue::try_from_string((*k).clone(), &key_type).ok()).collect();
-                let (lo, hi) = (typed.iter().min_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal)), typed.iter().max_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal)));
-                if let (Some(lo), Some(hi)) = (lo, hi) {
+                let order = |a: &&ScalarValue, b: &&ScalarValue| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal);
+                if let (Some(lo), Some(hi)) = (typed.iter().min_by(order), typed.iter().max_by(order)) {
                     let inside = |k: &ScalarValue| k.partial_cmp(lo).is_none_or(|o| o.is_ge()) && k.partial_cmp(hi).is_none_or(|o| o.is_le());
                     let others_inside = members.iter().filter(|(_, u)| !touched.prints.contains_key(*u)).any(|(k, _)| ScalarValue::try_from_string(k.clone(), &key_type).map_or(true, |k| inside(&k)));
                     if !others_inside {
@@ -387,7 +386,7 @@ impl Appended {
                         return Ok(fact.filter(fk.clone().gt_eq(lit(lo.clone())).and(fk.lt_eq(lit(hi.clone()))))?);
                     }
                 }
-                in_list(fact, col(join.foreign_key.as_str()), values, false)
+                in_list(fact, col(join.foreign_key.as_str()), typed.into_iter().map(lit).collect(), false)
             }
             // Many members (or keys that do not read back as the foreign key's type): a
             // semi-join with the dimension's rows in those units.
