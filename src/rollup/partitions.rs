@@ -21,8 +21,8 @@
 //! stored rows merged group by group with the aggregate of the new rows alone, without reading a
 //! touched unit's old rows. Sums and counts add, minima and maxima are kept, HyperLogLog
 //! sketches merge, and an exact distinct count grows by the values that are new to their group:
-//! those whose every row in the group, among all fact rows holding a value the new rows hold (a
-//! semi-join of the fact table with the new values), is a new row. The units' prints add too,
+//! those whose every row in the group, among all fact rows holding a value the new rows hold (the
+//! fact rows tested against a hash set of the new values), is a new row. The units' prints add too,
 //! so the next night compares against exact prints without hashing the whole fact table.
 //!
 //! The row hash is DataFusion's (foldhash with fixed seeds) per column, mixed non-linearly row by
@@ -288,17 +288,20 @@ impl Appended {
         let started = std::time::Instant::now();
         let mut subset = out.in_touched_units(ctx, cube, fact, counted.iter().map(|(m, ..)| m)).await?;
         let mut holds = Vec::new();
-        // Each counted column's new values, collected once: the pass and the pairs below read
-        // them (and a table in memory tells the join its exact size). An IN list of the values
-        // instead of the joins costs less to run but far more to plan (tens of thousands of
-        // literals): measured slower.
+        // Each counted column's new values, collected once: the pass tests each fact row's value
+        // against them (one hash set, [`InValues`]) and the pairs below join them. A join per
+        // column probed and emitted every row of the touched units before the filter; an IN
+        // list of literals costs as little to run but far more to plan (tens of thousands).
         let mut new_values_of = Vec::new();
-        for (i, (_, column, _)) in counted.iter().enumerate() {
-            let value = format!("__value_{i}");
+        for (_, column, _) in &counted {
             let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias("__value")])?.distinct()?;
             let values = crate::warehouse::materialize(ctx, values).await?;
-            subset = values.clone().select(vec![col("__value").alias(value.as_str())])?.join(subset, JoinType::Right, &[value.as_str()], &[column.as_str()], None)?;
-            holds.push(col(value.as_str()).is_not_null());
+            let batches = values.clone().collect().await?;
+            let key_type = subset.schema().field_with_unqualified_name(column)?.data_type().clone();
+            let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(0).as_ref()).collect();
+            let array = if arrays.is_empty() { datafusion::arrow::array::new_empty_array(&key_type) } else { datafusion::arrow::compute::concat(&arrays)? };
+            let array = datafusion::arrow::compute::cast(&array, &key_type)?;
+            holds.push(InValues::udf(array)?.call(vec![col(column.as_str())]));
             new_values_of.push(values);
         }
         if let Some(any) = datafusion::logical_expr::utils::disjunction(holds) {
@@ -647,6 +650,69 @@ impl ScalarUDFImpl for RowHash {
     }
 }
 
+/// `crmcube_in_values(x)`: whether `x` is one of a set of values fixed when the function is
+/// made (NULL for a NULL `x`, as `IN` gives) — an IN list planned as one node, not one literal
+/// per value. DataFusion's static IN-list filter (a hash set, specialised for primitives) tests
+/// the rows.
+struct InValues {
+    signature: Signature,
+    filter: Arc<datafusion::physical_expr::expressions::InListExpr>,
+    input: SchemaRef,
+}
+
+impl InValues {
+    fn udf(values: datafusion::arrow::array::ArrayRef) -> Result<ScalarUDF> {
+        use datafusion::arrow::datatypes::{Field, Schema};
+        use datafusion::physical_expr::expressions::{Column, InListExpr};
+        let key_type = values.data_type().clone();
+        let input = Arc::new(Schema::new(vec![Field::new("__value", key_type.clone(), true)]));
+        let filter = InListExpr::try_new_from_array(Arc::new(Column::new("__value", 0)), values, false, &input)?;
+        Ok(ScalarUDF::from(InValues { signature: Signature::exact(vec![key_type], Volatility::Immutable), filter: Arc::new(filter), input }))
+    }
+}
+
+impl std::fmt::Debug for InValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InValues({} values)", self.filter.len())
+    }
+}
+
+// Two of them are the same function only when they hold the same set (the same allocation).
+impl PartialEq for InValues {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.filter, &other.filter)
+    }
+}
+
+impl Eq for InValues {}
+
+impl std::hash::Hash for InValues {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.filter), state)
+    }
+}
+
+impl ScalarUDFImpl for InValues {
+    fn name(&self) -> &str {
+        "crmcube_in_values"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> datafusion::error::Result<ColumnarValue> {
+        use datafusion::physical_expr::PhysicalExpr;
+        let array = args.args[0].to_array(args.number_rows)?;
+        let batch = RecordBatch::try_new(self.input.clone(), vec![array])?;
+        self.filter.evaluate(&batch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -674,6 +740,32 @@ mod tests {
         let mut out: Vec<_> = fact_prints(&ctx, "facts", "day").await.unwrap().into_iter().map(|k| (k.text, k.print)).collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    #[tokio::test]
+    async fn in_values_keeps_the_rows_holding_one_of_its_values() {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true), Field::new("name", DataType::Utf8, true)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(vec![Some(1), Some(2), None, Some(5), Some(7)])), Arc::new(StringArray::from(vec![Some("a"), Some("b"), Some("c"), None, Some("e")]))],
+        )
+        .unwrap();
+        let ctx = SessionContext::new();
+        let ids = InValues::udf(Arc::new(Int64Array::from(vec![5, 1, 9]))).unwrap();
+        let names = InValues::udf(Arc::new(StringArray::from(vec!["e", "zz"]))).unwrap();
+        let none = InValues::udf(Arc::new(Int64Array::from(Vec::<i64>::new()))).unwrap();
+        let kept = |filter: Expr| {
+            let df = ctx.read_batch(batch.clone()).unwrap();
+            async move {
+                let rows = df.filter(filter).unwrap().select(vec![col("id")]).unwrap().collect().await.unwrap();
+                rows.iter().flat_map(|b| b.column(0).as_primitive::<Int64Type>().iter().collect::<Vec<_>>()).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(kept(ids.call(vec![col("id")])).await, vec![Some(1), Some(5)]);
+        assert_eq!(kept(ids.call(vec![col("id")]).or(names.call(vec![col("name")]))).await, vec![Some(1), Some(5), Some(7)]);
+        assert_eq!(kept(none.call(vec![col("id")])).await, Vec::<Option<i64>>::new());
+        // The function stands for an IN list: NULL in, NULL out (which a filter drops, and NOT keeps out).
+        assert_eq!(kept(ids.call(vec![col("id")]).not()).await, vec![Some(2), Some(7)]);
     }
 
     #[tokio::test]
