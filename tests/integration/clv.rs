@@ -11,8 +11,8 @@ fn close(got: f64, want: f64, what: &str) {
 #[tokio::test]
 async fn the_loads_bgnbd_and_gamma_gamma_agree_with_the_lifetimes_package() {
     let ctx = session().await;
-    // Inputs: repeat purchase days and weeks from customer_value's own days (checked there
-    // against the base tables).
+    // Inputs: repeat purchase days and weeks are customer_value's (checked there against the
+    // base tables).
     let mismatches = sql(
         &ctx,
         "SELECT count(*) FROM customer_clv c JOIN customer_value v ON c.customer_id = v.customer_id
@@ -23,6 +23,28 @@ async fn the_loads_bgnbd_and_gamma_gamma_agree_with_the_lifetimes_package() {
     .await;
     assert_eq!(mismatches, [["0"]]);
     assert_eq!(sql(&ctx, "SELECT count(*) FROM customer_clv").await, sql(&ctx, "SELECT count(*) FROM customer_value").await);
+    // The mean repeat value by hand from the sales: the average of the customer's purchase days
+    // after the first (each day's revenue summed), 0 without one.
+    let wrong_means = sql(
+        &ctx,
+        "WITH days AS (SELECT customer_id, order_date, sum(revenue) AS v FROM fact_sales GROUP BY 1, 2),
+              firsts AS (SELECT customer_id, min(order_date) AS first_day FROM days GROUP BY 1),
+              repeats AS (SELECT d.customer_id, avg(CAST(d.v AS DOUBLE)) AS m FROM days d JOIN firsts f ON d.customer_id = f.customer_id
+                          WHERE d.order_date > f.first_day GROUP BY 1)
+         SELECT count(*) FROM customer_clv c LEFT JOIN repeats r ON r.customer_id = c.customer_id
+         WHERE abs(c.mean_repeat_value - coalesce(r.m, 0)) > 1e-9 * greatest(1, abs(c.mean_repeat_value))",
+    )
+    .await;
+    assert_eq!(wrong_means, [["0"]]);
+    // The load reads the inputs from customer_value; from the sales alone (what a project
+    // without customer_value, or with another observation end, uses) they are the same numbers.
+    let settings = crmcube::analytics::clv::Settings::default();
+    let from_sales = format!(
+        "SELECT count(*) FROM ({}) s JOIN customer_clv c ON c.customer_id = s.customer_id
+         WHERE s.x = c.repeat_purchases AND s.t_x = c.recency AND s.t = c.age AND s.m = c.mean_repeat_value",
+        crmcube::etl::models::summary_sql(&settings)
+    );
+    assert_eq!(sql(&ctx, &from_sales).await, sql(&ctx, "SELECT count(*) FROM customer_clv").await);
     let Some(python) = python() else { return };
     let model = &sql(&ctx, "SELECT r, alpha, a, b, p, q, v, customers, time_unit, horizon, horizon_months, monthly_discount FROM clv_model").await[0];
     // The sample project's defaults: weeks, 12 months ahead, 1 % a month.
