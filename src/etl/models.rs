@@ -17,10 +17,11 @@ use crate::error::{Error, Result};
 /// Per customer, in the settings' time unit: repeat purchase days (x), first → last purchase
 /// (t_x), first purchase → the observation end (t; the last order date unless the settings name
 /// one, and later purchases are ignored), mean value of the repeat purchase days (m: the days'
-/// total less the first day's, over x). The mean is taken in decimal and only then made a float:
-/// a float sum depends on the order rows arrive in, and two loads of the same exports must give
-/// the same tables. The purchase days are read once (DataFusion plans each mention of a CTE as a
-/// scan of its own; a join back to the first day cost a second and third pass over fact_sales).
+/// total less the first day's, over x). The total is summed in decimal and only then made a float
+/// and divided (a float sum depends on the order rows arrive in, and two loads of the same exports
+/// must give the same tables; a decimal division would cut the mean to six places). The purchase
+/// days are read once (DataFusion plans each mention of a CTE as a scan of its own; a join back
+/// to the first day cost a second and third pass over fact_sales).
 pub fn summary_sql(settings: &clv::Settings) -> String {
     let (cut, end) = match settings.observation_end {
         Some(d) => (format!("WHERE order_date <= DATE '{d}'"), format!("SELECT DATE '{d}' AS end_day")),
@@ -37,7 +38,7 @@ pub fn summary_sql(settings: &clv::Settings) -> String {
   ), obs AS ({end})
   SELECT f.customer_id, CAST(f.x AS DOUBLE) AS x, CAST(f.last_day - f.first_day AS DOUBLE) / {days:?} AS t_x,
          CAST(o.end_day - f.first_day AS DOUBLE) / {days:?} AS t,
-         CASE WHEN f.x > 0 THEN CAST(f.repeat_value / f.x AS DOUBLE) ELSE 0 END AS m
+         CASE WHEN f.x > 0 THEN CAST(f.repeat_value AS DOUBLE) / CAST(f.x AS DOUBLE) ELSE 0 END AS m
   FROM firsts f CROSS JOIN obs o ORDER BY 1"
     )
 }
@@ -59,7 +60,7 @@ pub fn summary_from_value_sql(settings: &clv::Settings) -> String {
   SELECT v.customer_id, CAST(v.purchase_days - 1 AS DOUBLE) AS x,
          CAST(v.last_purchase - v.first_purchase AS DOUBLE) / {days:?} AS t_x,
          CAST(v.observation_end - v.first_purchase AS DOUBLE) / {days:?} AS t,
-         CASE WHEN v.purchase_days > 1 THEN CAST((v.monetary - f.revenue) / (v.purchase_days - 1) AS DOUBLE) ELSE 0 END AS m
+         CASE WHEN v.purchase_days > 1 THEN CAST(v.monetary - f.revenue AS DOUBLE) / CAST(v.purchase_days - 1 AS DOUBLE) ELSE 0 END AS m
   FROM customer_value v JOIN firsts f ON f.customer_id = v.customer_id ORDER BY 1"
     )
 }
