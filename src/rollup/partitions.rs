@@ -22,8 +22,8 @@
 //! touched unit's old rows. Sums and counts add, minima and maxima are kept, HyperLogLog
 //! sketches merge, and an exact distinct count grows by the values that are new to their group:
 //! those whose every row in the group, among all fact rows holding a value the new rows hold (the
-//! fact rows tested against a hash set of the new values), is a new row. The units' prints add too,
-//! so the next night compares against exact prints without hashing the whole fact table.
+//! fact rows tested against a hash set of the new values), is a new row. The units' prints add
+//! too, so the next night compares against exact prints without hashing the whole fact table.
 //!
 //! The row hash is DataFusion's (foldhash with fixed seeds) per column, mixed non-linearly row by
 //! row; a different build hashing differently only makes every unit look touched (a full rebuild),
@@ -764,7 +764,7 @@ mod tests {
         assert_eq!(kept(ids.call(vec![col("id")])).await, vec![Some(1), Some(5)]);
         assert_eq!(kept(ids.call(vec![col("id")]).or(names.call(vec![col("name")]))).await, vec![Some(1), Some(5), Some(7)]);
         assert_eq!(kept(none.call(vec![col("id")])).await, Vec::<Option<i64>>::new());
-        // The function stands for an IN list: NULL in, NULL out (which a filter drops, and NOT keeps out).
+        // As an IN list: NULL in, NULL out (which a filter drops, and NOT keeps out).
         assert_eq!(kept(ids.call(vec![col("id")]).not()).await, vec![Some(2), Some(7)]);
     }
 
