@@ -765,7 +765,7 @@ mod tests {
         assert_eq!(kept(ids.call(vec![col("id")]).or(names.call(vec![col("name")]))).await, vec![Some(1), Some(5), Some(7)]);
         assert_eq!(kept(none.call(vec![col("id")])).await, Vec::<Option<i64>>::new());
         // As an IN list: NULL in, NULL out (which a filter drops, and NOT keeps out).
-        assert_eq!(kept(ids.call(vec![col("id")]).not()).await, vec![Some(2), Some(7)]);
+        assert_eq!(kept(!ids.call(vec![col("id")])).await, vec![Some(2), Some(7)]);
     }
 
     #[tokio::test]
