@@ -295,14 +295,12 @@ impl Appended {
         let mut new_values_of = Vec::new();
         for (_, column, _) in &counted {
             let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias("__value")])?.distinct()?;
-            let values = crate::warehouse::materialize(ctx, values).await?;
-            let batches = values.clone().collect().await?;
+            let schema: SchemaRef = Arc::new(values.schema().as_arrow().clone());
+            let batches = values.collect().await?;
             let key_type = subset.schema().field_with_unqualified_name(column)?.data_type().clone();
-            let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(0).as_ref()).collect();
-            let array = if arrays.is_empty() { datafusion::arrow::array::new_empty_array(&key_type) } else { datafusion::arrow::compute::concat(&arrays)? };
-            let array = datafusion::arrow::compute::cast(&array, &key_type)?;
+            let array = datafusion::arrow::compute::cast(datafusion::arrow::compute::concat_batches(&schema, &batches)?.column(0), &key_type)?;
             holds.push(InValues::udf(array)?.call(vec![col(column.as_str())]));
-            new_values_of.push(values);
+            new_values_of.push(ctx.read_batches(crate::warehouse::with_empty(&schema, batches))?);
         }
         if let Some(any) = datafusion::logical_expr::utils::disjunction(holds) {
             subset = subset.filter(any)?;
