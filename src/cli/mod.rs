@@ -397,7 +397,13 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut out = stdout.lock();
     match &cli.command {
         Command::Sample { customers, years, seed, out: dir } => {
-            let summary = crate::sample::generate(&SampleConfig { customers: *customers, years: *years, seed: *seed }, dir)?;
+            let config = SampleConfig { customers: *customers, years: *years, seed: *seed };
+            if progress::wanted() {
+                progress::start(config.months().into(), "writing customers");
+            }
+            let summary = crate::sample::generate(&config, dir);
+            progress::finish();
+            let summary = summary?;
             for (file, s) in &summary.files {
                 writeln!(out, "{file:<20} {:>9} rows", s.rows).map_err(|e| Error::io("<stdout>", e))?;
             }
@@ -416,7 +422,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let rollups = CubeSet::load(&project, &set).map(|c| c.cubes.iter().map(|c| c.rollups.len()).sum::<usize>()).unwrap_or(0);
                 let models = if set.get("fact_sales").is_some() { 2 } else { 0 };
                 let tables = (set.transforms.len() + rollups + models) as u64;
-                progress::start(2 * tables + 1);
+                progress::start(2 * tables + 1, "reading exports");
             }
             let report = crate::etl::load_with(&project, &warehouse(&cli, &project), &options).await;
             progress::finish();

@@ -1,7 +1,8 @@
-//! The load progress bar on a terminal, driven by the loader's own log events.
+//! The progress bar of a load or a sample on a terminal, driven by their own log events.
 //!
 //! `etl::load` knows nothing of terminals: it emits tracing events (`cleaned`, `derived`,
-//! `written`, with a `table` field). [`ProgressLayer`] turns them into steps of an indicatif bar
+//! `written`, with a `table` field), as the sample generator does (`generated`, with a `month`
+//! field). [`ProgressLayer`] turns them into steps of an indicatif bar
 //! while one is [`start`]ed; with `CRMCUBE_LOG` set, or when stderr is not a terminal (cron,
 //! systemd), there is no bar and the events are plain log lines instead.
 
@@ -13,15 +14,15 @@ use tracing_subscriber::layer::Context;
 
 static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
-/// Shows a bar of `steps` steps until [`finish`].
-pub fn start(steps: u64) {
+/// Shows a bar of `steps` steps, with `message` until the first step, until [`finish`].
+pub fn start(steps: u64, message: &'static str) {
     let bar = ProgressBar::new(steps);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
             .expect("static template")
             .progress_chars("=> "),
     );
-    bar.set_message("reading exports");
+    bar.set_message(message);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     *BAR.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar);
 }
@@ -45,6 +46,7 @@ pub struct ProgressLayer;
 struct Fields {
     message: String,
     table: String,
+    month: String,
 }
 
 impl Visit for Fields {
@@ -52,6 +54,7 @@ impl Visit for Fields {
         match field.name() {
             "message" => self.message = format!("{value:?}"),
             "table" => self.table = format!("{value:?}"),
+            "month" => self.month = format!("{value:?}"),
             _ => {}
         }
     }
@@ -60,6 +63,7 @@ impl Visit for Fields {
         match field.name() {
             "message" => self.message = value.to_string(),
             "table" => self.table = value.to_string(),
+            "month" => self.month = value.to_string(),
             _ => {}
         }
     }
@@ -72,6 +76,12 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ProgressLayer {
         let mut f = Fields::default();
         event.record(&mut f);
         let (verb, steps) = match f.message.as_str() {
+            // `crmcube sample`: one step a month of activity.
+            "generated" => {
+                bar.inc(1);
+                bar.set_message(format!("generated {}", f.month));
+                return;
+            }
             "cleaned" => ("cleaned", 1),
             "derived" => ("derived", 1),
             "written" => ("wrote", 1),

@@ -4,7 +4,16 @@
 //! `(customers, years, seed)` always gives the same bytes (one `ChaCha8Rng`, no hash-map
 //! iteration, no wall clock). The data period ends on **2026-10-31** and starts `years` years
 //! earlier (2023-11-01 for three years). With 2,500 customers and 3 years the folder is ~10 MB
-//! (~29k orders, ~64k order lines, ~14k interactions).
+//! (~29k orders, ~64k order lines, ~14k interactions); 400,000 customers give ~10 M order lines.
+//!
+//! The files stream to disk as they are generated: the reference files and customers first,
+//! then the activity a month at a time (orders with their lines and invoices, the payments that
+//! have come due, the interactions). Memory holds the customers and a few months of pending
+//! payments, never a file, so 100 M order lines generate in the memory of a few hundred MB.
+//! `sample-data/` was written by an earlier version of this generator, which planned every
+//! order in memory and drew in another order: today's generator writes the same shapes and dirt
+//! rates for its config, not the same bytes. The tests read `sample-data/dirt.json`, so the
+//! folder is kept as it is (regenerating it would move every figure the tests print).
 //!
 //! # Files
 //!
@@ -68,10 +77,15 @@
 //! customers.csv uses the full-width `￥` (U+FFE5) because GBK has no code for `¥` (U+00A5);
 //! the UTF-8 files use `¥`.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use chrono::{Datelike, Months, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta};
+use encoding_rs::Encoding;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -85,6 +99,13 @@ pub struct SampleConfig {
     pub years: u32,
     /// Seed of the random generator; same config ⇒ same bytes.
     pub seed: u64,
+}
+
+impl SampleConfig {
+    /// Months of activity generated (one `generated` log event each): 12 per year.
+    pub fn months(&self) -> u32 {
+        12 * self.years.clamp(1, 50)
+    }
 }
 
 impl Default for SampleConfig {
@@ -320,9 +341,12 @@ struct Product {
     popularity: f64,
 }
 
+/// A customer as held for the whole run. It carries no strings (its id is its index, its name
+/// two indexes) because every customer stays in memory while the activity streams: ~4 M of them
+/// at 100 M order lines.
 struct Customer {
-    id: String,
-    name: String,
+    /// Indexes into [`SURNAMES`] and [`GIVEN_NAMES`].
+    name: (u8, u8),
     segment: usize,
     region: usize,
     province: usize,
@@ -338,44 +362,41 @@ struct Customer {
     account_rep: usize,
 }
 
+impl Customer {
+    fn name(&self) -> String {
+        format!("{}{}", SURNAMES[self.name.0 as usize], GIVEN_NAMES[self.name.1 as usize])
+    }
+}
+
+/// `C000001` for the first customer.
+fn customer_id(index: usize) -> String {
+    format!("C{:06}", index + 1)
+}
+
 struct Line {
     product: usize,
     qty: i64,
     discount: i64,
-    dirt: Option<&'static str>,
 }
 
-struct Order {
-    cust: usize,
-    date: NaiveDate,
-    rep: Option<usize>,
-    channel: &'static str,
-    completed: bool,
-    updated_at: NaiveDateTime,
-    lines: Vec<Line>,
-    dirt: Option<&'static str>,
-}
-
-struct Invoice {
-    order: usize,
-    cust: usize,
-    date: NaiveDate,
-    due: NaiveDate,
-    cents: i64,
-}
-
+/// A payment drawn but not yet written. payments.csv is in `(date, invoice)` order and a payment
+/// falls up to ~4 months after its invoice, so it waits until the month being generated is past
+/// its date. The derived order is that file order.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Payment {
-    invoice: usize,
     date: NaiveDate,
+    invoice: usize,
     cents: i64,
     method: &'static str,
+    /// Its invoice was written with an unparseable amount: the payment cascades to quarantine.
+    cascade: bool,
 }
 
 #[derive(Serialize)]
 struct InteractionJson<'a> {
     interaction_id: String,
-    customer_id: &'a str,
-    channel: String,
+    customer_id: String,
+    channel: Cow<'a, str>,
     agent: String,
     queued_at: String,
     answered_at: Option<String>,
@@ -384,21 +405,32 @@ struct InteractionJson<'a> {
     satisfaction: Option<u8>,
 }
 
-/// One generated file: its bytes and summary.
-struct Output {
-    name: &'static str,
-    bytes: Vec<u8>,
-    summary: FileSummary,
-}
-
 /// Common state of a generation run.
 struct Gen {
     rng: ChaCha8Rng,
     out: PathBuf,
     start: NaiveDate,
     end: NaiveDate,
-    /// Invoices written with an unparseable amount: their payments cascade to quarantine.
-    unparseable_invoices: std::collections::BTreeSet<usize>,
+}
+
+/// The reference data the activity is drawn from, with lookups computed once.
+struct World<'a> {
+    customers: &'a [Customer],
+    reps: &'a [Rep],
+    products: &'a [Product],
+    /// Rep indexes of each region.
+    region_reps: Vec<Vec<usize>>,
+    popularity: Vec<f64>,
+}
+
+/// The five activity files being written, and the payments waiting for their month.
+struct Activity {
+    orders: Table,
+    lines: Table,
+    invoices: Table,
+    payments: Table,
+    interactions: JsonLines,
+    pending: BinaryHeap<Reverse<Payment>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -407,42 +439,31 @@ struct Gen {
 
 /// Writes the sample export into `out` (created if missing) and returns its summary, which is
 /// also written to `out/dirt.json`.
+///
+/// The files are written as they are generated: reference data and customers first, then the
+/// activity a month at a time (see [`Gen::activity`]). Memory holds the customers (~100 bytes
+/// each) and a few months of pending payments, never a whole file.
 pub fn generate(cfg: &SampleConfig, out: &Path) -> Result<SampleSummary, SampleError> {
     std::fs::create_dir_all(out).map_err(|source| SampleError::Io { path: out.to_path_buf(), source })?;
     let end = NaiveDate::from_ymd_opt(2026, 10, 31).expect("valid date");
     let years = cfg.years.clamp(1, 50) as i32;
     let start = NaiveDate::from_ymd_opt(2026 - years, 11, 1).expect("valid date");
-    let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(cfg.seed), out: out.to_path_buf(), start, end, unparseable_invoices: Default::default() };
+    let mut g = Gen { rng: ChaCha8Rng::seed_from_u64(cfg.seed), out: out.to_path_buf(), start, end };
 
     let reps = g.reps();
     let products = g.products();
     let customers = g.customers(cfg.customers, &reps);
-    let mut orders = g.plan_orders(&customers, &reps, &products);
-
-    let mut outputs = vec![g.write_reps(&reps)?, g.write_products(&products)?, g.write_customers(&customers)?];
-    let (orders_out, lines_out) = g.write_orders(&mut orders, &customers, &reps, &products)?;
-    outputs.push(orders_out);
-    outputs.push(lines_out);
-    let invoices = g.plan_invoices(&orders, &products);
-    outputs.push(g.write_invoices(&invoices, &customers)?);
-    let payments = g.plan_payments(&invoices, &customers);
-    outputs.push(g.write_payments(&payments)?);
-    outputs.push(g.interactions(&customers)?);
 
     let mut summary = SampleSummary { files: BTreeMap::new() };
-    for o in outputs {
-        write_file(&out.join(o.name), &o.bytes)?;
-        summary.files.insert(o.name.to_string(), o.summary);
-    }
+    summary.files.extend([g.write_reps(&reps)?, g.write_products(&products)?, g.write_customers(&customers)?]);
+    summary.files.extend(g.activity(&customers, &reps, &products)?);
+
     let mut json = serde_json::to_vec_pretty(&summary)
         .map_err(|e| SampleError::Io { path: out.join("dirt.json"), source: e.into() })?;
     json.push(b'\n');
-    write_file(&out.join("dirt.json"), &json)?;
+    let path = out.join("dirt.json");
+    std::fs::write(&path, &json).map_err(|source| SampleError::Io { path, source })?;
     Ok(summary)
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SampleError> {
-    std::fs::write(path, bytes).map_err(|source| SampleError::Io { path: path.to_path_buf(), source })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -492,11 +513,12 @@ impl Gen {
     fn customers(&mut self, n: usize, reps: &[Rep]) -> Vec<Customer> {
         let (start, end) = (self.start, self.end);
         let rng = &mut self.rng;
+        let region_weights: Vec<f64> = GEOGRAPHY.iter().map(|r| r.weight).collect();
         let mut customers: Vec<Customer> = (0..n)
-            .map(|i| {
-                let name = format!("{}{}", pick(rng, SURNAMES), pick(rng, GIVEN_NAMES));
+            .map(|_| {
+                let name = (rng.random_range(0..SURNAMES.len()) as u8, rng.random_range(0..GIVEN_NAMES.len()) as u8);
                 let segment = weighted_index(rng, &SEGMENT_WEIGHTS);
-                let region = weighted_index(rng, &GEOGRAPHY.iter().map(|r| r.weight).collect::<Vec<_>>());
+                let region = weighted_index(rng, &region_weights);
                 let province = rng.random_range(0..GEOGRAPHY[region].provinces.len());
                 let city = rng.random_range(0..GEOGRAPHY[region].provinces[province].cities.len());
                 let credit_yuan: f64 = match segment {
@@ -524,7 +546,6 @@ impl Gen {
                 value *= [2.5, 1.3, 0.8][segment];
                 let region_reps: Vec<usize> = (0..reps.len()).filter(|&r| reps[r].region == region).collect();
                 Customer {
-                    id: format!("C{:06}", i + 1),
                     name,
                     segment,
                     region,
@@ -547,17 +568,40 @@ impl Gen {
         customers
     }
 
-    /// Orders (with lines) for every customer-month by a Poisson draw, sorted by date.
-    fn plan_orders(&mut self, customers: &[Customer], reps: &[Rep], products: &[Product]) -> Vec<Order> {
-        let rng = &mut self.rng;
+    /// orders.csv, order_lines.csv, invoices.csv, payments.csv and interactions.jsonl, a month
+    /// at a time: the month's orders are drawn for every customer (a Poisson count per
+    /// customer-month), sorted by date and written with their lines and invoice; each invoice's
+    /// payments wait in a heap until a later month starts past their date; the month's
+    /// interactions follow, sorted by queue time. Every file comes out in date order, and what
+    /// is held is one month of order dates and interactions plus the pending payments, however
+    /// long the period or large the export.
+    fn activity(
+        &mut self,
+        customers: &[Customer],
+        reps: &[Rep],
+        products: &[Product],
+    ) -> Result<Vec<(String, FileSummary)>, SampleError> {
+        let world = World {
+            customers,
+            reps,
+            products,
+            region_reps: (0..GEOGRAPHY.len()).map(|g| (0..reps.len()).filter(|&r| reps[r].region == g).collect()).collect(),
+            popularity: products.iter().map(|p| p.popularity).collect(),
+        };
+        let mut a = Activity::create(&self.out)?;
         let mut dated: Vec<(NaiveDate, usize)> = Vec::new();
-        for (ci, c) in customers.iter().enumerate() {
-            let first = c.signup.max(self.start);
-            let last = c.churn.map_or(self.end, |d| d - TimeDelta::days(1));
-            let mut month = first.with_day(1).expect("day 1");
-            while month <= last {
-                let next = month + Months::new(1);
+        let mut month = self.start.with_day(1).expect("day 1");
+        while month <= self.end {
+            let next = month + Months::new(1);
+            a.write_payments_before(&mut self.rng, month)?;
+            dated.clear();
+            for (ci, c) in customers.iter().enumerate() {
+                let first = c.signup.max(self.start);
+                let last = c.churn.map_or(self.end, |d| d - TimeDelta::days(1));
                 let (lo, hi) = (month.max(first), (next - TimeDelta::days(1)).min(last));
+                if lo > hi {
+                    continue;
+                }
                 let active = (hi - lo).num_days() as f64 + 1.0;
                 let elapsed_years = (month - self.start).num_days() as f64 / 365.25;
                 let lambda = ORDERS_PER_MONTH
@@ -566,382 +610,200 @@ impl Gen {
                     * (1.0 + TREND_PER_YEAR * elapsed_years)
                     * active
                     / (next - month).num_days() as f64;
-                for _ in 0..poisson(rng, lambda) {
-                    dated.push((date_between(rng, lo, hi), ci));
+                for _ in 0..poisson(&mut self.rng, lambda) {
+                    dated.push((date_between(&mut self.rng, lo, hi), ci));
                 }
-                month = next;
             }
+            dated.sort_unstable();
+            for &(date, cust) in &dated {
+                self.order(&world, &mut a, date, cust)?;
+            }
+            self.interactions(&world, &mut a, month, next)?;
+            tracing::info!(month = %month.format("%Y-%m"), orders = dated.len(), "generated");
+            month = next;
         }
-        dated.sort_by_key(|&(d, ci)| (d, ci)); // stable: generation order breaks ties
-
-        let popularity: Vec<f64> = products.iter().map(|p| p.popularity).collect();
-        let eop = end_of_day(self.end);
-        dated
-            .into_iter()
-            .map(|(date, cust)| {
-                let c = &customers[cust];
-                let rep = match rng.random::<f64>() {
-                    u if u < 0.02 => None,
-                    u if u < 0.87 => Some(c.account_rep),
-                    _ => {
-                        let region_reps: Vec<usize> = (0..reps.len()).filter(|&r| reps[r].region == c.region).collect();
-                        Some(*pick(rng, &region_reps))
-                    }
-                };
-                let channel_w = [[0.15, 0.05, 0.35, 0.45], [0.40, 0.15, 0.25, 0.20], [0.55, 0.25, 0.15, 0.05]];
-                let channel = ORDER_CHANNELS[weighted_index(rng, &channel_w[c.segment])];
-                let completed = rng.random_bool(0.97);
-                let delay_days = if completed { rng.random_range(0..=5) } else { rng.random_range(1..=14) };
-                let updated_at = at_time(rng, date + TimeDelta::days(delay_days), 8, 22).min(eop);
-                let n_lines = 1 + weighted_index(rng, &[0.40, 0.25, 0.17, 0.11, 0.07]);
-                let mean_qty = [4.0, 1.5, 0.4][c.segment] * c.size;
-                let discount_w = [[0.30, 0.30, 0.25, 0.15], [0.50, 0.30, 0.15, 0.05], [0.70, 0.20, 0.08, 0.02]];
-                let lines = (0..n_lines)
-                    .map(|_| Line {
-                        product: weighted_index(rng, &popularity),
-                        qty: (1.0 + exponential(rng, mean_qty)).floor().min(500.0) as i64,
-                        discount: 5 * weighted_index(rng, &discount_w[c.segment]) as i64,
-                        dirt: None,
-                    })
-                    .collect();
-                Order { cust, date, rep, channel, completed, updated_at, lines, dirt: None }
-            })
-            .collect()
+        a.write_payments_before(&mut self.rng, NaiveDate::MAX)?;
+        a.finish()
     }
 
-    /// One invoice per completed order that is neither orphan nor unparseable.
-    fn plan_invoices(&mut self, orders: &[Order], products: &[Product]) -> Vec<Invoice> {
-        let mut invoices = Vec::new();
-        for (oi, o) in orders.iter().enumerate() {
-            if !o.completed || matches!(o.dirt, Some(ORPHAN_CUSTOMER | UNPARSEABLE)) {
-                continue;
-            }
-            // Σ qty·price·(100 − discount) in 1/100 cent, rounded half up to cents.
-            let hundredths: i64 = o
-                .lines
-                .iter()
-                .filter(|l| !matches!(l.dirt, Some(NEGATIVE_QUANTITY | ORPHAN_PRODUCT | UNPARSEABLE)))
-                .map(|l| l.qty * products[l.product].list_cents * (100 - l.discount))
-                .sum();
-            let date = (o.date + TimeDelta::days(self.rng.random_range(0..=3))).min(self.end);
-            invoices.push(Invoice {
-                order: oi,
-                cust: o.cust,
-                date,
-                due: date + TimeDelta::days(30),
-                cents: (hundredths + 50) / 100,
-            });
-        }
-        invoices
-    }
-
-    /// Payments by invoice outcome (on time / late / partial / unpaid), sorted by date.
-    fn plan_payments(&mut self, invoices: &[Invoice], customers: &[Customer]) -> Vec<Payment> {
+    /// One order: its row, its lines, and for a completed order that loads, its invoice.
+    fn order(&mut self, w: &World, a: &mut Activity, date: NaiveDate, cust: usize) -> Result<(), SampleError> {
         let rng = &mut self.rng;
-        let mut payments = Vec::new();
-        let method_w = [[0.75, 0.05, 0.0, 0.20], [0.50, 0.25, 0.05, 0.20], [0.20, 0.60, 0.15, 0.05]];
-        for (ii, inv) in invoices.iter().enumerate() {
-            if inv.cents == 0 {
-                continue; // every line was unusable: nothing to pay
-            }
-            let method = PAYMENT_METHODS[weighted_index(rng, &method_w[customers[inv.cust].segment])];
-            let mut pay = |date: NaiveDate, cents: i64| {
-                // Payments that would fall after the export date simply have not happened yet.
-                let paid = date <= self.end;
-                if paid {
-                    payments.push(Payment { invoice: ii, date, cents, method });
-                }
-                paid
-            };
-            match rng.random::<f64>() {
-                u if u < 0.80 => {
-                    pay(inv.date + TimeDelta::days(rng.random_range(1..=30)), inv.cents);
-                }
-                u if u < 0.88 => {
-                    pay(inv.due + TimeDelta::days(rng.random_range(1..=90)), inv.cents);
-                }
-                u if u < 0.93 => {
-                    let part = inv.cents * rng.random_range(30..=70) / 100;
-                    let first = inv.date + TimeDelta::days(rng.random_range(5..=30));
-                    let second = first + TimeDelta::days(rng.random_range(15..=75));
-                    if pay(first, part) && rng.random_bool(0.5) {
-                        pay(second, inv.cents - part);
-                    }
-                }
-                _ => {} // unpaid
-            }
-        }
-        payments.sort_by_key(|p| (p.date, p.invoice));
-        payments
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // Writers
-    // -----------------------------------------------------------------------------------------
-
-    fn write_reps(&mut self, reps: &[Rep]) -> Result<Output, SampleError> {
-        let mut t = Table::new(&self.out, "sales_reps.csv", "rep_id,name,region,hire_date", REFERENCE_DIRT)?;
-        for r in reps {
-            let dirt = pick_dirt(&mut self.rng, REFERENCE_DIRT);
-            let name = if dirt.is_some() { pad(&mut self.rng, &r.name) } else { r.name.clone() };
-            t.row(&[r.id.clone(), name, GEOGRAPHY[r.region].name.into(), fmt_date(r.hire)], dirt)?;
-        }
-        t.finish()
-    }
-
-    fn write_products(&mut self, products: &[Product]) -> Result<Output, SampleError> {
-        let header = "product_id,name,category,subcategory,list_price,unit_cost";
-        let mut t = Table::new(&self.out, "products.csv", header, REFERENCE_DIRT)?;
-        for p in products {
-            let dirt = pick_dirt(&mut self.rng, REFERENCE_DIRT);
-            let name = if dirt.is_some() { pad(&mut self.rng, &p.name) } else { p.name.clone() };
-            let f = [
-                p.id.clone(),
-                name,
-                p.category.into(),
-                p.subcategory.into(),
-                fmt_cents(p.list_cents),
-                fmt_cents(p.cost_cents),
-            ];
-            t.row(&f, dirt)?;
-        }
-        t.finish()
-    }
-
-    /// customers.csv, encoded as GBK. Duplicate rows go after a random later customer's row.
-    fn write_customers(&mut self, customers: &[Customer]) -> Result<Output, SampleError> {
-        let header = "customer_id,name,segment,region,province,city,credit_limit,email,signup_date,updated_at";
-        let mut t = Table::new(&self.out, "customers.csv", header, CUSTOMER_DIRT)?;
-        let rng = &mut self.rng;
-        let record = |c: &Customer, segment: usize, city: usize, updated: NaiveDateTime| -> Vec<String> {
-            let region = &GEOGRAPHY[c.region];
-            let province = &region.provinces[c.province];
-            vec![
-                c.id.clone(),
-                c.name.clone(),
-                SEGMENTS[segment].into(),
-                region.name.into(),
-                province.name.into(),
-                province.cities[city].into(),
-                fmt_cents(c.credit_cents),
-                format!("{}@example.com", c.id.to_lowercase()),
-                fmt_date(c.signup),
-                fmt_ts(updated),
-            ]
+        let c = &w.customers[cust];
+        let rep = match rng.random::<f64>() {
+            u if u < 0.02 => None,
+            u if u < 0.87 => Some(c.account_rep),
+            _ => Some(*pick(rng, &w.region_reps[c.region])),
         };
-        // extras[j]: duplicate rows written right after the j-th customer's row.
-        let mut extras: Vec<Vec<(Vec<String>, &'static str)>> = (0..customers.len()).map(|_| Vec::new()).collect();
-        for (i, c) in customers.iter().enumerate() {
-            let kind = pick_dirt(rng, CUSTOMER_DIRT);
-            let other_city = |rng: &mut ChaCha8Rng| {
-                let n = GEOGRAPHY[c.region].provinces[c.province].cities.len();
-                (c.city + rng.random_range(1..n)) % n
-            };
-            let mut f = record(c, c.segment, c.city, c.updated_at);
-            match kind {
-                Some(DUPLICATE_LATER) => {
-                    // The first row is the older state; the extra row (current state) wins.
-                    let earlier = (c.updated_at - TimeDelta::seconds(rng.random_range(86_400..180 * 86_400)))
-                        .max(c.signup.and_time(NaiveTime::MIN));
-                    let extra = std::mem::replace(
-                        &mut f,
-                        if rng.random_bool(0.5) {
-                            record(c, (c.segment + rng.random_range(1..3)) % 3, c.city, earlier)
-                        } else {
-                            record(c, c.segment, other_city(rng), earlier)
-                        },
-                    );
-                    extras[rng.random_range(i..customers.len())].push((extra, DUPLICATE_LATER));
-                }
-                Some(DUPLICATE_EQUAL_TS) => {
-                    let extra = std::mem::replace(&mut f, record(c, c.segment, other_city(rng), c.updated_at));
-                    extras[rng.random_range(i..customers.len())].push((extra, DUPLICATE_EQUAL_TS));
-                }
-                Some(AMOUNT_FORMATTED) => f[6] = fmt_formatted(rng, c.credit_cents, "￥"),
-                Some(DATE_ALT_FORMAT) => f[8] = fmt_alt_date(c.signup),
-                Some(PADDED) => {
-                    let col = if rng.random_bool(0.5) { 1 } else { 5 };
-                    f[col] = pad(rng, &f[col]);
-                }
-                Some(BLANK_OPTIONAL) => f[7].clear(),
-                Some(MIXED_CASE_ENUM) => f[2] = mixed_case(rng, SEGMENTS[c.segment]),
-                Some(UNPARSEABLE) => {
-                    // A garbled re-export right after the clean row: quarantined, and the
-                    // customer still loads from its clean row (so no orders are orphaned).
-                    let mut extra = f.clone();
-                    if rng.random_bool(0.5) {
-                        extra[6] = "n/a".into();
-                    } else {
-                        extra[8] = "2024-13-45".into();
-                    }
-                    extras[i].push((extra, UNPARSEABLE));
-                }
-                _ => {}
-            }
-            // The first row of a customer with an extra row is clean; the extra row carries the kind.
-            let own = kind.filter(|k| ![DUPLICATE_LATER, DUPLICATE_EQUAL_TS, UNPARSEABLE].contains(k));
-            t.row(&f, own)?;
-            for (extra, k) in std::mem::take(&mut extras[i]) {
-                t.row(&extra, Some(k))?;
-            }
-        }
-        let mut output = t.finish()?;
-        let text = String::from_utf8_lossy(&output.bytes).into_owned();
-        let (gbk, _, unmappable) = encoding_rs::GBK.encode(&text);
-        debug_assert!(!unmappable, "customers.csv has a character GBK cannot encode");
-        output.bytes = gbk.into_owned();
-        Ok(output)
-    }
+        let channel_w = [[0.15, 0.05, 0.35, 0.45], [0.40, 0.15, 0.25, 0.20], [0.55, 0.25, 0.15, 0.05]];
+        let channel = ORDER_CHANNELS[weighted_index(rng, &channel_w[c.segment])];
+        let completed = rng.random_bool(0.97);
+        let delay_days = if completed { rng.random_range(0..=5) } else { rng.random_range(1..=14) };
+        let updated_at = at_time(rng, date + TimeDelta::days(delay_days), 8, 22).min(end_of_day(self.end));
+        let n_lines = 1 + weighted_index(rng, &[0.40, 0.25, 0.17, 0.11, 0.07]);
+        let mean_qty = [4.0, 1.5, 0.4][c.segment] * c.size;
+        let discount_w = [[0.30, 0.30, 0.25, 0.15], [0.50, 0.30, 0.15, 0.05], [0.70, 0.20, 0.08, 0.02]];
+        let lines: Vec<Line> = (0..n_lines)
+            .map(|_| Line {
+                product: weighted_index(rng, &w.popularity),
+                qty: (1.0 + exponential(rng, mean_qty)).floor().min(500.0) as i64,
+                discount: 5 * weighted_index(rng, &discount_w[c.segment]) as i64,
+            })
+            .collect();
 
-    /// orders.csv and order_lines.csv; records the dirt of each order and line in `orders`.
-    fn write_orders(
-        &mut self,
-        orders: &mut [Order],
-        customers: &[Customer],
-        reps: &[Rep],
-        products: &[Product],
-    ) -> Result<(Output, Output), SampleError> {
-        let rng = &mut self.rng;
-        let header = "order_id,customer_id,rep_id,channel,order_date,status,updated_at";
-        let mut ot = Table::new(&self.out, "orders.csv", header, ORDER_DIRT)?;
-        let header = "order_id,line_no,product_id,quantity,unit_price,discount_pct";
-        let mut lt = Table::new(&self.out, "order_lines.csv", header, LINE_DIRT)?;
-        lt.summary.dirt.insert(ORPHAN_ORDER_CASCADE.into(), 0);
-        for (oi, o) in orders.iter_mut().enumerate() {
-            let id = format!("O{:07}", oi + 1);
-            o.dirt = pick_dirt(rng, ORDER_DIRT);
+        let order_no = a.orders.summary.rows as usize + 1;
+        let id = format!("O{order_no:07}");
+        let dirt = pick_dirt(rng, ORDER_DIRT);
+        let mut f = vec![
+            id.clone(),
+            customer_id(cust),
+            rep.map(|r| w.reps[r].id.clone()).unwrap_or_default(),
+            channel.into(),
+            fmt_date(date),
+            if completed { "completed" } else { "cancelled" }.into(),
+            fmt_ts(updated_at),
+        ];
+        match dirt {
+            Some(DATE_ALT_FORMAT) => f[4] = fmt_alt_date(date),
+            Some(MIXED_CASE_ENUM) => f[3] = mixed_case(rng, channel),
+            Some(PADDED) => f[1] = pad(rng, &f[1]),
+            Some(ORPHAN_CUSTOMER) => f[1] = format!("C9{:05}", rng.random_range(0..100_000)),
+            Some(UNPARSEABLE) if rng.random_bool(0.5) => f.truncate(4),
+            Some(UNPARSEABLE) => f[4] = "not a date".into(),
+            _ => {}
+        }
+        a.orders.row(&f, dirt)?;
+
+        // Orphan and unparseable orders are quarantined, and their lines with them.
+        let cascade = matches!(dirt, Some(ORPHAN_CUSTOMER | UNPARSEABLE));
+        // Σ qty·price·(100 − discount) in 1/100 cent over the lines that load.
+        let mut hundredths = 0;
+        for (n, l) in lines.iter().enumerate() {
+            let product = &w.products[l.product];
+            let dirt = if cascade { Some(ORPHAN_ORDER_CASCADE) } else { pick_dirt(rng, LINE_DIRT) };
             let mut f = vec![
                 id.clone(),
-                customers[o.cust].id.clone(),
-                o.rep.map(|r| reps[r].id.clone()).unwrap_or_default(),
-                o.channel.into(),
-                fmt_date(o.date),
-                if o.completed { "completed" } else { "cancelled" }.into(),
-                fmt_ts(o.updated_at),
-            ];
-            match o.dirt {
-                Some(DATE_ALT_FORMAT) => f[4] = fmt_alt_date(o.date),
-                Some(MIXED_CASE_ENUM) => f[3] = mixed_case(rng, o.channel),
-                Some(PADDED) => f[1] = pad(rng, &f[1]),
-                Some(ORPHAN_CUSTOMER) => f[1] = format!("C9{:05}", rng.random_range(0..100_000)),
-                Some(UNPARSEABLE) if rng.random_bool(0.5) => f.truncate(4),
-                Some(UNPARSEABLE) => f[4] = "not a date".into(),
-                _ => {}
-            }
-            ot.row(&f, o.dirt)?;
-
-            let cascade = matches!(o.dirt, Some(ORPHAN_CUSTOMER | UNPARSEABLE));
-            for (n, l) in o.lines.iter_mut().enumerate() {
-                let product = &products[l.product];
-                l.dirt = if cascade { Some(ORPHAN_ORDER_CASCADE) } else { pick_dirt(rng, LINE_DIRT) };
-                let mut f = vec![
-                    id.clone(),
-                    (n + 1).to_string(),
-                    product.id.clone(),
-                    l.qty.to_string(),
-                    fmt_cents(product.list_cents),
-                    l.discount.to_string(),
-                ];
-                match l.dirt {
-                    Some(AMOUNT_FORMATTED) => f[4] = fmt_formatted(rng, product.list_cents, "¥"),
-                    Some(NEGATIVE_QUANTITY) => f[3] = format!("-{}", l.qty),
-                    Some(ORPHAN_PRODUCT) => f[2] = format!("P9{:03}", rng.random_range(0..1000)),
-                    Some(UNPARSEABLE) if rng.random_bool(0.5) => f.truncate(3),
-                    Some(UNPARSEABLE) => f[3] = NUMBER_WORDS[(l.qty.clamp(1, 10) - 1) as usize].into(),
-                    _ => {}
-                }
-                lt.row(&f, l.dirt)?;
-            }
-        }
-        Ok((ot.finish()?, lt.finish()?))
-    }
-
-    fn write_invoices(&mut self, invoices: &[Invoice], customers: &[Customer]) -> Result<Output, SampleError> {
-        let header = "invoice_id,order_id,customer_id,invoice_date,due_date,amount";
-        let mut t = Table::new(&self.out, "invoices.csv", header, INVOICE_DIRT)?;
-        for (ii, inv) in invoices.iter().enumerate() {
-            let dirt = pick_dirt(&mut self.rng, INVOICE_DIRT);
-            let mut f = [
-                invoice_id(ii),
-                format!("O{:07}", inv.order + 1),
-                customers[inv.cust].id.clone(),
-                fmt_date(inv.date),
-                fmt_date(inv.due),
-                fmt_cents(inv.cents),
+                (n + 1).to_string(),
+                product.id.clone(),
+                l.qty.to_string(),
+                fmt_cents(product.list_cents),
+                l.discount.to_string(),
             ];
             match dirt {
-                Some(AMOUNT_FORMATTED) => f[5] = fmt_formatted(&mut self.rng, inv.cents, "¥"),
-                Some(DATE_ALT_FORMAT) => f[3] = fmt_alt_date(inv.date),
-                Some(UNPARSEABLE) => f[5] = "n/a".into(),
+                Some(AMOUNT_FORMATTED) => f[4] = fmt_formatted(rng, product.list_cents, "¥"),
+                Some(NEGATIVE_QUANTITY) => f[3] = format!("-{}", l.qty),
+                Some(ORPHAN_PRODUCT) => f[2] = format!("P9{:03}", rng.random_range(0..1000)),
+                Some(UNPARSEABLE) if rng.random_bool(0.5) => f.truncate(3),
+                Some(UNPARSEABLE) => f[3] = NUMBER_WORDS[(l.qty.clamp(1, 10) - 1) as usize].into(),
                 _ => {}
             }
-            if dirt == Some(UNPARSEABLE) {
-                self.unparseable_invoices.insert(ii);
+            a.lines.row(&f, dirt)?;
+            if !matches!(dirt, Some(NEGATIVE_QUANTITY | ORPHAN_PRODUCT | UNPARSEABLE)) {
+                hundredths += l.qty * product.list_cents * (100 - l.discount);
             }
-            t.row(&f, dirt)?;
         }
-        t.finish()
+        if completed && !cascade {
+            self.invoice(w, a, order_no, cust, date, (hundredths + 50) / 100)?;
+        }
+        Ok(())
     }
 
-    fn write_payments(&mut self, payments: &[Payment]) -> Result<Output, SampleError> {
-        let header = "payment_id,invoice_id,payment_date,amount,method";
-        let mut t = Table::new(&self.out, "payments.csv", header, PAYMENT_DIRT)?;
-        t.summary.dirt.insert(ORPHAN_INVOICE_CASCADE.into(), 0);
+    /// The invoice of an order, and its payments by outcome (on time / late / partial / unpaid),
+    /// queued for their months.
+    fn invoice(
+        &mut self,
+        w: &World,
+        a: &mut Activity,
+        order_no: usize,
+        cust: usize,
+        order_date: NaiveDate,
+        cents: i64,
+    ) -> Result<(), SampleError> {
         let rng = &mut self.rng;
-        for (pi, p) in payments.iter().enumerate() {
-            let drawn = pick_dirt(rng, PAYMENT_DIRT);
-            // A payment of an invoice that is itself quarantined cannot load: it is clean, but
-            // counted as a cascade rather than under the kind drawn for it.
-            let cascade = self.unparseable_invoices.contains(&p.invoice);
-            let dirt = if cascade { Some(ORPHAN_INVOICE_CASCADE) } else { drawn };
-            let mut f = [
-                format!("PAY{:07}", pi + 1),
-                invoice_id(p.invoice),
-                fmt_date(p.date),
-                fmt_cents(p.cents),
-                p.method.into(),
-            ];
-            match dirt {
-                Some(AMOUNT_FORMATTED) => f[3] = fmt_formatted(rng, p.cents, "¥"),
-                Some(DATE_ALT_FORMAT) => f[2] = fmt_alt_date(p.date),
-                Some(MIXED_CASE_ENUM) => f[4] = mixed_case(rng, p.method),
-                Some(ORPHAN_INVOICE) => f[1] = format!("INV9{:06}", rng.random_range(0..1_000_000)),
-                Some(UNPARSEABLE) if rng.random_bool(0.5) => f[3] = "n/a".into(),
-                Some(UNPARSEABLE) => f[2] = "not a date".into(),
-                _ => {}
-            }
-            t.row(&f, dirt)?;
+        let date = (order_date + TimeDelta::days(rng.random_range(0..=3))).min(self.end);
+        let due = date + TimeDelta::days(30);
+        let index = a.invoices.summary.rows as usize;
+        let dirt = pick_dirt(rng, INVOICE_DIRT);
+        let mut f = [
+            invoice_id(index),
+            format!("O{order_no:07}"),
+            customer_id(cust),
+            fmt_date(date),
+            fmt_date(due),
+            fmt_cents(cents),
+        ];
+        match dirt {
+            Some(AMOUNT_FORMATTED) => f[5] = fmt_formatted(rng, cents, "¥"),
+            Some(DATE_ALT_FORMAT) => f[3] = fmt_alt_date(date),
+            Some(UNPARSEABLE) => f[5] = "n/a".into(),
+            _ => {}
         }
-        t.finish()
+        a.invoices.row(&f, dirt)?;
+
+        if cents == 0 {
+            return Ok(()); // every line was unusable: nothing to pay
+        }
+        let method_w = [[0.75, 0.05, 0.0, 0.20], [0.50, 0.25, 0.05, 0.20], [0.20, 0.60, 0.15, 0.05]];
+        let method = PAYMENT_METHODS[weighted_index(rng, &method_w[w.customers[cust].segment])];
+        let end = self.end;
+        let pending = &mut a.pending;
+        let mut pay = |date: NaiveDate, cents: i64| {
+            // Payments that would fall after the export date simply have not happened yet.
+            let paid = date <= end;
+            if paid {
+                pending.push(Reverse(Payment { date, invoice: index, cents, method, cascade: dirt == Some(UNPARSEABLE) }));
+            }
+            paid
+        };
+        match rng.random::<f64>() {
+            u if u < 0.80 => {
+                pay(date + TimeDelta::days(rng.random_range(1..=30)), cents);
+            }
+            u if u < 0.88 => {
+                pay(due + TimeDelta::days(rng.random_range(1..=90)), cents);
+            }
+            u if u < 0.93 => {
+                let part = cents * rng.random_range(30..=70) / 100;
+                let first = date + TimeDelta::days(rng.random_range(5..=30));
+                let second = first + TimeDelta::days(rng.random_range(15..=75));
+                if pay(first, part) && rng.random_bool(0.5) {
+                    pay(second, cents - part);
+                }
+            }
+            _ => {} // unpaid
+        }
+        Ok(())
     }
 
-    /// interactions.jsonl: ~3 contacts per active customer-year, sorted by queue time.
-    fn interactions(&mut self, customers: &[Customer]) -> Result<Output, SampleError> {
+    /// The contact-centre interactions queued in `month..next`: ~3 per active customer-year
+    /// (a customer stays in contact for 30 days after churning), sorted by queue time.
+    fn interactions(&mut self, w: &World, a: &mut Activity, month: NaiveDate, next: NaiveDate) -> Result<(), SampleError> {
         let rng = &mut self.rng;
         let eop = end_of_day(self.end);
         // (queued_at, customer, channel index, wait seconds, handling seconds)
         let mut planned: Vec<(NaiveDateTime, usize, usize, i64, i64)> = Vec::new();
-        for (ci, c) in customers.iter().enumerate() {
+        for (ci, c) in w.customers.iter().enumerate() {
             let first = c.signup.max(self.start);
             let last = c.churn.map_or(self.end, |d| (d + TimeDelta::days(30)).min(self.end));
-            let years = ((last - first).num_days() + 1) as f64 / 365.25;
+            let (lo, hi) = (month.max(first), (next - TimeDelta::days(1)).min(last));
+            if lo > hi {
+                continue;
+            }
+            let years = ((hi - lo).num_days() + 1) as f64 / 365.25;
             let rate = INTERACTIONS_PER_YEAR * [1.3, 1.0, 0.9][c.segment];
             for _ in 0..poisson(rng, rate * years) {
                 let ch = weighted_index(rng, &CONTACT_CHANNELS.map(|c| c.share));
-                let ContactChannel { mean_wait, handle: (lo, hi), live, .. } = CONTACT_CHANNELS[ch];
+                let ContactChannel { mean_wait, handle: (lo_s, hi_s), live, .. } = CONTACT_CHANNELS[ch];
                 let (h0, h1) = if live { (8, 21) } else { (0, 24) };
-                let day = date_between(rng, first, last);
+                let day = date_between(rng, lo, hi);
                 let queued = at_time(rng, day, h0, h1);
                 let wait = exponential(rng, mean_wait).round() as i64 + 1;
-                planned.push((queued, ci, ch, wait, rng.random_range(lo..=hi)));
+                planned.push((queued, ci, ch, wait, rng.random_range(lo_s..=hi_s)));
             }
         }
         planned.sort_by_key(|p| (p.0, p.1));
 
-        let mut summary =
-            FileSummary { rows: 0, dirt: INTERACTION_DIRT.iter().map(|(k, _)| (k.to_string(), 0)).collect() };
-        let mut bytes = Vec::new();
-        for (n, &(mut queued, ci, ch, wait, handle)) in planned.iter().enumerate() {
+        for (mut queued, ci, ch, wait, handle) in planned {
             let ContactChannel { name: channel, live, .. } = CONTACT_CHANNELS[ch];
             let abandoned = live && rng.random_bool(ABANDON_RATE);
             let mut ended = queued + TimeDelta::seconds(wait + if abandoned { 0 } else { handle });
@@ -967,10 +829,9 @@ impl Gen {
                 Some(1 + weighted_index(rng, w) as u8)
             };
             let dirt = pick_dirt(rng, INTERACTION_DIRT);
-            let orphan_id;
             let mut rec = InteractionJson {
-                interaction_id: format!("I{:07}", n + 1),
-                customer_id: &customers[ci].id,
+                interaction_id: format!("I{:07}", a.interactions.summary.rows + 1),
+                customer_id: customer_id(ci),
                 channel: channel.into(),
                 agent: format!("A{:02}", rng.random_range(1..=AGENTS)),
                 queued_at: fmt_ts(queued),
@@ -980,62 +841,317 @@ impl Gen {
                 satisfaction,
             };
             match dirt {
-                Some(MIXED_CASE_ENUM) => rec.channel = mixed_case(rng, channel),
-                Some(ORPHAN_CUSTOMER) => {
-                    orphan_id = format!("C9{:05}", rng.random_range(0..100_000));
-                    rec.customer_id = &orphan_id;
-                }
+                Some(MIXED_CASE_ENUM) => rec.channel = mixed_case(rng, channel).into(),
+                Some(ORPHAN_CUSTOMER) => rec.customer_id = format!("C9{:05}", rng.random_range(0..100_000)),
                 _ => {}
             }
             let mut line = serde_json::to_string(&rec)
-                .map_err(|e| SampleError::Io { path: self.out.join("interactions.jsonl"), source: e.into() })?;
+                .map_err(|e| SampleError::Io { path: a.interactions.path.clone(), source: e.into() })?;
             if dirt == Some(UNPARSEABLE) {
                 // A line cut off mid-record (all ASCII, so any byte index is a char boundary).
                 line.truncate(rng.random_range(20..line.len() - 1));
             }
-            bytes.extend_from_slice(line.as_bytes());
-            bytes.push(b'\n');
-            summary.rows += 1;
-            if let Some(k) = dirt {
-                *summary.dirt.entry(k.into()).or_default() += 1;
+            a.interactions.line(&line, dirt)?;
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reference files
+    // -----------------------------------------------------------------------------------------
+
+    fn write_reps(&mut self, reps: &[Rep]) -> Result<(String, FileSummary), SampleError> {
+        let header = "rep_id,name,region,hire_date";
+        let mut t = Table::create(&self.out, "sales_reps.csv", header, REFERENCE_DIRT, encoding_rs::UTF_8)?;
+        for r in reps {
+            let dirt = pick_dirt(&mut self.rng, REFERENCE_DIRT);
+            let name = if dirt.is_some() { pad(&mut self.rng, &r.name) } else { r.name.clone() };
+            t.row(&[r.id.clone(), name, GEOGRAPHY[r.region].name.into(), fmt_date(r.hire)], dirt)?;
+        }
+        t.finish()
+    }
+
+    fn write_products(&mut self, products: &[Product]) -> Result<(String, FileSummary), SampleError> {
+        let header = "product_id,name,category,subcategory,list_price,unit_cost";
+        let mut t = Table::create(&self.out, "products.csv", header, REFERENCE_DIRT, encoding_rs::UTF_8)?;
+        for p in products {
+            let dirt = pick_dirt(&mut self.rng, REFERENCE_DIRT);
+            let name = if dirt.is_some() { pad(&mut self.rng, &p.name) } else { p.name.clone() };
+            let f = [
+                p.id.clone(),
+                name,
+                p.category.into(),
+                p.subcategory.into(),
+                fmt_cents(p.list_cents),
+                fmt_cents(p.cost_cents),
+            ];
+            t.row(&f, dirt)?;
+        }
+        t.finish()
+    }
+
+    /// customers.csv, encoded as GBK. Duplicate rows go after a random later customer's row.
+    fn write_customers(&mut self, customers: &[Customer]) -> Result<(String, FileSummary), SampleError> {
+        let header = "customer_id,name,segment,region,province,city,credit_limit,email,signup_date,updated_at";
+        let mut t = Table::create(&self.out, "customers.csv", header, CUSTOMER_DIRT, encoding_rs::GBK)?;
+        let rng = &mut self.rng;
+        let record = |i: usize, c: &Customer, segment: usize, city: usize, updated: NaiveDateTime| -> Vec<String> {
+            let region = &GEOGRAPHY[c.region];
+            let province = &region.provinces[c.province];
+            let id = customer_id(i);
+            let email = format!("{}@example.com", id.to_lowercase());
+            vec![
+                id,
+                c.name(),
+                SEGMENTS[segment].into(),
+                region.name.into(),
+                province.name.into(),
+                province.cities[city].into(),
+                fmt_cents(c.credit_cents),
+                email,
+                fmt_date(c.signup),
+                fmt_ts(updated),
+            ]
+        };
+        // extras[j]: rows written right after the j-th customer's row (~5% of customers have one).
+        let mut extras: BTreeMap<usize, Vec<(Vec<String>, &'static str)>> = BTreeMap::new();
+        for (i, c) in customers.iter().enumerate() {
+            let kind = pick_dirt(rng, CUSTOMER_DIRT);
+            let other_city = |rng: &mut ChaCha8Rng| {
+                let n = GEOGRAPHY[c.region].provinces[c.province].cities.len();
+                (c.city + rng.random_range(1..n)) % n
+            };
+            let mut f = record(i, c, c.segment, c.city, c.updated_at);
+            match kind {
+                Some(DUPLICATE_LATER) => {
+                    // The first row is the older state; the extra row (current state) wins.
+                    let earlier = (c.updated_at - TimeDelta::seconds(rng.random_range(86_400..180 * 86_400)))
+                        .max(c.signup.and_time(NaiveTime::MIN));
+                    let extra = std::mem::replace(
+                        &mut f,
+                        if rng.random_bool(0.5) {
+                            record(i, c, (c.segment + rng.random_range(1..3)) % 3, c.city, earlier)
+                        } else {
+                            record(i, c, c.segment, other_city(rng), earlier)
+                        },
+                    );
+                    extras.entry(rng.random_range(i..customers.len())).or_default().push((extra, DUPLICATE_LATER));
+                }
+                Some(DUPLICATE_EQUAL_TS) => {
+                    let extra = std::mem::replace(&mut f, record(i, c, c.segment, other_city(rng), c.updated_at));
+                    extras.entry(rng.random_range(i..customers.len())).or_default().push((extra, DUPLICATE_EQUAL_TS));
+                }
+                Some(AMOUNT_FORMATTED) => f[6] = fmt_formatted(rng, c.credit_cents, "￥"),
+                Some(DATE_ALT_FORMAT) => f[8] = fmt_alt_date(c.signup),
+                Some(PADDED) => {
+                    let col = if rng.random_bool(0.5) { 1 } else { 5 };
+                    f[col] = pad(rng, &f[col]);
+                }
+                Some(BLANK_OPTIONAL) => f[7].clear(),
+                Some(MIXED_CASE_ENUM) => f[2] = mixed_case(rng, SEGMENTS[c.segment]),
+                Some(UNPARSEABLE) => {
+                    // A garbled re-export right after the clean row: quarantined, and the
+                    // customer still loads from its clean row (so no orders are orphaned).
+                    let mut extra = f.clone();
+                    if rng.random_bool(0.5) {
+                        extra[6] = "n/a".into();
+                    } else {
+                        extra[8] = "2024-13-45".into();
+                    }
+                    extras.entry(i).or_default().push((extra, UNPARSEABLE));
+                }
+                _ => {}
+            }
+            // The first row of a customer with an extra row is clean; the extra row carries the kind.
+            let own = kind.filter(|k| ![DUPLICATE_LATER, DUPLICATE_EQUAL_TS, UNPARSEABLE].contains(k));
+            t.row(&f, own)?;
+            for (extra, k) in extras.remove(&i).unwrap_or_default() {
+                t.row(&extra, Some(k))?;
             }
         }
-        Ok(Output { name: "interactions.jsonl", bytes, summary })
+        t.finish()
     }
 }
 
-/// A CSV file built in memory, with its running summary.
+impl Activity {
+    fn create(out: &Path) -> Result<Self, SampleError> {
+        let utf8 = encoding_rs::UTF_8;
+        let header = "order_id,customer_id,rep_id,channel,order_date,status,updated_at";
+        let orders = Table::create(out, "orders.csv", header, ORDER_DIRT, utf8)?;
+        let header = "order_id,line_no,product_id,quantity,unit_price,discount_pct";
+        let mut lines = Table::create(out, "order_lines.csv", header, LINE_DIRT, utf8)?;
+        lines.summary.dirt.insert(ORPHAN_ORDER_CASCADE.into(), 0);
+        let header = "invoice_id,order_id,customer_id,invoice_date,due_date,amount";
+        let invoices = Table::create(out, "invoices.csv", header, INVOICE_DIRT, utf8)?;
+        let header = "payment_id,invoice_id,payment_date,amount,method";
+        let mut payments = Table::create(out, "payments.csv", header, PAYMENT_DIRT, utf8)?;
+        payments.summary.dirt.insert(ORPHAN_INVOICE_CASCADE.into(), 0);
+        let interactions = JsonLines::create(out, "interactions.jsonl", INTERACTION_DIRT)?;
+        Ok(Self { orders, lines, invoices, payments, interactions, pending: BinaryHeap::new() })
+    }
+
+    /// Writes the pending payments dated before `limit`, in `(date, invoice)` order.
+    fn write_payments_before(&mut self, rng: &mut ChaCha8Rng, limit: NaiveDate) -> Result<(), SampleError> {
+        while self.pending.peek().is_some_and(|Reverse(p)| p.date < limit) {
+            let Some(Reverse(p)) = self.pending.pop() else { break };
+            let drawn = pick_dirt(rng, PAYMENT_DIRT);
+            // A payment of an invoice that is itself quarantined cannot load: it is clean, but
+            // counted as a cascade rather than under the kind drawn for it.
+            let dirt = if p.cascade { Some(ORPHAN_INVOICE_CASCADE) } else { drawn };
+            let mut f = [
+                format!("PAY{:07}", self.payments.summary.rows + 1),
+                invoice_id(p.invoice),
+                fmt_date(p.date),
+                fmt_cents(p.cents),
+                p.method.into(),
+            ];
+            match dirt {
+                Some(AMOUNT_FORMATTED) => f[3] = fmt_formatted(rng, p.cents, "¥"),
+                Some(DATE_ALT_FORMAT) => f[2] = fmt_alt_date(p.date),
+                Some(MIXED_CASE_ENUM) => f[4] = mixed_case(rng, p.method),
+                Some(ORPHAN_INVOICE) => f[1] = format!("INV9{:06}", rng.random_range(0..1_000_000)),
+                Some(UNPARSEABLE) if rng.random_bool(0.5) => f[3] = "n/a".into(),
+                Some(UNPARSEABLE) => f[2] = "not a date".into(),
+                _ => {}
+            }
+            self.payments.row(&f, dirt)?;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Vec<(String, FileSummary)>, SampleError> {
+        debug_assert!(self.pending.is_empty(), "every payment written");
+        Ok(vec![
+            self.orders.finish()?,
+            self.lines.finish()?,
+            self.invoices.finish()?,
+            self.payments.finish()?,
+            self.interactions.finish()?,
+        ])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------------
+
+impl FileSummary {
+    fn new(kinds: DirtTable) -> Self {
+        Self { rows: 0, dirt: kinds.iter().map(|(k, _)| (k.to_string(), 0)).collect() }
+    }
+
+    fn count(&mut self, dirt: Option<&'static str>) {
+        self.rows += 1;
+        if let Some(k) = dirt {
+            *self.dirt.entry(k.into()).or_default() += 1;
+        }
+    }
+}
+
+/// A sample file on disk behind a buffer. Text in another encoding than UTF-8 is encoded as it
+/// passes: the CSV writer hands over UTF-8 in pieces that may end inside a character, so the
+/// incomplete end waits for the rest.
+struct Sink {
+    file: BufWriter<File>,
+    encoding: &'static Encoding,
+    partial: Vec<u8>,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.encoding == encoding_rs::UTF_8 {
+            return self.file.write(buf);
+        }
+        self.partial.extend_from_slice(buf);
+        let whole = match std::str::from_utf8(&self.partial) {
+            Ok(text) => text.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        };
+        let text = std::str::from_utf8(&self.partial[..whole]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let (bytes, _, unmappable) = self.encoding.encode(text);
+        if unmappable {
+            let message = format!("a character {} cannot encode in {text:?}", self.encoding.name());
+            return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+        }
+        self.file.write_all(&bytes)?;
+        self.partial.drain(..whole);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.partial.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the text ends inside a UTF-8 character"));
+        }
+        self.file.flush()
+    }
+}
+
+/// A CSV file being written, with its running summary.
 struct Table {
     name: &'static str,
     path: PathBuf,
-    wtr: csv::Writer<Vec<u8>>,
+    wtr: csv::Writer<Sink>,
     summary: FileSummary,
 }
 
 impl Table {
     /// `header` is the header line as written, e.g. `"rep_id,name,region,hire_date"`.
-    fn new(out: &Path, name: &'static str, header: &str, kinds: DirtTable) -> Result<Self, SampleError> {
+    fn create(
+        out: &Path,
+        name: &'static str,
+        header: &str,
+        kinds: DirtTable,
+        encoding: &'static Encoding,
+    ) -> Result<Self, SampleError> {
         let path = out.join(name);
+        let file = File::create(&path).map_err(|source| SampleError::Io { path: path.clone(), source })?;
+        let sink = Sink { file: BufWriter::with_capacity(1 << 20, file), encoding, partial: Vec::new() };
         // Flexible: ragged rows are one of the dirt kinds.
-        let mut wtr = csv::WriterBuilder::new().flexible(true).from_writer(Vec::new());
+        let mut wtr = csv::WriterBuilder::new().flexible(true).from_writer(sink);
         wtr.write_record(header.split(',')).map_err(|source| SampleError::Csv { path: path.clone(), source })?;
-        let dirt = kinds.iter().map(|(k, _)| (k.to_string(), 0)).collect();
-        Ok(Self { name, path, wtr, summary: FileSummary { rows: 0, dirt } })
+        Ok(Self { name, path, wtr, summary: FileSummary::new(kinds) })
     }
 
     fn row(&mut self, fields: &[String], dirt: Option<&'static str>) -> Result<(), SampleError> {
         self.wtr.write_record(fields).map_err(|source| SampleError::Csv { path: self.path.clone(), source })?;
-        self.summary.rows += 1;
-        if let Some(k) = dirt {
-            *self.summary.dirt.entry(k.into()).or_default() += 1;
-        }
+        self.summary.count(dirt);
         Ok(())
     }
 
-    fn finish(self) -> Result<Output, SampleError> {
+    fn finish(self) -> Result<(String, FileSummary), SampleError> {
         let Table { name, path, wtr, summary } = self;
-        let bytes = wtr.into_inner().map_err(|e| SampleError::Io { path, source: e.into_error() })?;
-        Ok(Output { name, bytes, summary })
+        let mut sink = wtr.into_inner().map_err(|e| SampleError::Io { path: path.clone(), source: e.into_error() })?;
+        sink.flush().map_err(|source| SampleError::Io { path, source })?;
+        Ok((name.to_string(), summary))
+    }
+}
+
+/// A JSON-lines file being written, with its running summary.
+struct JsonLines {
+    name: &'static str,
+    path: PathBuf,
+    file: BufWriter<File>,
+    summary: FileSummary,
+}
+
+impl JsonLines {
+    fn create(out: &Path, name: &'static str, kinds: DirtTable) -> Result<Self, SampleError> {
+        let path = out.join(name);
+        let file = File::create(&path).map_err(|source| SampleError::Io { path: path.clone(), source })?;
+        Ok(Self { name, path, file: BufWriter::with_capacity(1 << 20, file), summary: FileSummary::new(kinds) })
+    }
+
+    fn line(&mut self, line: &str, dirt: Option<&'static str>) -> Result<(), SampleError> {
+        let written = self.file.write_all(line.as_bytes()).and_then(|()| self.file.write_all(b"\n"));
+        written.map_err(|source| SampleError::Io { path: self.path.clone(), source })?;
+        self.summary.count(dirt);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(String, FileSummary), SampleError> {
+        self.file.flush().map_err(|source| SampleError::Io { path: self.path.clone(), source })?;
+        Ok((self.name.to_string(), self.summary))
     }
 }
 
@@ -1259,6 +1375,78 @@ mod tests {
         let invoices = records(&std::fs::read(dir.0.join("invoices.csv")).unwrap());
         let orders = summary.files["orders.csv"].rows;
         assert!((invoices.len() as u64) < orders);
+    }
+
+    /// The activity streams a month at a time; the files must still read as one export: in date
+    /// order, numbered without gaps, and each invoice the sum of its order's loadable lines.
+    #[test]
+    fn streamed_activity_is_ordered_and_invoices_add_up() {
+        let dir = TempDir::new("stream");
+        generate(&SampleConfig { customers: 500, years: 2, seed: 9 }, &dir.0).unwrap();
+        let read = |name: &str| records(&std::fs::read(dir.0.join(name)).unwrap());
+        let date = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok();
+        let any_date = |s: &str| date(s).or_else(|| NaiveDate::parse_from_str(s, "%d/%m/%Y").ok());
+        let cents = |s: &str| -> Option<i64> {
+            let (yuan, fen) = s.trim_start_matches(['¥', '￥']).replace(',', "").split_once('.').map(|(a, b)| (a.to_string(), b.to_string()))?;
+            Some(yuan.parse::<i64>().ok()? * 100 + fen.parse::<i64>().ok()?)
+        };
+        let in_order = |dates: Vec<NaiveDate>, what: &str| {
+            assert!(dates.len() > 100, "{what}: {} dated rows", dates.len());
+            assert!(dates.windows(2).all(|w| w[0] <= w[1]), "{what} out of date order");
+        };
+        let numbered = |rows: &[csv::StringRecord], prefix: &str| {
+            for (i, r) in rows.iter().enumerate() {
+                assert_eq!(&r[0], format!("{prefix}{:07}", i + 1), "row {} of {prefix}", i + 1);
+            }
+        };
+
+        let orders = read("orders.csv");
+        numbered(&orders, "O");
+        in_order(orders.iter().filter_map(|r| r.get(4).and_then(date)).collect(), "orders");
+        let completed: BTreeSet<&str> = orders.iter().filter(|r| r.get(5) == Some("completed")).map(|r| &r[0]).collect();
+
+        // Σ qty·price·(100 − discount) over the lines that load, per order, in 1/100 cent.
+        let mut hundredths: BTreeMap<String, i64> = BTreeMap::new();
+        for l in read("order_lines.csv") {
+            if l.len() < 6 || l[2].starts_with("P9") {
+                continue;
+            }
+            let (Ok(qty), Some(price), Ok(discount)) = (l[3].parse::<i64>(), cents(&l[4]), l[5].parse::<i64>()) else { continue };
+            if qty > 0 {
+                *hundredths.entry(l[0].to_string()).or_default() += qty * price * (100 - discount);
+            }
+        }
+        let invoices = read("invoices.csv");
+        let mut checked = 0;
+        let mut invoice_dates = BTreeMap::new();
+        for (i, inv) in invoices.iter().enumerate() {
+            assert_eq!(&inv[0], invoice_id(i));
+            assert!(completed.contains(&inv[1]), "{} invoices {}, not a completed order", &inv[0], &inv[1]);
+            invoice_dates.insert(inv[0].to_string(), any_date(&inv[3]).unwrap());
+            if let Some(amount) = cents(&inv[5]) {
+                assert_eq!(amount, (hundredths.get(&inv[1]).copied().unwrap_or(0) + 50) / 100, "{}", &inv[0]);
+                checked += 1;
+            }
+        }
+        assert!(checked > 1000, "{checked} invoices checked");
+
+        let payments = read("payments.csv");
+        numbered(&payments, "PAY");
+        in_order(payments.iter().filter_map(|r| r.get(2).and_then(date)).collect(), "payments");
+        let last = NaiveDate::from_ymd_opt(2026, 10, 31).unwrap();
+        for p in &payments {
+            let (Some(paid), Some(invoiced)) = (any_date(&p[2]), invoice_dates.get(&p[1])) else { continue };
+            assert!(*invoiced < paid && paid <= last, "{} paid {paid}, invoiced {invoiced}", &p[0]);
+        }
+
+        let jsonl = std::fs::read_to_string(dir.0.join("interactions.jsonl")).unwrap();
+        let queued: Vec<NaiveDate> = jsonl
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["ended_at"] != "2026-10-31 23:59:59") // clipped to the period: moved earlier
+            .map(|v| date(&v["queued_at"].as_str().unwrap()[..10]).unwrap())
+            .collect();
+        in_order(queued, "interactions");
     }
 
     #[test]
