@@ -87,6 +87,7 @@ fn assert_refreshed_units(night: &LoadReport, date: &str, read: Option<u64>) {
         ("rollup_sales_month", &months),
         ("rollup_sales_month_region", &months),
         ("rollup_sales_month_region_category_channel", &months),
+        ("rollup_sales_month_product", &months),
         ("rollup_sales_year", &years),
         ("rollup_sales_year_region", &years),
         ("rollup_sales_year_province_subcategory", &years),
