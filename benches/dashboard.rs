@@ -148,18 +148,41 @@ fn cells(batches: &[RecordBatch]) -> Vec<Vec<String>> {
     out
 }
 
-/// Runs `text` once to warm up and `runs` times timed; returns the sorted times and the answer.
-async fn time(ctx: &SessionContext, cubes: &CubeSet, text: &str, runs: usize) -> (Vec<Duration>, Vec<Vec<String>>) {
+/// The times of `runs` timed runs (after one to warm up), sorted, each split into its phases.
+struct Timed {
+    total: Vec<Duration>,
+    /// SQL → logical plan (parse, the cube rewrite, view expansion), sorted.
+    plan: Vec<Duration>,
+    /// Logical → physical plan (analyzer rules, the rollup rule among them; optimizer;
+    /// physical planning), sorted.
+    physical: Vec<Duration>,
+    /// Running the physical plan to its last batch, sorted.
+    execute: Vec<Duration>,
+}
+
+/// Runs `text` once to warm up and `runs` times timed; returns the times and the answer.
+async fn time(ctx: &SessionContext, cubes: &CubeSet, text: &str, runs: usize) -> (Timed, Vec<Vec<String>>) {
     let answer = cells(&sql::sql(ctx, cubes, text).await.unwrap().collect().await.unwrap());
-    let mut times = Vec::with_capacity(runs);
+    let mut t = Timed { total: Vec::new(), plan: Vec::new(), physical: Vec::new(), execute: Vec::new() };
     for _ in 0..runs {
-        let t = Instant::now();
-        let batches = sql::sql(ctx, cubes, text).await.unwrap().collect().await.unwrap();
-        times.push(t.elapsed());
+        let start = Instant::now();
+        let df = sql::sql(ctx, cubes, text).await.unwrap();
+        let planned = Instant::now();
+        let task = df.task_ctx();
+        let physical = df.create_physical_plan().await.unwrap();
+        let optimized = Instant::now();
+        let batches = datafusion::physical_plan::collect(physical, std::sync::Arc::new(task)).await.unwrap();
+        let done = Instant::now();
+        t.total.push(done - start);
+        t.plan.push(planned - start);
+        t.physical.push(optimized - planned);
+        t.execute.push(done - optimized);
         std::hint::black_box(batches);
     }
-    times.sort();
-    (times, answer)
+    for v in [&mut t.total, &mut t.plan, &mut t.physical, &mut t.execute] {
+        v.sort();
+    }
+    (t, answer)
 }
 
 struct DuckDb {
@@ -233,6 +256,7 @@ fn main() {
         );
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let mut all_same = true;
+        let mut phases = Vec::new();
         for (i, q) in queries.iter().enumerate() {
             notes.lock().unwrap().clear();
             let (t_with, a_with) = time(&with, &cubes, q.cube_sql, runs).await;
@@ -243,6 +267,9 @@ fn main() {
                 .find_map(|n| n.strip_prefix("rollup ").and_then(|n| n.split_once(' ')).map(|(r, _)| r.to_string()))
                 .unwrap_or_else(|| "base tables".into());
             let (t_without, a_without) = time(&without, &cubes, q.cube_sql, runs).await;
+            let p50 = |v: &[Duration]| ms(percentile(v, 0.5));
+            phases.push((q.name, source.clone(), p50(&t_with.plan), p50(&t_with.physical), p50(&t_with.execute)));
+            let (t_with, t_without) = (t_with.total, t_without.total);
             let (p50w, p95w, p50b, p95b) = (ms(percentile(&t_with, 0.5)), ms(percentile(&t_with, 0.95)), ms(percentile(&t_without, 0.5)), ms(percentile(&t_without, 0.95)));
             let mut same = normalise(a_with, q.ordered) == normalise(a_without.clone(), q.ordered);
             let (duck_cell, r_roll, r_base) = match &duck {
@@ -269,6 +296,11 @@ fn main() {
             );
         }
         println!("Duck/roll, Duck/base: DuckDB's p50 over crmcube's (above 1 = crmcube faster)");
+        println!("\nwhere the time with rollups goes (p50 of each phase, ms): SQL → logical plan, → physical plan (analyzer with the rollup rule, optimizer), execution");
+        println!("{:<42} {:<36} {:>8} {:>9} {:>8}", "query", "answered from", "plan", "physical", "execute");
+        for (name, source, plan, physical, execute) in phases {
+            println!("{name:<42} {source:<36} {plan:>8.2} {physical:>9.2} {execute:>8.2}");
+        }
         assert!(all_same, "the three ways disagree on some answer (marked NO)");
     });
 }

@@ -108,6 +108,69 @@ pub const IN_MEMORY_ROWS: u64 = 1_000_000;
 struct InMemory {
     inner: Arc<dyn TableProvider>,
     cache: tokio::sync::OnceCell<Arc<datafusion::datasource::MemTable>>,
+    /// The rollup's rows in the snapshot (for [`OnePartition`]).
+    rows: u64,
+}
+
+/// A query that reads only small in-memory rollups is planned on one partition.
+///
+/// Its whole work is aggregating a few thousand rows, a fraction of a millisecond; planned on
+/// the session's partitions (two here), it is a partial aggregate, a hash repartition and a
+/// final aggregate whose tasks hand batches between threads, which cost more than the work.
+/// Measured over the 10 M-line sample, one query over `rollup_sales_month` (year over year by
+/// quarter): 1.02-1.12 ms -> 0.72-0.74 ms; category × channel, 2025: 1.66 -> 1.20 ms. Every
+/// other plan (any base table, or more than [`ONE_PARTITION_ROWS`] rollup rows) is planned as
+/// the session says.
+#[derive(Debug)]
+struct OnePartition {
+    /// The session's planner before, which plans every query, with one partition or not.
+    inner: Arc<dyn datafusion::execution::context::QueryPlanner + Send + Sync>,
+}
+
+/// Rollup rows up to which one partition answers faster than the session's partitions.
+pub const ONE_PARTITION_ROWS: u64 = 100_000;
+
+#[async_trait::async_trait]
+impl datafusion::execution::context::QueryPlanner for OnePartition {
+    async fn create_physical_plan(
+        &self,
+        plan: &LogicalPlan,
+        session: &dyn datafusion::catalog::Session,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        if session.config().target_partitions() > 1
+            && reads_only_small_rollups(plan)
+            && let Some(state) = session.as_any().downcast_ref::<datafusion::execution::SessionState>()
+        {
+            let mut one = state.clone();
+            one.config_mut().options_mut().execution.target_partitions = 1;
+            return self.inner.create_physical_plan(plan, &one).await;
+        }
+        self.inner.create_physical_plan(plan, session).await
+    }
+}
+
+/// Whether every table `plan` scans is an in-memory rollup, together at most
+/// [`ONE_PARTITION_ROWS`] rows (and it scans at least one).
+fn reads_only_small_rollups(plan: &LogicalPlan) -> bool {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let (mut rows, mut scans, mut other) = (0u64, 0usize, false);
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let provider = datafusion::datasource::source_as_provider(&scan.source).ok();
+            match provider.as_deref().and_then(|p| p.downcast_ref::<InMemory>()) {
+                Some(m) => {
+                    rows += m.rows;
+                    scans += 1;
+                }
+                None => {
+                    other = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    !other && scans > 0 && rows <= ONE_PARTITION_ROWS
 }
 
 #[async_trait::async_trait]
@@ -201,7 +264,7 @@ pub async fn install(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot)
                 (Some(f), Some(entry)) if *f == r.fingerprint(cube) => {
                     let mut provider: Arc<dyn TableProvider> = ctx.table_provider(r.table.as_str()).await?;
                     if entry.rows <= IN_MEMORY_ROWS {
-                        provider = Arc::new(InMemory { inner: provider, cache: tokio::sync::OnceCell::new() });
+                        provider = Arc::new(InMemory { inner: provider, cache: tokio::sync::OnceCell::new(), rows: entry.rows });
                     }
                     candidates.push(Candidate { rollup: r.clone(), source: provider_as_source(provider), rows: entry.rows });
                 }
@@ -220,6 +283,13 @@ pub async fn install(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot)
     let notes = Arc::new(Mutex::new(Vec::new()));
     if !out.is_empty() {
         ctx.add_analyzer_rule(Arc::new(RollupRule { cubes: out, notes: notes.clone() }));
+        let state = ctx.state_ref();
+        let mut state = state.write();
+        let inner = state.query_planner().clone();
+        let with_planner = datafusion::execution::SessionStateBuilder::new_from_existing(state.clone())
+            .with_query_planner(Arc::new(OnePartition { inner }))
+            .build();
+        *state = with_planner;
     }
     Ok(notes)
 }
