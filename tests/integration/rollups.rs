@@ -91,8 +91,10 @@ async fn explain_names_the_rollup_and_the_reason_when_none_answers() {
     // Revenue and distinct orders by region for one year: the year × region rollup, one partition.
     let p = plan("SELECT customer_region, revenue, orders FROM cubes.sales WHERE time_year = 2025 GROUP BY 1").await;
     assert!(p.contains("TableScan: rollup_sales_year_region"), "{p}");
-    // Small rollups are answered from memory after their first read in a session.
+    // Small rollups are answered from memory after their first read in a session, on one
+    // partition: no exchange between threads.
     assert!(p.contains("DataSourceExec: partitions=1, partition_sizes="), "{p}");
+    assert!(p.contains("mode=Single") && !p.contains("RepartitionExec"), "{p}");
     // On disk they are partitioned as declared: read as a table, a year reads one folder.
     let p = plan("SELECT customer_region, SUM(revenue) FROM rollup_sales_year_region WHERE time_year = 2025 GROUP BY 1").await;
     assert!(p.contains("time_year=2025/") && !p.contains("time_year=2024/"), "only the 2025 partition is read: {p}");
@@ -106,6 +108,10 @@ async fn explain_names_the_rollup_and_the_reason_when_none_answers() {
     // Distinct customers by region over all years: no rollup holds that grain.
     let p = plan("SELECT customer_region, customers FROM cubes.sales GROUP BY 1").await;
     assert!(!p.contains("rollup_sales"), "{p}");
+    // The base tables keep the session's partitions (one per core).
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        assert!(p.contains("RepartitionExec"), "{p}");
+    }
     let why = notes.lock().unwrap().join("\n");
     assert!(why.contains("no rollup of cube sales answers") && why.contains("distinct count 'customers'"), "{why}");
     // A level no rollup has, and a filter on row values, keep the base tables.
