@@ -9,7 +9,9 @@
 //! The files stream to disk as they are generated: the reference files and customers first,
 //! then the activity a month at a time (orders with their lines and invoices, the payments that
 //! have come due, the interactions). Memory holds the customers and a few months of pending
-//! payments, never a file, so 100 M order lines generate in the memory of a few hundred MB.
+//! payments (about 150 bytes a customer), never a file: 10 M order lines generate in 22 s and
+//! 89 MiB, 100 M in 4 min and 634 MiB (release build, 2 cores).
+//!
 //! `sample-data/` was written by an earlier version of this generator, which planned every
 //! order in memory and drew in another order: today's generator writes the same shapes and dirt
 //! rates for its config, not the same bytes. The tests read `sample-data/dirt.json`, so the
@@ -441,7 +443,7 @@ struct Activity {
 /// also written to `out/dirt.json`.
 ///
 /// The files are written as they are generated: reference data and customers first, then the
-/// activity a month at a time (see [`Gen::activity`]). Memory holds the customers (~100 bytes
+/// activity a month at a time (see `Gen::activity`). Memory holds the customers (~150 bytes
 /// each) and a few months of pending payments, never a whole file.
 pub fn generate(cfg: &SampleConfig, out: &Path) -> Result<SampleSummary, SampleError> {
     std::fs::create_dir_all(out).map_err(|source| SampleError::Io { path: out.to_path_buf(), source })?;
