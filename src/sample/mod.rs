@@ -370,6 +370,11 @@ impl Customer {
     }
 }
 
+/// Rep indexes of each region of [`GEOGRAPHY`].
+fn reps_by_region(reps: &[Rep]) -> Vec<Vec<usize>> {
+    (0..GEOGRAPHY.len()).map(|g| (0..reps.len()).filter(|&r| reps[r].region == g).collect()).collect()
+}
+
 /// `C000001` for the first customer.
 fn customer_id(index: usize) -> String {
     format!("C{:06}", index + 1)
@@ -516,6 +521,7 @@ impl Gen {
         let (start, end) = (self.start, self.end);
         let rng = &mut self.rng;
         let region_weights: Vec<f64> = GEOGRAPHY.iter().map(|r| r.weight).collect();
+        let region_reps = reps_by_region(reps);
         let mut customers: Vec<Customer> = (0..n)
             .map(|_| {
                 let name = (rng.random_range(0..SURNAMES.len()) as u8, rng.random_range(0..GIVEN_NAMES.len()) as u8);
@@ -546,7 +552,6 @@ impl Gen {
                     value *= rng.random_range(10.0..25.0);
                 }
                 value *= [2.5, 1.3, 0.8][segment];
-                let region_reps: Vec<usize> = (0..reps.len()).filter(|&r| reps[r].region == region).collect();
                 Customer {
                     name,
                     segment,
@@ -559,7 +564,7 @@ impl Gen {
                     churn,
                     frequency: value.powf(0.6),
                     size: value.max(1.0).powf(0.4),
-                    account_rep: *pick(rng, &region_reps),
+                    account_rep: *pick(rng, &region_reps[region]),
                 }
             })
             .collect();
@@ -587,7 +592,7 @@ impl Gen {
             customers,
             reps,
             products,
-            region_reps: (0..GEOGRAPHY.len()).map(|g| (0..reps.len()).filter(|&r| reps[r].region == g).collect()).collect(),
+            region_reps: reps_by_region(reps),
             popularity: products.iter().map(|p| p.popularity).collect(),
         };
         let mut a = Activity::create(&self.out)?;
@@ -782,6 +787,7 @@ impl Gen {
     fn interactions(&mut self, w: &World, a: &mut Activity, month: NaiveDate, next: NaiveDate) -> Result<(), SampleError> {
         let rng = &mut self.rng;
         let eop = end_of_day(self.end);
+        let shares = CONTACT_CHANNELS.map(|c| c.share);
         // (queued_at, customer, channel index, wait seconds, handling seconds)
         let mut planned: Vec<(NaiveDateTime, usize, usize, i64, i64)> = Vec::new();
         for (ci, c) in w.customers.iter().enumerate() {
@@ -794,7 +800,7 @@ impl Gen {
             let years = ((hi - lo).num_days() + 1) as f64 / 365.25;
             let rate = INTERACTIONS_PER_YEAR * [1.3, 1.0, 0.9][c.segment];
             for _ in 0..poisson(rng, rate * years) {
-                let ch = weighted_index(rng, &CONTACT_CHANNELS.map(|c| c.share));
+                let ch = weighted_index(rng, &shares);
                 let ContactChannel { mean_wait, handle: (lo_s, hi_s), live, .. } = CONTACT_CHANNELS[ch];
                 let (h0, h1) = if live { (8, 21) } else { (0, 24) };
                 let day = date_between(rng, lo, hi);
