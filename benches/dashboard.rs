@@ -1,5 +1,7 @@
 //! A BI dashboard three ways, side by side: crmcube with rollups, crmcube without rollups, and
-//! DuckDB over the same Parquet files. `cargo bench --bench dashboard`.
+//! DuckDB over the same Parquet files. `cargo bench --bench dashboard`. Without rollups is timed
+//! twice: as `crmcube --no-rollups` answers (grouping the fact by its keys before joining large
+//! dimensions where that is exact, `rollup::eager`) and plain (the star join as it is).
 //!
 //! Each of the dashboard's queries is the SQL a BI tool sends to `cubes.sales` (planned by
 //! crmcube in-process, as the Flight SQL server does) and the SQL an analyst would write for
@@ -241,8 +243,15 @@ fn main() {
         let with = warehouse.session().await.unwrap();
         sql::register_cubes(&with, &cubes).await.unwrap();
         let notes = crmcube::rollup::install(&with, &cubes, &snapshot).await.unwrap();
+        // Without rollups, as `crmcube --no-rollups` answers: the base tables, grouped by the
+        // fact's keys before the large dimensions are joined where that is exact and pays.
         let without = warehouse.session().await.unwrap();
         sql::register_cubes(&without, &cubes).await.unwrap();
+        let no_rollups = crmcube::rollup::Rewrites { rollups: false, eager: true };
+        crmcube::rollup::install_with(&without, &cubes, &snapshot, no_rollups).await.unwrap();
+        // And with no rewrite at all: the cube's star join as it is, to show what grouping first gains.
+        let plain = warehouse.session().await.unwrap();
+        sql::register_cubes(&plain, &cubes).await.unwrap();
 
         let queries = dashboard();
         let base: BTreeMap<String, u64> =
@@ -251,8 +260,8 @@ fn main() {
 
         println!("\ndashboard over {fact_rows} order lines, {runs} runs per query (p50 / p95 in ms)");
         println!(
-            "{:<42} {:<36} {:>15} {:>15} {:>15} {:>10} {:>10} {:>6}",
-            "query", "answered from", "rollups", "no rollups", "DuckDB", "Duck/roll", "Duck/base", "same"
+            "{:<42} {:<36} {:>15} {:>15} {:>15} {:>15} {:>10} {:>10} {:>6}",
+            "query", "answered from", "rollups", "no rollups", "plain", "DuckDB", "Duck/roll", "Duck/base", "same"
         );
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let mut all_same = true;
@@ -264,14 +273,21 @@ fn main() {
                 .lock()
                 .unwrap()
                 .iter()
-                .find_map(|n| n.strip_prefix("rollup ").and_then(|n| n.split_once(' ')).map(|(r, _)| r.to_string()))
+                .find_map(|n| {
+                    let rollup = n.strip_prefix("rollup ").and_then(|n| n.split_once(' ')).map(|(r, _)| r.to_string());
+                    let eager = n.strip_prefix("eager aggregation: ").and_then(|n| n.split("grouped by ").nth(1)).and_then(|k| k.split(" (").next());
+                    rollup.or_else(|| eager.map(|k| format!("base: grouped by {k}")))
+                })
                 .unwrap_or_else(|| "base tables".into());
             let (t_without, a_without) = time(&without, &cubes, q.cube_sql, runs).await;
+            let (t_plain, a_plain) = time(&plain, &cubes, q.cube_sql, runs).await;
             let p50 = |v: &[Duration]| ms(percentile(v, 0.5));
             phases.push((q.name, source.clone(), p50(&t_with.plan), p50(&t_with.physical), p50(&t_with.execute)));
             let (t_with, t_without) = (t_with.total, t_without.total);
             let (p50w, p95w, p50b, p95b) = (p50(&t_with), ms(percentile(&t_with, 0.95)), p50(&t_without), ms(percentile(&t_without, 0.95)));
-            let mut same = normalise(a_with, q.ordered) == normalise(a_without.clone(), q.ordered);
+            let p50p = p50(&t_plain.total);
+            let mut same = normalise(a_with, q.ordered) == normalise(a_without.clone(), q.ordered)
+                && normalise(a_plain, q.ordered) == normalise(a_without.clone(), q.ordered);
             let (duck_cell, r_roll, r_base) = match &duck {
                 Some(d) => {
                     let mut m = d[i].millis.clone();
@@ -284,11 +300,12 @@ fn main() {
             };
             all_same &= same;
             println!(
-                "{:<42} {:<36} {:>15} {:>15} {:>15} {:>10} {:>10} {:>6}",
+                "{:<42} {:<36} {:>15} {:>15} {:>15} {:>15} {:>10} {:>10} {:>6}",
                 q.name,
                 source,
                 format!("{p50w:.1} / {p95w:.1}"),
                 format!("{p50b:.1} / {p95b:.1}"),
+                format!("{p50p:.1} / {:.1}", ms(percentile(&t_plain.total, 0.95))),
                 duck_cell,
                 r_roll,
                 r_base,

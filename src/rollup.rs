@@ -27,9 +27,14 @@
 //! may name only the rollup's level columns. Anything else keeps the base tables. The output is
 //! cast back to the types and names the base plan had, so nothing above the aggregate changes.
 //!
+//! Where no rollup answers, the same re-aggregation reads the fact grouped by its dimension keys
+//! before the large dimensions are joined, when that is exact and shrinks the rows ([`eager`]);
+//! otherwise the plain star join answers.
+//!
 //! Access rules: sessions of restricted users do not install the rule (their tables are rule
 //! views; rollups are aggregates over everything), so they always read the base tables.
 
+pub mod eager;
 pub mod partitions;
 pub mod sketch;
 
@@ -245,22 +250,45 @@ struct CubeRollups {
     unusable: Vec<String>,
 }
 
-/// Rewrites aggregates over `cubes.<cube>` to read a rollup (see the module docs).
+/// Rewrites aggregates over `cubes.<cube>` to read a rollup (see the module docs), or where none
+/// answers, to group the fact by its dimension keys first ([`eager`]).
 #[derive(Debug)]
 pub struct RollupRule {
     cubes: Vec<CubeRollups>,
+    /// Rows of every table of the snapshot, for the eager plan's estimate; None: no eager plans.
+    eager: Option<BTreeMap<String, u64>>,
     /// What the rule decided for the plans it saw last: for `--explain`.
     notes: Arc<Mutex<Vec<String>>>,
 }
 
+/// Which rewrites a session's aggregates over cubes get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrites {
+    /// Read the stored rollups that answer exactly.
+    pub rollups: bool,
+    /// Where none does, group the fact by its dimension keys before joining large dimensions.
+    pub eager: bool,
+}
+
+impl Rewrites {
+    pub const ALL: Rewrites = Rewrites { rollups: true, eager: true };
+}
+
 /// Installs the rollup rule in `ctx` for the rollups `snapshot` holds (tables already
-/// registered there). Returns the notes the rule writes, for `--explain`.
+/// registered there), with eager aggregation where no rollup answers. Returns the notes the
+/// rule writes, for `--explain`.
 pub async fn install(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot) -> Result<Arc<Mutex<Vec<String>>>> {
+    install_with(ctx, cubes, snapshot, Rewrites::ALL).await
+}
+
+/// [`install`] with the rewrites chosen: `crmcube --no-rollups` keeps eager aggregation, and the
+/// tests compare each rewrite with the plain plan.
+pub async fn install_with(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot, with: Rewrites) -> Result<Arc<Mutex<Vec<String>>>> {
     let mut out = Vec::new();
     for cube in &cubes.cubes {
         let mut candidates = Vec::new();
         let mut unusable = Vec::new();
-        for r in &cube.rollups {
+        for r in cube.rollups.iter().filter(|_| with.rollups) {
             let stored = snapshot.rollups.get(&r.table);
             let entry = snapshot.tables.get(&r.table);
             match (stored, entry) {
@@ -279,13 +307,14 @@ pub async fn install(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot)
             }
         }
         candidates.sort_by_key(|c| c.rows);
-        if !cube.rollups.is_empty() {
+        if (with.rollups && !cube.rollups.is_empty()) || with.eager {
             out.push(CubeRollups { cube: cube.clone(), candidates, unusable });
         }
     }
     let notes = Arc::new(Mutex::new(Vec::new()));
     if !out.is_empty() {
-        ctx.add_analyzer_rule(Arc::new(RollupRule { cubes: out, notes: notes.clone() }));
+        let eager = with.eager.then(|| snapshot.tables.iter().map(|(t, e)| (t.clone(), e.rows)).collect());
+        ctx.add_analyzer_rule(Arc::new(RollupRule { cubes: out, eager, notes: notes.clone() }));
         let state = ctx.state_ref();
         let mut state = state.write();
         let inner = state.query_planner().clone();
@@ -328,6 +357,8 @@ struct Shape<'p> {
     /// Filter, SubqueryAlias and Projection nodes from the aggregate down.
     chain: Vec<&'p LogicalPlan>,
     scan_name: TableReference,
+    /// The cube table's columns.
+    scan_schema: datafusion::arrow::datatypes::SchemaRef,
     /// Columns named by filters and projections (not by aggregate arguments).
     row_columns: BTreeSet<String>,
 }
@@ -366,7 +397,7 @@ impl RollupRule {
                     node = p.input.as_ref();
                 }
                 LogicalPlan::TableScan(scan) if scan.filters.is_empty() && scan.fetch.is_none() => {
-                    return Some(Shape { chain, scan_name: scan.table_name.clone(), row_columns });
+                    return Some(Shape { chain, scan_name: scan.table_name.clone(), scan_schema: scan.source.schema(), row_columns });
                 }
                 _ => return None,
             }
@@ -391,8 +422,21 @@ impl RollupRule {
                 Err(reason) => why.push(format!("rollup {}.{}: {reason}", cube.cube.name, c.rollup.name)),
             }
         }
-        notes.push(format!("no rollup of cube {} answers this aggregate; the base tables do. {}", cube.cube.name, why.join("; ")));
-        Ok(None)
+        if !cube.cube.rollups.is_empty() && (!cube.candidates.is_empty() || !cube.unusable.is_empty()) {
+            notes.push(format!("no rollup of cube {} answers this aggregate; the base tables do. {}", cube.cube.name, why.join("; ")));
+        }
+        let Some(rows) = &self.eager else { return Ok(None) };
+        match eager::plan(&cube.cube, rows, agg, &shape) {
+            Ok(e) => {
+                let plan = rebuild(agg, &shape, &e.candidate, e.calls)?;
+                notes.push(e.note);
+                Ok(Some(plan))
+            }
+            Err(why) => {
+                notes.push(format!("no eager aggregation: {why}"));
+                Ok(None)
+            }
+        }
     }
 }
 

@@ -739,10 +739,8 @@ async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, 
         }
         None => {
             crate::query::sql::register_cubes(&ctx, cubes).await?;
-            let notes = match rollups {
-                Some(s) => crate::rollup::install(&ctx, cubes, s).await?,
-                None => RollupNotes::default(),
-            };
+            let with = crate::rollup::Rewrites { rollups: !cli.no_rollups, eager: true };
+            let notes = crate::rollup::install_with(&ctx, cubes, &snapshot, with).await?;
             Ok((ctx, notes))
         }
     }
