@@ -120,16 +120,7 @@ impl TableProvider for CubeTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let state = state
-            .as_any()
-            .downcast_ref::<SessionState>()
-            .ok_or_else(|| datafusion::error::DataFusionError::Internal("cube tables need a SessionState".into()))?;
-        let ctx = SessionContext::new_with_state(state.clone());
-        let fields = self.schema.fields();
-        let output: Vec<String> = match projection {
-            Some(p) => p.iter().map(|i| fields[*i].name().clone()).collect(),
-            None => fields.iter().map(|f| f.name().clone()).collect(),
-        };
+        let (ctx, output) = scan_session(state, &self.schema, projection)?;
         let mut needed = output.clone();
         for f in filters {
             needed.extend(f.column_refs().into_iter().map(|c| c.name.clone()));
@@ -146,6 +137,21 @@ impl TableProvider for CubeTable {
         }
         df.create_physical_plan().await
     }
+}
+
+/// For a provider that plans its rows as a DataFrame at scan time: a context of the query's
+/// session, and the names of the columns of `schema` the scan asks for.
+pub(crate) fn scan_session(state: &dyn Session, schema: &SchemaRef, projection: Option<&Vec<usize>>) -> datafusion::error::Result<(SessionContext, Vec<String>)> {
+    let state = state
+        .as_any()
+        .downcast_ref::<SessionState>()
+        .ok_or_else(|| datafusion::error::DataFusionError::Internal("cube tables need a SessionState".into()))?;
+    let fields = schema.fields();
+    let output: Vec<String> = match projection {
+        Some(p) => p.iter().map(|i| fields[*i].name().clone()).collect(),
+        None => fields.iter().map(|f| f.name().clone()).collect(),
+    };
+    Ok((SessionContext::new_with_state(state.clone()), output))
 }
 
 /// Plans one SQL statement, giving measures of cube tables their cube semantics.

@@ -47,13 +47,12 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, DFSchema, JoinType};
 use datafusion::datasource::provider_as_source;
-use datafusion::execution::SessionState;
 use datafusion::logical_expr::{Aggregate, Expr, ExprSchemable, TableProviderFilterPushDown, TableType, cast};
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::prelude::{SessionContext, col};
+use datafusion::prelude::{DataFrame, SessionContext, col};
 
 use super::{Candidate, Reaggregate, Shape, answer, pinned};
-use crate::cube::{Aggregation, Cube, Dimension, LevelRef, MeasureKind, Rollup};
+use crate::cube::{Aggregation, Cube, Dimension, DimensionJoin, LevelRef, MeasureKind, Rollup};
 
 /// Grouping first must cut the fact's rows at least this many times (bounded by the late
 /// dimensions' rows); set, not measured: at 10 M order lines the chosen plans cut 9.6 M rows
@@ -226,6 +225,16 @@ fn unqualified(e: &Expr) -> datafusion::error::Result<Expr> {
         .data)
 }
 
+/// `df` left-joined to a dimension's table by its foreign key, adding `columns` (output name,
+/// table column), as the cube table joins it.
+async fn join_dimension(ctx: &SessionContext, df: DataFrame, dimension: &str, j: &DimensionJoin, columns: &[(String, String)]) -> datafusion::error::Result<DataFrame> {
+    let key = format!("__key_{dimension}");
+    let mut select: Vec<Expr> = columns.iter().map(|(n, s)| col(Column::new_unqualified(s.as_str())).alias(n.as_str())).collect();
+    select.push(col(Column::new_unqualified(j.key.as_str())).alias(key.as_str()));
+    let dim = ctx.table(j.table.as_str()).await?.select(select)?;
+    df.join(dim, JoinType::Left, &[j.foreign_key.as_str()], &[key.as_str()], None)
+}
+
 impl EagerStar {
     fn dimensions(&self, names: &[String]) -> Vec<&Dimension> {
         self.cube.dimensions.iter().filter(|d| names.contains(&d.name)).collect()
@@ -276,16 +285,7 @@ impl TableProvider for EagerStar {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let state = state
-            .as_any()
-            .downcast_ref::<SessionState>()
-            .ok_or_else(|| datafusion::error::DataFusionError::Internal("eager aggregation needs a SessionState".into()))?;
-        let ctx = SessionContext::new_with_state(state.clone());
-        let fields = self.schema.fields();
-        let output: Vec<String> = match projection {
-            Some(p) => p.iter().map(|i| fields[*i].name().clone()).collect(),
-            None => fields.iter().map(|f| f.name().clone()).collect(),
-        };
+        let (ctx, output) = crate::query::sql::scan_session(state, &self.schema, projection)?;
         let filters: Vec<Expr> = filters.iter().map(unqualified).collect::<datafusion::error::Result<_>>()?;
         let (before, after): (Vec<Expr>, Vec<Expr>) = filters.into_iter().partition(|f| self.is_early(f));
         let mut needed: BTreeSet<String> = output.iter().cloned().collect();
@@ -308,13 +308,7 @@ impl TableProvider for EagerStar {
                 continue;
             }
             match &d.join {
-                Some(j) => {
-                    let key = format!("__key_{}", d.name);
-                    let mut select: Vec<Expr> = columns.iter().map(|(n, s)| col(Column::new_unqualified(s.as_str())).alias(n.as_str())).collect();
-                    select.push(col(Column::new_unqualified(j.key.as_str())).alias(key.as_str()));
-                    let dim = ctx.table(j.table.as_str()).await?.select(select)?;
-                    df = df.join(dim, JoinType::Left, &[j.foreign_key.as_str()], &[key.as_str()], None)?;
-                }
+                Some(j) => df = join_dimension(&ctx, df, &d.name, j, &columns).await?,
                 None => {
                     for (n, s) in &columns {
                         df = df.with_column(n, col(Column::new_unqualified(s.as_str())))?;
@@ -337,12 +331,9 @@ impl TableProvider for EagerStar {
         select.extend(self.measures.iter().enumerate().map(|(i, (m, _, _))| Expr::Column(columns[groups + i].clone()).alias(m.as_str())));
         df = df.select(select)?;
         for (d, columns) in late {
-            let Some(j) = &d.join else { continue };
-            let key = format!("__key_{}", d.name);
-            let mut select: Vec<Expr> = columns.iter().map(|(n, s)| col(Column::new_unqualified(s.as_str())).alias(n.as_str())).collect();
-            select.push(col(Column::new_unqualified(j.key.as_str())).alias(key.as_str()));
-            let dim = ctx.table(j.table.as_str()).await?.select(select)?;
-            df = df.join(dim, JoinType::Left, &[j.foreign_key.as_str()], &[key.as_str()], None)?;
+            if let Some(j) = &d.join {
+                df = join_dimension(&ctx, df, &d.name, j, &columns).await?;
+            }
         }
         for f in after {
             df = df.filter(f)?;
