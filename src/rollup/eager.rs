@@ -36,8 +36,11 @@
 //!   ones'), are at most a [`MIN_REDUCTION`]th of the fact's rows. Customers × months would
 //!   not be, so "KPIs by month × region" keeps the plain plan.
 //!
-//! Measured in the dashboard bench (`benches/dashboard.rs`, 10 M order lines): see the notes of
-//! issue 5 and the README's benchmark section.
+//! Measured in the dashboard bench (`benches/dashboard.rs`, 10 M order lines, p50 against the
+//! plain star join in the same run): top 10 customers of 2025 388 → 295 ms, rep regions of 2026
+//! 92 → 74 ms; without rollups, year over year 127 → 56 ms and top 10 products 202 → 82 ms.
+//! The grouping keys are strings where the key is (`customer_version`, `C000123#2`): hashing
+//! them is the largest part of what is left for top customers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
