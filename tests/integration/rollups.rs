@@ -199,9 +199,9 @@ async fn eager_aggregation_answers_top_customers_and_rep_regions_as_hand_written
     assert_eq!(got, expected);
     assert!(got.len() >= 5 && got.iter().any(|r| r[0] == "West"), "{got:?}");
 
-    // Dimension filters that become key filters (a few channels listed; a list of months: the
-    // range of their dates, then the join) and one that cannot (it keeps sales without a date
-    // row), each as the plain plan answers.
+    // Dimension filters that become key filters (a list of months: the range of their dates,
+    // then the join) and ones that do not (string keys; a filter that keeps sales without a
+    // date row), each as the plain plan answers.
     let (plain, _) = ctx(false).await;
     for text in [
         "SELECT customer_region, revenue FROM cubes.sales WHERE channel_channel IN ('online', 'partner') GROUP BY 1 ORDER BY 1",
