@@ -33,7 +33,7 @@
 //!   are filtered, the one with the fewest rows (a rep filtered by region: the sales grouped by
 //!   rep, then the reps). A filtered dimension keyed by days or integers whose filter keeps a
 //!   whole range of them (a year of dates) is not joined at all: the fact is filtered by the
-//!   range of its key ([`key_filter`]);
+//!   range of its key (`key_filter`);
 //! - the groups, bounded by the product of the late dimensions' rows (and the early grouped
 //!   ones'), are at most a [`MIN_REDUCTION`]th of the fact's rows. Customers × months would
 //!   not be, so "KPIs by month × region" keeps the plain plan.
