@@ -8,6 +8,10 @@
 //! DuckDB over the star schema's Parquet files (found from the Delta logs by
 //! `benches/dashboard_duckdb.py`, not by crmcube). All three answers are compared (numbers to
 //! the cent); p50 and p95 of `CRMCUBE_BENCH_RUNS` runs (default 20) are printed with the ratios.
+//! Each query runs once untimed first (the answer compared), in the session a dashboard would
+//! keep: the timed runs of a query that reads only small rollups run the physical plan the
+//! session kept from that first run (`rollup::OnePartition`), as a dashboard's repeated queries
+//! do over Flight SQL. A first run plans it, about 0.2-0.5 ms more.
 //!
 //! `CRMCUBE_BENCH_PROJECT=DIR` measures an already loaded project (e.g. 10 M order lines from
 //! `crmcube sample --customers 400000 --years 3`); DuckDB runs when `CRMCUBE_PYTHON` (or
