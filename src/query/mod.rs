@@ -262,11 +262,9 @@ async fn detail_frame(ctx: &SessionContext, b: &Bound<'_>, levels: &[LevelRef<'_
         joined.push(&dim.name);
         let mut cols: Vec<(String, Expr)> = Vec::new();
         for x in used.iter().filter(|x| x.dimension == dim) {
-            let name = x.output_name();
-            if !cols.iter().any(|(n, _)| *n == name) {
-                cols.push((name, col(x.level().column.as_str())));
-                if let Some(label) = &x.level().label {
-                    cols.push((label_name(x), col(label.as_str())));
+            for (name, source) in level_sources(x) {
+                if !cols.iter().any(|(n, _)| *n == name) {
+                    cols.push((name, col(source.as_str())));
                 }
             }
         }
@@ -312,12 +310,15 @@ fn filter_expr(df: &DataFrame, l: &LevelRef<'_>, f: &Filter) -> Result<Expr> {
 
 /// Output column names of levels, each followed by its label when it has one.
 pub(crate) fn level_columns(levels: &[LevelRef<'_>]) -> Vec<String> {
-    let mut out = Vec::new();
-    for l in levels {
-        out.push(l.output_name());
-        if l.level().label.is_some() {
-            out.push(label_name(l));
-        }
+    levels.iter().flat_map(level_sources).map(|(name, _)| name).collect()
+}
+
+/// A level's output columns with the columns of its dimension's table they come from: the
+/// level's own, then its label's when it has one.
+pub(crate) fn level_sources(l: &LevelRef<'_>) -> Vec<(String, String)> {
+    let mut out = vec![(l.output_name(), l.level().column.clone())];
+    if let Some(label) = &l.level().label {
+        out.push((label_name(l), label.clone()));
     }
     out
 }

@@ -330,13 +330,7 @@ impl EagerStar {
         let mut out = Vec::new();
         for (_, index) in self.levels.iter().filter(|(n, _)| *n == d.name) {
             let l = LevelRef { dimension: d, index: *index };
-            let names = crate::query::level_columns(&[l]);
-            let sources = std::iter::once(l.level().column.clone()).chain(l.level().label.clone());
-            for (name, source) in names.into_iter().zip(sources) {
-                if needed.contains(&name) {
-                    out.push((name, source));
-                }
-            }
+            out.extend(crate::query::level_sources(&l).into_iter().filter(|(name, _)| needed.contains(name)));
         }
         out
     }
