@@ -732,8 +732,23 @@ impl<'a> Run<'a> {
             columns.push(Field::new("valid_from", changed_at.clone(), true));
             columns.push(Field::new("valid_to", changed_at, true));
             columns.push(stored_field("is_current")?);
-            columns.push(stored_field("version_key")?);
-            let typed = crate::warehouse::in_columns(stored, &Schema::new(columns))?;
+            let integer_keys = stored_field("version_key")?.data_type() == &DataType::Int64;
+            columns.push(Field::new("version_key", if integer_keys { DataType::Int64 } else { DataType::Utf8 }, true));
+            let mut typed = crate::warehouse::in_columns(stored, &Schema::new(columns))?;
+            if !integer_keys {
+                // A history stored before keys were integers (`C000123#2`): its versions are
+                // numbered in key and version order, and the facts that join it are recomputed
+                // (this table changes in full tonight).
+                tracing::info!(table = %t.name, "version keys renumbered as integers");
+                let names: Vec<String> = typed.schema().fields().iter().map(|f| f.name().clone()).filter(|n| n != "version_key").collect();
+                use datafusion::logical_expr::ExprFunctionExt;
+                use datafusion::prelude::{Expr, cast, ident};
+                let order = h.key.iter().map(|k| ident(k).sort(true, false)).chain([ident("version").sort(true, false)]);
+                let number = datafusion::functions_window::expr_fn::row_number().order_by(order.collect()).build()?;
+                let mut select: Vec<Expr> = names.iter().map(ident).collect();
+                select.push(cast(number, DataType::Int64).alias("version_key"));
+                typed = typed.select(select)?;
+            }
             self.ctx.deregister_table(previous_name.as_str())?;
             self.ctx.register_table(previous_name.as_str(), typed.into_view())?;
         }
@@ -1145,26 +1160,32 @@ impl<'a> Run<'a> {
 /// The SQL of a history table (see [`History`]) from the current rows of its table and the
 /// previous history registered as `previous` (None: every key starts at version 1, valid since
 /// the start).
+///
+/// `version_key` is a BIGINT surrogate: the previous versions keep theirs, and the versions
+/// opened tonight (a changed key's next version, a new key's first) are numbered after the
+/// largest stored one, in key and version order. Facts store it (`fact_sales.customer_version`),
+/// and an integer is what they group and join on fastest: a text key (`C000123#2`, before)
+/// made a query grouping sales by customer version hash strings.
 async fn history_sql(ctx: &SessionContext, h: &History, previous: Option<&str>) -> Result<String> {
     let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
     let current = ctx.table(h.of.as_str()).await?;
     let columns: Vec<String> = current.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let key_text = |alias: &str| {
-        let parts: Vec<String> = h.key.iter().map(|k| format!("CAST({alias}.{} AS VARCHAR)", q(k))).collect();
-        if parts.len() == 1 { parts[0].clone() } else { format!("concat_ws('|', {})", parts.join(", ")) }
-    };
     let on = |a: &str, b: &str| h.key.iter().map(|k| format!("{a}.{k} = {b}.{k}", k = q(k))).collect::<Vec<_>>().join(" AND ");
     let changed_at = format!("n.{}", q(&h.changed_at));
     // A NULL of the changed_at column's own type (every UNION branch must agree on types).
     let never = format!("CASE WHEN FALSE THEN {changed_at} END");
     let n_all = columns.iter().map(|c| format!("n.{}", q(c))).collect::<Vec<_>>().join(", ");
-    let first = format!(
-        "SELECT {n_all}, CAST(1 AS BIGINT) AS version, {never} AS valid_from, {never} AS valid_to, TRUE AS is_current, \
-         {key} || '#1' AS version_key FROM {of} n",
-        key = key_text("n"),
-        of = q(&h.of),
-    );
-    let Some(prev) = previous else { return Ok(first) };
+    let all = columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+    let by_key = h.key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+    // Versions opened tonight (`opened`: their rows without a key), numbered after `base`.
+    let numbered = |opened: &str, base: &str| {
+        format!(
+            "SELECT {all}, version, valid_from, valid_to, is_current, \
+             CAST({base} + row_number() OVER (ORDER BY {by_key}, version) AS BIGINT) AS version_key FROM ({opened}) opened"
+        )
+    };
+    let first = format!("SELECT {n_all}, CAST(1 AS BIGINT) AS version, {never} AS valid_from, {never} AS valid_to, TRUE AS is_current FROM {of} n", of = q(&h.of));
+    let Some(prev) = previous else { return Ok(numbered(&first, "0")) };
     let differs = h.columns.iter().map(|c| format!("(n.{c} IS DISTINCT FROM p.{c})", c = q(c))).collect::<Vec<_>>().join(" OR ");
     // Earlier versions: tracked columns as they were, the others as the table has them now.
     let key0 = q(&h.key[0]);
@@ -1180,20 +1201,24 @@ async fn history_sql(ctx: &SessionContext, h: &History, previous: Option<&str>) 
         .collect::<Vec<_>>()
         .join(", ");
     let changed = format!("(p.is_current AND n.{key0} IS NOT NULL AND ({differs}))");
+    let opened = format!(
+        "SELECT {n_all}, p.version + 1 AS version, {changed_at} AS valid_from, {never} AS valid_to, TRUE AS is_current
+         FROM {of} n JOIN {prev} p ON {on_pn} AND p.is_current WHERE {differs}
+         UNION ALL
+         {first} WHERE NOT EXISTS (SELECT 1 FROM {prev} p WHERE {on_pn})",
+        of = q(&h.of),
+        on_pn = on("p", "n"),
+    );
     Ok(format!(
         "SELECT {kept_columns}, p.version, p.valid_from,
                 CASE WHEN {changed} THEN {changed_at} ELSE p.valid_to END AS valid_to,
                 p.is_current AND NOT {changed} AS is_current, p.version_key
          FROM {prev} p LEFT JOIN {of} n ON {on_pn}
          UNION ALL
-         SELECT {n_all}, p.version + 1 AS version, {changed_at} AS valid_from, {never} AS valid_to, TRUE AS is_current,
-                {key} || '#' || CAST(p.version + 1 AS VARCHAR) AS version_key
-         FROM {of} n JOIN {prev} p ON {on_pn} AND p.is_current WHERE {differs}
-         UNION ALL
-         {first} WHERE NOT EXISTS (SELECT 1 FROM {prev} p WHERE {on_pn})",
-        key = key_text("n"),
+         {numbered}",
         of = q(&h.of),
         on_pn = on("p", "n"),
+        numbered = numbered(&opened, &format!("(SELECT coalesce(max(version_key), 0) FROM {prev})")),
     ))
 }
 

@@ -564,8 +564,18 @@ async fn new_values<'u>(ctx: &SessionContext, pairs: &str, levels: &[String], m:
 pub async fn members_kept(ctx: &SessionContext, previous: &str, current: &str, columns: &[String]) -> Result<bool> {
     let now = ctx.table(current).await?.select_columns(&columns.iter().map(String::as_str).collect::<Vec<_>>())?;
     let before = ctx.table(previous).await?;
-    if columns.iter().any(|c| before.schema().field_with_unqualified_name(c).is_err()) {
-        return Ok(false);
+    // A column gone, or stored as another kind of value (text version keys before they were
+    // integers): the members are not the same ones.
+    let same_kind = |a: &DataType, b: &DataType| {
+        let text = |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+        let time = |t: &DataType| matches!(t, DataType::Timestamp(..));
+        a == b || (text(a) && text(b)) || (time(a) && time(b))
+    };
+    for c in columns {
+        match (before.schema().field_with_unqualified_name(c), now.schema().field_with_unqualified_name(c)) {
+            (Ok(b), Ok(n)) if same_kind(b.data_type(), n.data_type()) => {}
+            _ => return Ok(false),
+        }
     }
     let before = crate::warehouse::in_columns(before, now.schema().as_arrow())?;
     Ok(before.except(now)?.limit(0, Some(1))?.count().await? == 0)

@@ -150,6 +150,10 @@ fn a_second_nights_files_add_exactly_the_new_and_changed_rows_with_history() {
         let mover_revenue_before = cents(&scalar(&ctx, &format!("SELECT sum(revenue) FROM fact_sales WHERE customer_id = '{MOVER}'")).await);
         let old_region = scalar(&ctx, &format!("SELECT region FROM dim_customer WHERE customer_id = '{MOVER}'")).await;
         assert_ne!(old_region, "West");
+        // Version keys: the first load numbers one version per customer, 1 to n.
+        let keys = sql(&ctx, "SELECT CAST(min(version_key) AS VARCHAR), CAST(max(version_key) AS VARCHAR), CAST(count(DISTINCT version_key) AS VARCHAR) FROM dim_customer_history").await;
+        assert_eq!(keys[0], ["1".to_string(), before["dim_customer_history"].to_string(), before["dim_customer_history"].to_string()]);
+        let mover_key = scalar(&ctx, &format!("SELECT CAST(version_key AS VARCHAR) FROM dim_customer_history WHERE customer_id = '{MOVER}'")).await;
         drop(ctx);
 
         let new_revenue = write_second_night(
@@ -195,8 +199,15 @@ fn a_second_nights_files_add_exactly_the_new_and_changed_rows_with_history() {
         .await;
         let moved = "2026-11-01T08:00:00";
         assert_eq!(versions.len(), 2, "{versions:?}");
-        assert_eq!(versions[0], ["1", old_region.as_str(), "Tang Ming", "", moved, "false", &format!("{MOVER}#1")]);
-        assert_eq!(versions[1], ["2", "West", "Tang Ming", moved, "", "true", &format!("{MOVER}#2")]);
+        // The old version keeps its key; the two versions opened tonight (the mover's second,
+        // C900001's first) follow the largest stored key, in customer order.
+        let n = before["dim_customer_history"];
+        assert_eq!(versions[0], ["1", old_region.as_str(), "Tang Ming", "", moved, "false", mover_key.as_str()]);
+        assert_eq!(versions[1], ["2", "West", "Tang Ming", moved, "", "true", &(n + 1).to_string()]);
+        let new_key = scalar(&ctx, "SELECT CAST(version_key AS VARCHAR) FROM dim_customer_history WHERE customer_id = 'C900001'").await;
+        assert_eq!(new_key, (n + 2).to_string());
+        let distinct = scalar(&ctx, "SELECT CAST(count(DISTINCT version_key) AS VARCHAR) FROM dim_customer_history").await;
+        assert_eq!(distinct, (n + 2).to_string(), "every version has its own key");
 
         // Past sales stay in the old region, tonight's are in the new one (cube and base SQL).
         let cubes = crmcube::cube::CubeSet::load(&p, &crmcube::etl::TransformSet::load(&p).unwrap()).unwrap();
@@ -236,6 +247,74 @@ fn a_second_nights_files_add_exactly_the_new_and_changed_rows_with_history() {
             ctx.register_table("sales_rows", ctx.sql(without_version).await.unwrap().into_view()).unwrap();
         }
         assert_eq!(content_checksum(&a, "sales_rows").await.unwrap(), content_checksum(&b, "sales_rows").await.unwrap());
+    });
+}
+
+/// A warehouse loaded before version keys were integers (`C000001#1` in the history and the
+/// sales): the next night that changes a customer renumbers the stored versions, opens the new
+/// ones after them, and recomputes the sales, which then join the versions valid on their dates.
+#[test]
+fn a_history_stored_with_text_keys_is_renumbered_and_the_sales_follow() {
+    let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let project = incremental_project(dir.path(), true);
+    let w = Warehouse::new(project.warehouse.clone());
+    let (p, w1) = (project.clone(), w.clone());
+    block_on(async move {
+        load(&p, &w1).await.unwrap();
+        // The earlier format, written as a snapshot of its own: every key `<customer>#<version>`.
+        let ctx = w1.session().await.unwrap();
+        let mut snapshot = w1.current().unwrap().unwrap();
+        let old_sales = sql(&ctx, "SELECT CAST(count(*) AS VARCHAR), CAST(sum(revenue) AS VARCHAR) FROM fact_sales").await;
+        for (table, key, value) in [
+            ("dim_customer_history", "version_key", "customer_id || '#' || CAST(version AS VARCHAR)"),
+            ("fact_sales", "customer_version", "customer_id || '#1'"),
+        ] {
+            let stored = ctx.table(table).await.unwrap();
+            let columns: Vec<String> =
+                stored.schema().fields().iter().map(|f| if f.name() == key { format!("{value} AS {key}") } else { format!("\"{}\"", f.name()) }).collect();
+            let df = ctx.sql(&format!("SELECT {} FROM {table}", columns.join(", "))).await.unwrap();
+            let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+            let rows = df.collect().await.unwrap();
+            let version = w1.write_table(table, schema, rows).await.unwrap();
+            snapshot.tables.get_mut(table).unwrap().version = version;
+        }
+        w1.commit(snapshot.tables, snapshot.files, snapshot.rollups).unwrap();
+        drop(ctx);
+        let ctx = w1.session().await.unwrap();
+        assert_eq!(scalar(&ctx, &format!("SELECT customer_version FROM fact_sales WHERE customer_id = '{MOVER}' LIMIT 1")).await, format!("{MOVER}#1"));
+        let customers = count(&w1, "dim_customer_history").await;
+        let old = sql(&ctx, &format!("SELECT order_id, rep_id, channel, CAST(order_date AS VARCHAR) FROM orders WHERE customer_id = '{MOVER}' AND status = 'completed' ORDER BY order_id LIMIT 1")).await;
+        let [cancelled, rep, channel, date] = [&old[0][0], &old[0][1], &old[0][2], &old[0][3]];
+        drop(ctx);
+
+        write_second_night(&p.sources, &format!("{cancelled},{MOVER},{rep},{channel},{date},cancelled,2026-11-01 12:00:00"));
+        let night = load(&p, &w1).await.unwrap();
+        assert_eq!(table(&night, "dim_customer_history").mode, "incremental");
+        assert_eq!(table(&night, "fact_sales").mode, "full");
+        let ctx = w1.session().await.unwrap();
+        for (t, c) in [("dim_customer_history", "version_key"), ("fact_sales", "customer_version")] {
+            let df = ctx.table(t).await.unwrap();
+            assert_eq!(df.schema().field_with_unqualified_name(c).unwrap().data_type(), &datafusion::arrow::datatypes::DataType::Int64, "{t}.{c}");
+        }
+        // Stored versions numbered 1..n in customer order (the mover, C000001, is the first),
+        // tonight's two after them; no key repeats.
+        let versions = sql(&ctx, &format!("SELECT version, CAST(version_key AS VARCHAR) FROM dim_customer_history WHERE customer_id = '{MOVER}' ORDER BY version")).await;
+        assert_eq!(versions, [["1".to_string(), "1".to_string()], ["2".to_string(), (customers + 1).to_string()]]);
+        let keys = sql(&ctx, "SELECT CAST(min(version_key) AS VARCHAR), CAST(max(version_key) AS VARCHAR), CAST(count(DISTINCT version_key) AS VARCHAR), CAST(count(*) AS VARCHAR) FROM dim_customer_history").await;
+        let n = (customers + 2).to_string();
+        assert_eq!(keys[0], ["1".to_string(), n.clone(), n.clone(), n]);
+        // Every sale joins the version valid on its date: by key as by date range.
+        let by_key = sql(&ctx, "SELECT h.region, CAST(count(*) AS VARCHAR), CAST(sum(f.revenue) AS VARCHAR) FROM fact_sales f JOIN dim_customer_history h ON h.version_key = f.customer_version GROUP BY 1 ORDER BY 1").await;
+        let by_date = sql(
+            &ctx,
+            "SELECT h.region, CAST(count(*) AS VARCHAR), CAST(sum(f.revenue) AS VARCHAR) FROM fact_sales f JOIN dim_customer_history h ON h.customer_id = f.customer_id \
+             AND (h.valid_from IS NULL OR f.order_date >= CAST(h.valid_from AS DATE)) AND (h.valid_to IS NULL OR f.order_date < CAST(h.valid_to AS DATE)) GROUP BY 1 ORDER BY 1",
+        )
+        .await;
+        assert_eq!(by_key, by_date);
+        let joined: i64 = by_key.iter().map(|r| r[1].parse::<i64>().unwrap()).sum();
+        assert_eq!(joined, count(&w1, "fact_sales").await, "no sale without its version");
+        assert!(joined > old_sales[0][0].parse::<i64>().unwrap() - 20, "{joined} sales after the night, {old_sales:?} before");
     });
 }
 
