@@ -135,8 +135,20 @@ impl TableProvider for CubeTable {
         if let Some(n) = limit {
             df = df.limit(0, Some(n))?;
         }
-        df.create_physical_plan().await
+        scan_plan(df).await
     }
+}
+
+/// The physical plan a provider's scan returns for `df`, its rows planned at scan time: not yet
+/// physically optimized. The query's own physical optimizer then runs once over the whole tree,
+/// this plan included. Optimized here as well, a join's dynamic filter was already built when the
+/// query's join selection came to swap that join's sides, which DataFusion refuses ("Cannot swap
+/// HashJoinExec inputs after dynamic filters have been constructed"): one customer's sales by
+/// year, whose eager plan joins the days late, failed so.
+pub(crate) async fn scan_plan(df: DataFrame) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+    let (state, plan) = df.into_parts();
+    let state = datafusion::execution::SessionStateBuilder::new_from_existing(state).with_physical_optimizer_rules(vec![]).build();
+    state.create_physical_plan(&plan).await
 }
 
 /// For a provider that plans its rows as a DataFrame at scan time: a context of the query's

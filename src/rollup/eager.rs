@@ -445,6 +445,6 @@ impl TableProvider for EagerStar {
         if let Some(n) = limit {
             df = df.limit(0, Some(n))?;
         }
-        df.create_physical_plan().await
+        crate::query::sql::scan_plan(df).await
     }
 }

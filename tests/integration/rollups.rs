@@ -200,14 +200,16 @@ async fn eager_aggregation_answers_top_customers_and_rep_regions_as_hand_written
     assert!(got.len() >= 5 && got.iter().any(|r| r[0] == "West"), "{got:?}");
 
     // Dimension filters that become key filters (a list of months: the range of their dates,
-    // then the join) and ones that do not (string keys; a filter that keeps sales without a
-    // date row), each as the plain plan answers.
+    // then the join; one customer: its version keys, the days joined after grouping) and ones
+    // that do not (string keys; a filter that keeps sales without a date row), each as the plain
+    // plan answers.
     let (plain, _) = ctx(false).await;
     for text in [
         "SELECT customer_region, revenue FROM cubes.sales WHERE channel_channel IN ('online', 'partner') GROUP BY 1 ORDER BY 1",
         "SELECT customer_region, revenue FROM cubes.sales WHERE time_month IN ('2024-01', '2024-03', '2025-02') GROUP BY 1 ORDER BY 1",
         "SELECT rep_region, revenue FROM cubes.sales WHERE time_year = 2025 OR time_year IS NULL GROUP BY 1 ORDER BY 1",
         "SELECT rep_region, revenue FROM cubes.sales WHERE time_day = DATE '1990-01-01' GROUP BY 1 ORDER BY 1",
+        "SELECT time_year, revenue FROM cubes.sales WHERE customer_customer = 'C000123' GROUP BY 1 ORDER BY 1",
     ] {
         let got = run_sql(text.to_string()).await;
         assert!(answered_eagerly(&notes), "{text}");
