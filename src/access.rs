@@ -149,16 +149,19 @@ pub fn is_restricted(transforms: &TransformSet, who: &Principal) -> bool {
 }
 
 /// `who`'s session over the same snapshot as `snapshot_ctx`: tables bound to their rule views,
-/// cube tables built on those. With `rollups` (the snapshot's manifest), a user no rule
-/// restricts also gets the rollup rule; a restricted user never reads rollups (they aggregate
-/// rows the user may not see), nor any other table no transform governs.
+/// cube tables built on those, and where the rollup rule writes its decisions (for `--explain`).
+///
+/// With `rewrites` (the snapshot's manifest and the rewrites asked for), the session gets the
+/// rollup rule. A restricted user never reads rollups (they aggregate rows the user may not
+/// see), nor any other table no transform governs; eager aggregation is kept for everyone, as
+/// it regroups the rows the user's own fact view returns.
 pub async fn restrict(
     snapshot_ctx: &SessionContext,
     transforms: &TransformSet,
     cubes: &CubeSet,
     who: &Principal,
-    rollups: Option<&crate::warehouse::Snapshot>,
-) -> Result<SessionContext> {
+    rewrites: Option<(&crate::warehouse::Snapshot, crate::rollup::Rewrites)>,
+) -> Result<(SessionContext, crate::rollup::Notes)> {
     let state = SessionStateBuilder::new()
         .with_config(snapshot_ctx.copied_config())
         .with_runtime_env(snapshot_ctx.runtime_env())
@@ -200,12 +203,14 @@ pub async fn restrict(
         ctx.register_table(name.as_str(), provider)?;
     }
     crate::query::sql::register_cubes(&ctx, cubes).await?;
-    if let Some(snapshot) = rollups
-        && !restricted
-    {
-        crate::rollup::install(&ctx, cubes, snapshot).await?;
-    }
-    Ok(ctx)
+    let notes = match rewrites {
+        Some((snapshot, with)) => {
+            let with = crate::rollup::Rewrites { rollups: with.rollups && !restricted, ..with };
+            crate::rollup::install_with(&ctx, cubes, snapshot, with).await?
+        }
+        None => Default::default(),
+    };
+    Ok((ctx, notes))
 }
 
 #[cfg(test)]

@@ -294,6 +294,9 @@ pub struct RollupRule {
     notes: Arc<Mutex<Vec<String>>>,
 }
 
+/// Where the rollup rule writes what it decided for the last plan it saw (`--explain` prints it).
+pub type Notes = Arc<Mutex<Vec<String>>>;
+
 /// Which rewrites a session's aggregates over cubes get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rewrites {
@@ -310,13 +313,13 @@ impl Rewrites {
 /// Installs the rollup rule in `ctx` for the rollups `snapshot` holds (tables already
 /// registered there), with eager aggregation where no rollup answers. Returns the notes the
 /// rule writes, for `--explain`.
-pub async fn install(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot) -> Result<Arc<Mutex<Vec<String>>>> {
+pub async fn install(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot) -> Result<Notes> {
     install_with(ctx, cubes, snapshot, Rewrites::ALL).await
 }
 
 /// [`install`] with the rewrites chosen: `crmcube --no-rollups` keeps eager aggregation, and the
 /// tests compare each rewrite with the plain plan.
-pub async fn install_with(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot, with: Rewrites) -> Result<Arc<Mutex<Vec<String>>>> {
+pub async fn install_with(ctx: &SessionContext, cubes: &CubeSet, snapshot: &Snapshot, with: Rewrites) -> Result<Notes> {
     let mut out = Vec::new();
     for cube in &cubes.cubes {
         let mut candidates = Vec::new();

@@ -730,23 +730,22 @@ async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, 
         None => wh.current_or_error()?,
     };
     let ctx = wh.session_at(Some(snapshot.id)).await?;
-    let rollups = (!cli.no_rollups).then_some(&snapshot);
+    // `--no-rollups` keeps eager aggregation: it is how the base tables answer.
+    let with = crate::rollup::Rewrites { rollups: !cli.no_rollups, eager: true };
     match &cli.as_user {
         Some(name) => {
             let who = UsersFile::load(&project.users)?.principal(name)?;
-            let ctx = crate::access::restrict(&ctx, transforms, cubes, &who, rollups).await?;
-            Ok((ctx, RollupNotes::default()))
+            crate::access::restrict(&ctx, transforms, cubes, &who, Some((&snapshot, with))).await
         }
         None => {
             crate::query::sql::register_cubes(&ctx, cubes).await?;
-            let with = crate::rollup::Rewrites { rollups: !cli.no_rollups, eager: true };
             let notes = crate::rollup::install_with(&ctx, cubes, &snapshot, with).await?;
             Ok((ctx, notes))
         }
     }
 }
 
-type RollupNotes = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+type RollupNotes = crate::rollup::Notes;
 
 /// What the rollup rule decided for the explained plan.
 fn write_rollup_notes(out: &mut impl Write, notes: &RollupNotes) -> Result<()> {

@@ -82,7 +82,8 @@ pub struct ServerConfig {
     pub max_queries: usize,
     /// Memory pool per query, in bytes (None: unbounded).
     pub query_memory: Option<usize>,
-    /// Answer cube aggregates from rollups where one matches (off: always the base tables).
+    /// Answer cube aggregates from rollups where one matches (off: always the base tables, which
+    /// still group the fact by its keys before joining where that is exact: eager aggregation).
     pub rollups: bool,
 }
 
@@ -175,8 +176,8 @@ impl Service {
             Some(ctx) => ctx.clone(),
             None => {
                 let manifest = self.inner.warehouse.snapshot(id)?;
-                let rollups = self.inner.config.rollups.then_some(&manifest);
-                let ctx = crate::access::restrict(&snapshot.stored, &self.inner.transforms, &self.inner.cubes, who, rollups).await?;
+                let with = crate::rollup::Rewrites { rollups: self.inner.config.rollups, eager: true };
+                let (ctx, _) = crate::access::restrict(&snapshot.stored, &self.inner.transforms, &self.inner.cubes, who, Some((&manifest, with))).await?;
                 snapshot.users.insert(who.user.clone(), ctx.clone());
                 ctx
             }

@@ -18,7 +18,7 @@ fn principal(user: &str, role: &str, region: Option<&str>) -> Principal {
 
 async fn session_of(who: &Principal) -> Result<SessionContext, crmcube::Error> {
     let transforms = TransformSet::load(&loaded().test.project).unwrap();
-    restrict(&session().await, &transforms, &cubes(), who, None).await
+    restrict(&session().await, &transforms, &cubes(), who, None).await.map(|(ctx, _)| ctx)
 }
 
 async fn rows(ctx: &SessionContext, q: &str) -> Vec<Vec<String>> {

@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use crmcube::cube::CubeSet;
 use crmcube::etl::TransformSet;
 use crmcube::query::{CubeQuery, run, sql as cube_sql};
+use crmcube::rollup::Rewrites;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::prelude::SessionContext;
 
-use crate::common::{cells, loaded, session, sql};
+use crate::common::{cells, loaded, scalar, session, sql};
 use crate::query_suite::cases;
 
 fn cubes() -> CubeSet {
@@ -328,7 +329,7 @@ async fn restricted_users_never_read_rollups() {
     let transforms = TransformSet::load(project).unwrap();
     let snapshot = loaded().test.warehouse.current().unwrap().unwrap();
     let rep = Principal { user: "bo".into(), role: "rep".into(), attributes: [("region".to_string(), "East".to_string())].into() };
-    let ctx = restrict(&session().await, &transforms, &cubes, &rep, Some(&snapshot)).await.unwrap();
+    let (ctx, notes) = restrict(&session().await, &transforms, &cubes, &rep, Some((&snapshot, Rewrites::ALL))).await.unwrap();
     let text = "SELECT customer_region, revenue FROM cubes.sales GROUP BY 1";
     let plan = cells(&cube_sql::sql(&ctx, &cubes, &format!("EXPLAIN {text}")).await.unwrap().collect().await.unwrap());
     assert!(!format!("{plan:?}").contains("rollup_sales"), "{plan:?}");
@@ -337,6 +338,27 @@ async fn restricted_users_never_read_rollups() {
     // Nor the rollup tables by name: they are not governed by any access rule.
     let direct = sql(&ctx, "SELECT COUNT(*) FROM rollup_sales_year_region").await;
     assert_eq!(direct, [["0"]]);
+
+    // Eager aggregation regroups the rows the rep's own views return: the same answer as the
+    // rep's plain session, and only East's customers (by hand, from the customer table).
+    let (plain, _) = restrict(&session().await, &transforms, &cubes, &rep, None).await.unwrap();
+    for text in [
+        "SELECT customer_customer, customer_customer_name, revenue FROM cubes.sales WHERE time_year = 2025 GROUP BY 1, 2 ORDER BY revenue DESC, 1 LIMIT 10",
+        "SELECT rep_region, revenue FROM cubes.sales WHERE time_year = 2024 GROUP BY 1 ORDER BY 1",
+    ] {
+        let got = cells(&cube_sql::sql(&ctx, &cubes, text).await.unwrap().collect().await.unwrap());
+        let said = notes.lock().unwrap().join("\n");
+        assert!(said.contains("eager aggregation: fact_sales grouped by"), "{text}: {said}");
+        assert!(!said.contains("rollup sales."), "{said}");
+        let expected = cells(&cube_sql::sql(&plain, &cubes, text).await.unwrap().collect().await.unwrap());
+        assert_eq!(got, expected, "{text}");
+        assert!(!got.is_empty(), "{text}");
+    }
+    let top = cells(&cube_sql::sql(&ctx, &cubes, "SELECT customer_customer, revenue FROM cubes.sales WHERE time_year = 2025 GROUP BY 1").await.unwrap().collect().await.unwrap());
+    let unrestricted = session().await;
+    for r in &top {
+        assert_eq!(scalar(&unrestricted, &format!("SELECT region FROM dim_customer WHERE customer_id = '{}'", r[0])).await, "East", "{r:?}");
+    }
 }
 
 fn cli(dir: &std::path::Path, args: &[&str], fault: Option<u32>) -> std::process::Output {
