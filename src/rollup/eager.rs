@@ -41,6 +41,7 @@
 //! Measured in the dashboard bench (`benches/dashboard.rs`, 10 M order lines, p50 against the
 //! plain star join in the same run): top 10 customers of 2025 388 → 295 ms, rep regions of 2026
 //! 92 → 74 ms; without rollups, year over year 127 → 56 ms and top 10 products 202 → 82 ms.
+//! With integer customer versions (a later run): top customers 284 → 182 ms (DuckDB 209 ms).
 //! Customer versions are integer keys (they were text, `C000123#2`, whose hashing was then the
 //! largest part of what was left for top customers).
 
