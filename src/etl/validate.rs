@@ -54,9 +54,9 @@ pub struct History {
 
 impl History {
     /// Columns the history adds: `version` (1, 2, …), `valid_from` (NULL: since the start),
-    /// `valid_to` (NULL: still valid), `is_current`, and `version_key` (a BIGINT surrogate key, unique
-    /// across versions, that facts join on: stored versions keep theirs, new ones are numbered
-    /// after the largest).
+    /// `valid_to` (NULL: still valid), `is_current`, and `version_key` (a BIGINT surrogate key,
+    /// unique across versions, that facts join on: stored versions keep theirs, new ones are
+    /// numbered after the largest).
     pub const VERSION_COLUMNS: [&'static str; 5] = ["version", "valid_from", "valid_to", "is_current", "version_key"];
 
     /// Name of the history table of `table`.
