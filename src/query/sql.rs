@@ -186,6 +186,13 @@ pub(crate) async fn plan(ctx: &SessionContext, cubes: &[Cube], text: &str) -> Re
     }
     let state = ctx.state();
     let plan = state.statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(statement))).await?;
+    // Planned, DDL, DML and statements (SET, transactions) would fail later with "Unsupported
+    // logical plan: CreateMemoryTable"; said plainly here instead.
+    let read_only = datafusion::execution::context::SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+    if let Err(e) = read_only.verify_plan(&plan) {
+        let hint = "the warehouse is read-only to SQL: ask with SELECT (or EXPLAIN, SHOW TABLES); `crmcube load` changes its data";
+        return Err(QueryError::new(format!("only queries are answered: {e}")).with_hint(Some(hint.into())).into());
+    }
     Ok(DataFrame::new(state, plan))
 }
 

@@ -304,6 +304,13 @@ async fn bad_sql_is_an_invalid_argument_with_the_planner_message() {
     assert!(e.contains("salse"), "{e}");
     let e = client.execute("SELEC 1".into(), None).await.unwrap_err().to_string();
     assert!(e.contains("does not parse"), "{e}");
+    // Statements that would change something are refused as such, and nothing is written.
+    for text in ["CREATE TABLE copied AS SELECT 1 AS x", "INSERT INTO orders SELECT * FROM orders", "SET datafusion.execution.target_partitions = 1", "DROP TABLE orders"] {
+        let e = client.execute(text.into(), None).await.unwrap_err().to_string();
+        assert!(e.contains("only queries are answered") && e.contains("read-only"), "{text}: {e}");
+    }
+    let orders = cells(&fetch(&mut client, "SELECT count(*) FROM orders").await.unwrap());
+    assert_eq!(orders, sql(&session().await, "SELECT count(*) FROM orders").await);
 }
 
 #[tokio::test]
