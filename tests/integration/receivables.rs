@@ -91,3 +91,46 @@ async fn a_cube_whose_tables_are_missing_leaves_the_others_usable() {
     let e = crmcube::query::run(&ctx, cubes.get("aging").unwrap(), &q).await.unwrap_err().to_string();
     assert!(e.contains("receivable_aging"), "{e}");
 }
+
+/// fact_receivable is the whole customer × month-end grid, quiet months included, and every
+/// row's figures are the invoices and payments of its month and up to its month end (by hand,
+/// from fact_invoice and fact_payment; the table computes balances over its flow months only).
+#[tokio::test]
+async fn every_customer_has_every_month_end_with_its_flows_and_balance() {
+    let ctx = session().await;
+    let grid = sql(
+        &ctx,
+        "SELECT (SELECT count(*) FROM fact_receivable) AS a, (SELECT count(*) FROM (SELECT DISTINCT customer_id, snapshot_date FROM fact_receivable)) AS b, \
+         (SELECT count(*) FROM dim_customer) * (SELECT count(DISTINCT month) FROM dim_date) AS c",
+    )
+    .await;
+    assert_eq!(grid[0][0], grid[0][2], "one row per customer and month: {grid:?}");
+    assert_eq!(grid[0][1], grid[0][2], "no customer month twice: {grid:?}");
+    // Range joins of each month end with the invoices and payments up to it, for 40 customers.
+    let by_hand = "WITH ends AS (SELECT max(date) AS month_end, min(date) AS month_start FROM dim_date GROUP BY month), \
+         some AS (SELECT customer_id FROM dim_customer ORDER BY customer_id LIMIT 40), \
+         inv AS (SELECT customer_id, invoice_date AS d, amount FROM fact_invoice WHERE customer_id IN (SELECT customer_id FROM some)), \
+         pay AS (SELECT i.customer_id, p.payment_date AS d, p.amount FROM fact_payment p JOIN fact_invoice i ON p.invoice_id = i.invoice_id \
+                 WHERE i.customer_id IN (SELECT customer_id FROM some)), \
+         cells AS (SELECT s.customer_id, e.month_end, e.month_start FROM some s CROSS JOIN ends e), \
+         inv_m AS (SELECT x.customer_id, x.month_end, sum(CASE WHEN v.d >= x.month_start THEN v.amount ELSE 0 END) AS flow, sum(v.amount) AS upto \
+                   FROM cells x JOIN inv v ON v.customer_id = x.customer_id AND v.d <= x.month_end GROUP BY 1, 2), \
+         pay_m AS (SELECT x.customer_id, x.month_end, sum(CASE WHEN v.d >= x.month_start THEN v.amount ELSE 0 END) AS flow, sum(v.amount) AS upto \
+                   FROM cells x JOIN pay v ON v.customer_id = x.customer_id AND v.d <= x.month_end GROUP BY 1, 2) \
+         SELECT x.customer_id, x.month_end, coalesce(a.flow, 0) AS invoiced, coalesce(b.flow, 0) AS paid, coalesce(a.upto, 0) - coalesce(b.upto, 0) AS balance \
+         FROM cells x LEFT JOIN inv_m a ON a.customer_id = x.customer_id AND a.month_end = x.month_end \
+         LEFT JOIN pay_m b ON b.customer_id = x.customer_id AND b.month_end = x.month_end";
+    let expected = sql(&ctx, &format!("SELECT customer_id, CAST(month_end AS VARCHAR), CAST(invoiced AS VARCHAR), CAST(paid AS VARCHAR), CAST(balance AS VARCHAR) FROM ({by_hand}) ORDER BY 1, 2")).await;
+    let stored = sql(
+        &ctx,
+        "SELECT customer_id, CAST(snapshot_date AS VARCHAR), CAST(invoiced AS VARCHAR), CAST(paid AS VARCHAR), CAST(balance AS VARCHAR) FROM fact_receivable \
+         WHERE customer_id IN (SELECT customer_id FROM dim_customer ORDER BY customer_id LIMIT 40) ORDER BY 1, 2",
+    )
+    .await;
+    let numbers = |rows: Vec<Vec<String>>| rows.into_iter().map(|r| (r[0].clone(), r[1].clone(), cents(&r[2]), cents(&r[3]), cents(&r[4]))).collect::<Vec<_>>();
+    let (expected, stored) = (numbers(expected), numbers(stored));
+    assert_eq!(stored, expected);
+    // The 40 customers include quiet months before a first invoice and between flows.
+    assert!(stored.iter().any(|r| r.2 == 0 && r.3 == 0 && r.4 != 0), "a quiet month carrying a balance");
+    assert!(stored.iter().any(|r| r.2 == 0 && r.3 == 0 && r.4 == 0), "a month before anything was owed");
+}
