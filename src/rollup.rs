@@ -140,7 +140,7 @@ struct OnePartition {
     /// Physical plans of small-rollup queries, by logical plan (at most [`PLAN_CACHE_ENTRIES`]).
     plans: Mutex<std::collections::HashMap<LogicalPlan, Arc<dyn datafusion::physical_plan::ExecutionPlan>>>,
     /// The rule's notes, where a reused plan says so (after the rule's notes for it).
-    notes: Arc<Mutex<Vec<String>>>,
+    notes: Notes,
 }
 
 /// The note a query answered by a kept plan adds.
@@ -291,7 +291,7 @@ pub struct RollupRule {
     /// Rows of every table of the snapshot, for the eager plan's estimate; None: no eager plans.
     eager: Option<BTreeMap<String, u64>>,
     /// What the rule decided for the plans it saw last: for `--explain`.
-    notes: Arc<Mutex<Vec<String>>>,
+    notes: Notes,
 }
 
 /// Where the rollup rule writes what it decided for the last plan it saw (`--explain` prints it).

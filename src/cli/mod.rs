@@ -723,7 +723,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 /// The session `query` and `sql` read: the chosen snapshot, cube tables registered, rollups
 /// (unless `--no-rollups`), and with `--as USER` that user's access rules bound below SQL.
 /// Also returns where the rollup rule writes its decisions, for `--explain`.
-async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, cubes: &CubeSet) -> Result<(datafusion::prelude::SessionContext, RollupNotes)> {
+async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, cubes: &CubeSet) -> Result<(datafusion::prelude::SessionContext, crate::rollup::Notes)> {
     let wh = warehouse(cli, project);
     let snapshot = match cli.as_of {
         Some(id) => wh.snapshot(id)?,
@@ -745,10 +745,8 @@ async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, 
     }
 }
 
-type RollupNotes = crate::rollup::Notes;
-
 /// What the rollup rule decided for the explained plan.
-fn write_rollup_notes(out: &mut impl Write, notes: &RollupNotes) -> Result<()> {
+fn write_rollup_notes(out: &mut impl Write, notes: &crate::rollup::Notes) -> Result<()> {
     let notes = notes.lock().unwrap_or_else(|e| e.into_inner());
     for n in notes.iter() {
         writeln!(out, "rollups: {n}").map_err(|e| Error::io("<stdout>", e))?;
