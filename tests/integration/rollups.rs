@@ -106,6 +106,11 @@ async fn eager_ctx() -> (SessionContext, Arc<Mutex<Vec<String>>>) {
     (ctx, notes)
 }
 
+/// `text` answered through cube SQL in `ctx`, as cells.
+async fn answer(ctx: &SessionContext, cubes: &CubeSet, text: &str) -> Vec<Vec<String>> {
+    cells(&cube_sql::sql(ctx, cubes, text).await.unwrap().collect().await.unwrap())
+}
+
 fn answered_eagerly(notes: &Arc<Mutex<Vec<String>>>) -> bool {
     let notes = std::mem::take(&mut *notes.lock().unwrap());
     notes.iter().any(|n| n.starts_with("eager aggregation: "))
@@ -155,7 +160,7 @@ async fn eager_aggregation_answers_top_customers_and_rep_regions_as_hand_written
     let (eager, notes) = eager_ctx().await;
     let run_sql = |text: String| {
         let (eager, cubes) = (eager.clone(), cubes.clone());
-        async move { cells(&cube_sql::sql(&eager, &cubes, &text).await.unwrap().collect().await.unwrap()) }
+        async move { answer(&eager, &cubes, &text).await }
     };
     let top = "SELECT customer_customer, customer_customer_name, revenue FROM cubes.sales WHERE time_year = 2025 GROUP BY 1, 2 ORDER BY revenue DESC, 1 LIMIT 10";
     let plan = run_sql(format!("EXPLAIN {top}")).await.into_iter().map(|r| r.join(" ")).collect::<Vec<_>>().join("\n");
@@ -214,7 +219,7 @@ async fn eager_aggregation_answers_top_customers_and_rep_regions_as_hand_written
     ] {
         let got = run_sql(text.to_string()).await;
         assert!(answered_eagerly(&notes), "{text}");
-        let expected = cells(&cube_sql::sql(&plain, &cubes, text).await.unwrap().collect().await.unwrap());
+        let expected = answer(&plain, &cubes, text).await;
         assert_eq!(got, expected, "{text}");
     }
 
@@ -280,7 +285,7 @@ async fn min_max_and_distinct_members_of_levels_come_from_a_rollup_and_match_bas
     let (on, notes) = ctx(true).await;
     let text = "SELECT customer_region, MIN(time_month), MAX(time_month), COUNT(DISTINCT product_category), SUM(quantity) \
                 FROM cubes.sales GROUP BY 1 ORDER BY 1";
-    let got = cells(&cube_sql::sql(&on, &cubes, text).await.unwrap().collect().await.unwrap());
+    let got = answer(&on, &cubes, text).await;
     assert!(answered_by_rollup(&notes));
     let expected = sql(
         &on,
@@ -301,7 +306,7 @@ async fn approximate_distinct_counts_merge_rollup_sketches_at_a_coarser_grain() 
     let cubes = cubes();
     let (on, notes) = ctx(true).await;
     let text = "SELECT time_quarter, customers_approx FROM cubes.sales GROUP BY 1 ORDER BY 1";
-    let got = cells(&cube_sql::sql(&on, &cubes, text).await.unwrap().collect().await.unwrap());
+    let got = answer(&on, &cubes, text).await;
     let said = notes.lock().unwrap().join("\n");
     assert!(said.contains("rollup sales.month (") && said.contains("approximate: its distinct-count estimates merge the HyperLogLog sketches"), "{said}");
     let exact = sql(
@@ -331,9 +336,9 @@ async fn restricted_users_never_read_rollups() {
     let rep = Principal { user: "bo".into(), role: "rep".into(), attributes: [("region".to_string(), "East".to_string())].into() };
     let (ctx, notes) = restrict(&session().await, &transforms, &cubes, &rep, Some((&snapshot, Rewrites::ALL))).await.unwrap();
     let text = "SELECT customer_region, revenue FROM cubes.sales GROUP BY 1";
-    let plan = cells(&cube_sql::sql(&ctx, &cubes, &format!("EXPLAIN {text}")).await.unwrap().collect().await.unwrap());
+    let plan = answer(&ctx, &cubes, &format!("EXPLAIN {text}")).await;
     assert!(!format!("{plan:?}").contains("rollup_sales"), "{plan:?}");
-    let rows = cells(&cube_sql::sql(&ctx, &cubes, text).await.unwrap().collect().await.unwrap());
+    let rows = answer(&ctx, &cubes, text).await;
     assert_eq!(rows.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(), ["East"]);
     // Nor the rollup tables by name: they are not governed by any access rule.
     let direct = sql(&ctx, "SELECT COUNT(*) FROM rollup_sales_year_region").await;
@@ -346,15 +351,15 @@ async fn restricted_users_never_read_rollups() {
         "SELECT customer_customer, customer_customer_name, revenue FROM cubes.sales WHERE time_year = 2025 GROUP BY 1, 2 ORDER BY revenue DESC, 1 LIMIT 10",
         "SELECT rep_region, revenue FROM cubes.sales WHERE time_year = 2024 GROUP BY 1 ORDER BY 1",
     ] {
-        let got = cells(&cube_sql::sql(&ctx, &cubes, text).await.unwrap().collect().await.unwrap());
+        let got = answer(&ctx, &cubes, text).await;
         let said = notes.lock().unwrap().join("\n");
         assert!(said.contains("eager aggregation: fact_sales grouped by"), "{text}: {said}");
         assert!(!said.contains("rollup sales."), "{said}");
-        let expected = cells(&cube_sql::sql(&plain, &cubes, text).await.unwrap().collect().await.unwrap());
+        let expected = answer(&plain, &cubes, text).await;
         assert_eq!(got, expected, "{text}");
         assert!(!got.is_empty(), "{text}");
     }
-    let top = cells(&cube_sql::sql(&ctx, &cubes, "SELECT customer_customer, revenue FROM cubes.sales WHERE time_year = 2025 GROUP BY 1").await.unwrap().collect().await.unwrap());
+    let top = answer(&ctx, &cubes, "SELECT customer_customer, revenue FROM cubes.sales WHERE time_year = 2025 GROUP BY 1").await;
     let unrestricted = session().await;
     for r in &top {
         assert_eq!(scalar(&unrestricted, &format!("SELECT region FROM dim_customer WHERE customer_id = '{}'", r[0])).await, "East", "{r:?}");
