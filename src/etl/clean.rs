@@ -43,28 +43,71 @@ pub struct Cleaned {
     pub duplicates: u64,
 }
 
+/// Records typed at a time: the typed rows of one slice, with their reasons, are held beside
+/// the text, not the whole table's.
+const TYPED_SLICE_ROWS: usize = 1 << 20;
+
 /// Runs the cleaning plan of one source over its extracted text.
 ///
-/// Referenced tables must already be registered in `ctx` under their warehouse names.
-pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, raw: RecordBatch) -> Result<Cleaned> {
+/// Referenced tables must already be registered in `ctx` under their warehouse names. `text_memory`
+/// (the extracted batch's reservation, if any) is shrunk to the record texts once every field is
+/// typed: the fields' own text is no longer held then.
+pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, raw: RecordBatch, text_memory: Option<&MemoryReservation>) -> Result<Cleaned> {
+    clean_in_slices(ctx, table, spec, raw, text_memory, TYPED_SLICE_ROWS).await
+}
+
+/// [`clean`], typing `slice_rows` records at a time.
+async fn clean_in_slices(
+    ctx: &SessionContext,
+    table: &str,
+    spec: &SourceTransform,
+    raw: RecordBatch,
+    text_memory: Option<&MemoryReservation>,
+    slice_rows: usize,
+) -> Result<Cleaned> {
     // Each record's text, by file and line (the same buffers, not a copy): only rejected rows
     // need it, joined back at the end, so no cleaning step copies it along with its rows.
     let schema = raw.schema();
     let texts = raw.project(&[schema.index_of(FILE_COL)?, schema.index_of(LINE_COL)?, schema.index_of(RAW_COL)?])?;
-    let typed = typed_with_reasons(ctx.read_batch(raw)?, spec)?;
     // Each step's rows are materialised, and counted in the session's memory pool while the
     // next step is computed from them (two steps' rows at a time at most).
     let mut working = Working::new(ctx, table);
-    // Materialise once: both the good and the rejected side read it.
-    let typed = working.materialize(typed).await?;
 
-    // Each step's rejected rows are collected at once (they are few), so the step's rows can be
-    // dropped as soon as the next step has its own.
-    let mut rejected_rows =
-        quarantine_rows(typed.clone().filter(col(REASON_COL).is_not_null())?, table, col(COLUMN_COL), col(RULE_COL), col(REASON_COL))?
-            .collect()
-            .await?;
-    let mut good = typed.filter(col(REASON_COL).is_null())?;
+    // Typing is row by row, so it runs a slice at a time: each slice's rejected rows are
+    // collected at once (they are few) and its valid rows, in the declared columns with their
+    // file and line, are kept. The text of the fields is dropped after the last slice.
+    let mut rejected_rows = Vec::new();
+    let mut valid = Vec::new();
+    let mut valid_schema = None;
+    // An empty export is one empty slice (its plan gives the typed schema).
+    let starts: Vec<usize> = (0..raw.num_rows().max(1)).step_by(slice_rows).collect();
+    for offset in starts {
+        let slice = raw.slice(offset, slice_rows.min(raw.num_rows() - offset));
+        let typed = typed_with_reasons(ctx.read_batch(slice)?, spec)?;
+        let typed = crate::warehouse::materialize(ctx, typed).await?;
+        rejected_rows.extend(
+            quarantine_rows(typed.clone().filter(col(REASON_COL).is_not_null())?, table, col(COLUMN_COL), col(RULE_COL), col(REASON_COL))?
+                .collect()
+                .await?,
+        );
+        let mut kept: Vec<Expr> = spec.columns.iter().map(|c| col(c.name.as_str())).collect();
+        kept.extend([col(FILE_COL), col(LINE_COL)]);
+        let good = typed.filter(col(REASON_COL).is_null())?.select(kept)?;
+        valid_schema.get_or_insert_with(|| Arc::new(good.schema().as_arrow().clone()));
+        // One batch a slice, its buffers sized to the rows: the filtered batches' buffers were
+        // sized for the rows before the filter.
+        let batches = good.collect().await?;
+        let batch = datafusion::arrow::compute::concat_batches(valid_schema.as_ref().expect("set above"), &batches)?;
+        drop(batches);
+        working.hold(std::slice::from_ref(&batch))?;
+        valid.push(batch);
+    }
+    drop(raw);
+    if let Some(memory) = text_memory {
+        memory.resize(crate::warehouse::memory_size(std::slice::from_ref(&texts)));
+    }
+    let valid_schema = valid_schema.ok_or_else(|| crate::error::Error::Internal("no slice typed".into()))?;
+    let mut good = ctx.read_batches(crate::warehouse::with_empty(&valid_schema, valid))?;
     let mut duplicates = 0u64;
 
     // Ranking sorts every row by key; most exports have no repeated key at all, which a grouped
@@ -143,7 +186,7 @@ struct Working<'a> {
     ctx: &'a SessionContext,
     table: &'a str,
     reservation: MemoryReservation,
-    /// Bytes of the latest step (the one before it is released when the next is made).
+    /// Bytes of the latest step, the only one held between steps.
     last: usize,
 }
 
@@ -153,16 +196,25 @@ impl<'a> Working<'a> {
         Self { ctx, table, reservation, last: 0 }
     }
 
+    /// Counts rows collected piece by piece (the valid rows of each typed slice) as one step.
+    fn hold(&mut self, batches: &[RecordBatch]) -> Result<()> {
+        let bytes = crate::warehouse::memory_size(batches);
+        let table = self.table;
+        self.reservation.try_grow(bytes).map_err(|e| e.context(format!("cleaning table '{table}' ({} of typed rows)", super::load::mib(bytes))))?;
+        self.last += bytes;
+        Ok(())
+    }
+
     async fn materialize(&mut self, df: DataFrame) -> Result<DataFrame> {
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
         let bytes = crate::warehouse::memory_size(&batches);
-        let (table, before) = (self.table, self.reservation.size());
+        let table = self.table;
+        // While this step was made from the previous one both were held; from here on only this
+        // one is read (each step replaces the rows of the one before).
         self.reservation.try_grow(bytes).map_err(|e| e.context(format!("cleaning table '{table}' ({} of rows)", super::load::mib(bytes))))?;
-        // Held now: the previous step (still read by this one's plan) and this one; the steps
-        // before them are no longer read.
         let previous = std::mem::replace(&mut self.last, bytes);
-        self.reservation.shrink(before.saturating_sub(previous));
+        self.reservation.shrink(previous.min(self.reservation.size()));
         Ok(self.ctx.read_batches(crate::warehouse::with_empty(&schema, batches))?)
     }
 }
@@ -324,4 +376,65 @@ async fn with_texts(ctx: &SessionContext, rejected: Vec<RecordBatch>, texts: Rec
         return Err(crate::error::Error::Internal(format!("{n} rejected rows found {} record texts", count_rows(&rows))));
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etl::validate::{TransformBody, TransformSet};
+
+    fn cells(batches: &[RecordBatch]) -> Vec<String> {
+        let mut rows: Vec<String> = datafusion::arrow::util::pretty::pretty_format_batches(batches).unwrap().to_string().lines().map(str::to_string).collect();
+        rows.sort();
+        rows
+    }
+
+    /// Typing a slice at a time changes nothing: rejects in any slice, a key repeated across
+    /// slices (the first line in file order is kept), references checked over all the rows.
+    #[tokio::test]
+    async fn cleaning_in_slices_gives_what_cleaning_at_once_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("transforms")).unwrap();
+        std::fs::write(dir.path().join("crmcube.yaml"), "version: 1\nname: t\nsources: .\n").unwrap();
+        std::fs::write(
+            dir.path().join("transforms/orders.yaml"),
+            "version: 1\ntable: orders\nsource: { path: orders.csv }\ncolumns:\n  - { name: order_id, type: string, nullable: false }\n  - { name: customer_id, type: string }\n  - { name: amount, type: decimal, scale: 2, min: 0 }\nkey: [order_id]\nreferences:\n  - { column: customer_id, table: customers, key: customer_id }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("transforms/customers.yaml"),
+            "version: 1\ntable: customers\nsource: { path: customers.csv }\ncolumns:\n  - { name: customer_id, type: string }\nkey: [customer_id]\n",
+        )
+        .unwrap();
+        let set = TransformSet::load(&crate::project::Project::open(dir.path()).unwrap()).unwrap();
+        let Some(TransformBody::Source(spec)) = set.get("orders").map(|t| &t.body) else { panic!("a source") };
+        // 40 records: every 9th amount is negative, every 11th customer unknown, and O5 comes
+        // again at record 31 (another slice of 7).
+        let mut csv = String::from("order_id,customer_id,amount\n");
+        let (mut bad, mut orphans) = (0, 0);
+        for i in 1..=40 {
+            let id = if i == 31 { "O5".to_string() } else { format!("O{i}") };
+            let customer = if i % 11 == 0 { orphans += 1; "X" } else { "C1" };
+            let amount = if i % 9 == 0 { bad += 1; "-1.00" } else { "2.50" };
+            csv.push_str(&format!("{id},{customer},{amount}\n"));
+        }
+        let ctx = SessionContext::new();
+        ctx.register_batch("customers", RecordBatch::try_from_iter([("customer_id", Arc::new(datafusion::arrow::array::StringArray::from(vec!["C1"])) as _)]).unwrap()).unwrap();
+        let clean_by = |rows: usize| {
+            let ctx = ctx.clone();
+            let (spec, csv) = (spec.clone(), csv.clone());
+            async move {
+                let ex = crate::etl::extract::extract_bytes("orders", &spec, csv.as_bytes(), "orders.csv").unwrap();
+                clean_in_slices(&ctx, "orders", &spec, ex.batch, None, rows).await.unwrap()
+            }
+        };
+        let (sliced, whole) = (clean_by(7).await, clean_by(1 << 20).await);
+        // Record 31 is neither negative (31 % 9) nor an orphan (31 % 11): a duplicate only.
+        assert_eq!((whole.loaded, whole.quarantined, whole.duplicates), (40 - bad - orphans - 1, bad + orphans + 1, 0));
+        assert_eq!((sliced.loaded, sliced.quarantined, sliced.duplicates), (whole.loaded, whole.quarantined, whole.duplicates));
+        assert_eq!(cells(&sliced.rows), cells(&whole.rows));
+        assert_eq!(cells(&sliced.rejected), cells(&whole.rejected));
+        let rejected = cells(&sliced.rejected).join("\n");
+        assert!(rejected.contains("| orders     | orders.csv  | 32   | order_id") && rejected.contains("the first row in file order was kept"), "{rejected}");
+    }
 }

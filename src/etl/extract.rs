@@ -50,14 +50,15 @@ pub struct Extracted {
     pub rejects: Vec<Reject>,
     /// Records read, including rejected ones (header lines excluded).
     pub read: u64,
-    /// The batch's memory in the load's pool (see [`Self::with_reservation`]).
-    _memory: Option<MemoryReservation>,
+    /// The batch's memory in the load's pool (see [`Self::with_reservation`]); cleaning shrinks
+    /// it to the record texts once the fields are typed.
+    pub memory: Option<MemoryReservation>,
 }
 
 impl Extracted {
     /// Counts the batch against a memory pool for as long as it is held.
     pub fn with_reservation(self, reservation: MemoryReservation) -> Self {
-        Self { _memory: Some(reservation), ..self }
+        Self { memory: Some(reservation), ..self }
     }
 }
 
@@ -119,7 +120,7 @@ pub fn extract_files(table: &str, spec: &SourceTransform, files: &[PathBuf], dis
         1 => batches.pop().expect("one batch"),
         _ => datafusion::arrow::compute::concat_batches(&schema, &batches)?,
     };
-    Ok(Extracted { batch, rejects, read, _memory: None })
+    Ok(Extracted { batch, rejects, read, memory: None })
 }
 
 /// The schema of an extracted batch. `_file` is dictionary-encoded: every row of a file names
@@ -144,12 +145,17 @@ struct FileRows {
 }
 
 impl FileRows {
-    fn new(ncols: usize, file: &str) -> Self {
+    /// Builders sized for `text`: a record a line at most, every record's raw text, and the
+    /// fields' text shared evenly among the columns (a longer column grows its own buffer). Grown
+    /// by doubling instead, the buffers would hold up to twice what they need.
+    fn new(ncols: usize, file: &str, text: &str) -> Self {
+        let records = text.bytes().filter(|b| *b == b'\n').count() + 1;
+        let share = text.len() / ncols.max(1);
         Self {
             file: file.to_string(),
-            values: (0..ncols).map(|_| StringBuilder::new()).collect(),
-            lines: Vec::new(),
-            raws: StringBuilder::new(),
+            values: (0..ncols).map(|_| StringBuilder::with_capacity(records, share)).collect(),
+            lines: Vec::with_capacity(records),
+            raws: StringBuilder::with_capacity(records, text.len()),
             rejects: Vec::new(),
             read: 0,
         }
@@ -246,11 +252,11 @@ fn read_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) ->
 pub fn extract_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) -> Result<Extracted> {
     let mut rows = read_bytes(table, spec, bytes, shown)?;
     let (rejects, read) = (std::mem::take(&mut rows.rejects), rows.read);
-    Ok(Extracted { batch: rows.finish(&raw_schema(spec))?, rejects, read, _memory: None })
+    Ok(Extracted { batch: rows.finish(&raw_schema(spec))?, rejects, read, memory: None })
 }
 
 fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {
-    let mut rows = FileRows::new(spec.columns.len(), shown);
+    let mut rows = FileRows::new(spec.columns.len(), shown, text);
     let delimiter = u8::try_from(spec.source.delimiter).map_err(|_| DataError::Input {
         file: shown.into(),
         line: None,
@@ -411,7 +417,7 @@ impl LineCounter<'_> {
 }
 
 fn read_jsonl(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {
-    let mut rows = FileRows::new(spec.columns.len(), shown);
+    let mut rows = FileRows::new(spec.columns.len(), shown, text);
     for (i, line) in text.lines().enumerate() {
         let line_no = i as u64 + 1;
         if line.trim().is_empty() {

@@ -1,9 +1,16 @@
 //! `crmcube load`: extract → clean → derive → commit, as one warehouse snapshot.
 //!
 //! Sources load in reference order (a referenced table first), derived tables in the order their
-//! SQL needs. Everything is computed before anything is written; then each table becomes a new
-//! Delta version and, last, the snapshot manifest naming those versions is committed. A load that
-//! exceeds a reject threshold, fails or is killed leaves the previous snapshot what readers see.
+//! SQL needs. Each table becomes a new Delta version as soon as it is made ([`Run::put`]); last,
+//! the snapshot manifest naming those versions is committed. Until then no reader sees them: a
+//! load that exceeds a reject threshold, fails or is killed leaves the previous snapshot what
+//! readers see, and the versions it wrote unnamed, as a load killed before its commit always did.
+//!
+//! Memory: the later tables read a table from memory as it was made, or, under `--memory-limit`
+//! once the tables kept reach a quarter of the limit, from the files just written. A source is
+//! typed a slice of records at a time, and the next source's export is read while this one is
+//! cleaned only when the pool has room for both. What is held at once is then the largest
+//! table's work, not every table of the night.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -263,19 +270,35 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     files_report.gone.retain(|path| run.full_patterns.iter().any(|p| p.matches(path)));
     // Each source is extracted one ahead of its cleaning: the next source's files are read and
     // split (CPU work outside DataFusion, on a blocking thread) while this one is cleaned, so the
-    // text of two sources at most is held at once.
+    // text of two sources at most is held at once. Under a memory limit without room for both,
+    // the next one is read after this one is written instead.
     let pool = ctx.runtime_env().memory_pool.clone();
-    let extraction = |i: usize| sources.get(i).map(|(t, s)| spawn_extraction(&pool, &t.name, s, &plans[i], &project.root));
-    let mut ahead = extraction(0);
+    let extraction = |i: usize| -> Result<_> {
+        let (t, s) = sources.get(i).ok_or_else(|| Error::Internal(format!("no source {i} to extract")))?;
+        spawn_extraction(&pool, &t.name, s, &plans[i], &project.root)
+    };
+    let mut ahead = None;
     let mut source_index = 0;
     for t in &set.transforms {
         match &t.body {
             TransformBody::Source(spec) => {
                 let i = source_index;
                 source_index += 1;
-                let handle = ahead.take().ok_or_else(|| Error::Internal(format!("no extraction started for table '{}'", t.name)))?;
+                let handle = match ahead.take() {
+                    Some(handle) => handle,
+                    None => extraction(i)?,
+                };
                 let ex = handle.await.map_err(|e| Error::Internal(format!("extracting table '{}' panicked: {e}", t.name)))??;
-                ahead = extraction(i + 1);
+                if i + 1 < sources.len() {
+                    ahead = match extraction(i + 1) {
+                        Ok(handle) => Some(handle),
+                        Err(e) if e.is_out_of_memory() => {
+                            tracing::debug!(table = %t.name, "the next source is read after this one: {e}");
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    };
+                }
                 if ex.is_some() {
                     crate::fault::point(&format!("extracted {}", t.name));
                 }
@@ -351,29 +374,9 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     }
     run.quarantine().await?;
 
-    // Commit: every table first, then the snapshot that names them.
+    // Commit: every table is written; the snapshot that names them makes them what readers see.
     let files = run.ledger(&files_now);
-    let mut entries = std::mem::take(&mut run.entries);
-    for out in std::mem::take(&mut run.outputs) {
-        let n = count_rows(&out.rows);
-        let bytes = crate::warehouse::memory_size(&out.rows);
-        let transform = set.get(&out.name);
-        let layout = transform.map(|t| t.layout.clone()).unwrap_or_default();
-        // A derived table recomputed in full was sorted as it was derived.
-        let rows = match transform.map(|t| &t.body) {
-            Some(TransformBody::Derived { .. }) if !out.append => out.rows,
-            _ => in_table(&out.name, layout.sort(&ctx, out.rows).await)?,
-        };
-        let version = if out.append {
-            warehouse.append_table(&out.name, out.schema, rows, &layout).await?
-        } else {
-            warehouse.write_partitioned(&out.name, out.schema, rows, &out.partition, &layout).await?
-        };
-        run.held.shrink(bytes.min(run.held.size()));
-        crate::fault::point(&format!("wrote {}", out.name));
-        tracing::info!(table = %out.name, version, rows = n, "written");
-        entries.insert(out.name, TableEntry { version, rows: out.total_rows, spec: out.spec, watermark: out.watermark, partitions: out.partitions });
-    }
+    let entries = std::mem::take(&mut run.entries);
     let snapshot: Snapshot = warehouse.commit(entries, files, crate::rollup::fingerprints(&cubes))?;
     tracing::info!(snapshot = snapshot.id, "snapshot committed");
     Ok(LoadReport { snapshot: snapshot.id, unchanged: false, tables: run.reports, files: files_report, seconds: started.elapsed().as_secs_f64() })
@@ -404,6 +407,19 @@ struct Output {
     watermark: Option<String>,
     /// Rollups: each refresh unit's print (see [`TableEntry::partitions`]).
     partitions: BTreeMap<String, String>,
+    /// The table's Parquet layout (its transform's; the default for models, rollups and the
+    /// quarantine), and whether the rows are in its order already (a derived table is sorted as
+    /// it is derived).
+    layout: crate::warehouse::Layout,
+    sorted: bool,
+}
+
+impl Output {
+    /// A table replacing its previous version with `rows`, written in the order given.
+    fn new(name: impl Into<String>, schema: SchemaRef, rows: Vec<RecordBatch>) -> Self {
+        let total_rows = count_rows(&rows);
+        Output { name: name.into(), schema, rows, total_rows, append: false, partition: vec![], spec: None, watermark: None, partitions: BTreeMap::new(), layout: Default::default(), sorted: false }
+    }
 }
 
 /// The state of one load: which tables changed, what is kept, what will be written.
@@ -418,9 +434,8 @@ struct Run<'a> {
     done: BTreeSet<String>,
     /// Kept tables: the previous snapshot's entries.
     entries: BTreeMap<String, TableEntry>,
-    outputs: Vec<Output>,
-    /// The memory of `outputs`, in the session's pool: under `--memory-limit` a load holding
-    /// more than the limit fails with a clear error instead of growing until the OS kills it.
+    /// The memory of the tables written tonight that later tables read from memory, in the
+    /// session's pool (see [`Run::try_keep`]).
     held: MemoryReservation,
     reports: Vec<TableReport>,
     /// This load's quarantine rows, and the tables whose earlier quarantine rows they replace.
@@ -437,8 +452,6 @@ struct Run<'a> {
     /// Tables that only gained rows tonight (new keys appended), with those rows: what a
     /// derived table that `grows_with` one of them appends from.
     appended: BTreeMap<String, (SchemaRef, Vec<RecordBatch>)>,
-    /// Tables registered in memory beyond the outputs (a grown table's previous rows).
-    registered: MemoryReservation,
 }
 
 impl<'a> Run<'a> {
@@ -451,8 +464,7 @@ impl<'a> Run<'a> {
             changed: BTreeSet::new(),
             done: BTreeSet::new(),
             entries: BTreeMap::new(),
-            outputs: Vec::new(),
-            held: MemoryConsumer::new("load: tables held until the commit").register(&ctx.runtime_env().memory_pool),
+            held: MemoryConsumer::new("load: tables kept in memory for the tables read after them").register(&ctx.runtime_env().memory_pool),
             reports: Vec::new(),
             quarantine: Vec::new(),
             requarantined: BTreeSet::new(),
@@ -461,16 +473,52 @@ impl<'a> Run<'a> {
             members_kept: BTreeMap::new(),
             growth: BTreeMap::new(),
             appended: BTreeMap::new(),
-            registered: MemoryConsumer::new("load: grown tables' previous rows").register(&ctx.runtime_env().memory_pool),
         }
     }
 
-    /// Keeps a table to write at the commit, its memory counted against the limit.
-    fn hold(&mut self, out: Output) -> Result<()> {
-        let bytes = crate::warehouse::memory_size(&out.rows);
-        self.held.try_grow(bytes).map_err(|e| e.context(format!("holding table '{}' ({}) until the commit", out.name, mib(bytes))))?;
-        self.outputs.push(out);
+    /// Writes a table now and records its entry for the commit. The write is a Delta version no
+    /// snapshot names until the commit: a load that fails or is killed later leaves it unread
+    /// (and an append checks that it extends the very version the previous snapshot names).
+    ///
+    /// A table the later tables read (registered in memory as it was made) stays there while
+    /// [`Run::try_keep`] allows; past that, they read it from the files just written. A load's
+    /// memory is then bounded by the largest table it makes, not by the sum of all of them.
+    async fn put(&mut self, out: Output) -> Result<()> {
+        let Output { name, schema, rows, total_rows, append, partition, spec, watermark, partitions, layout, sorted } = out;
+        let n = count_rows(&rows);
+        let bytes = crate::warehouse::memory_size(&rows);
+        let rows = if sorted { rows } else { in_table(&name, layout.sort(self.ctx, rows).await)? };
+        let version = if append {
+            self.warehouse.append_table(&name, schema, rows, &layout).await?
+        } else {
+            self.warehouse.write_partitioned(&name, schema, rows, &partition, &layout).await?
+        };
+        crate::fault::point(&format!("wrote {name}"));
+        tracing::info!(table = %name, version, rows = n, "written");
+        self.entries.insert(name.clone(), TableEntry { version, rows: total_rows, spec, watermark, partitions });
+        // An appended table is read as its previous version and the new rows (see `merge` and
+        // `grow`): its memory is settled there.
+        if self.done.contains(&name) && !append && !self.try_keep(bytes) {
+            tracing::debug!(table = %name, bytes, "read from its files from here on (the tables kept in memory reach a quarter of the memory limit)");
+            let provider = self.warehouse.provider(self.ctx, &name, version).await?;
+            self.ctx.deregister_table(name.as_str())?;
+            self.ctx.register_table(name.as_str(), provider)?;
+        }
         Ok(())
+    }
+
+    /// Whether `bytes` more of tables may stay in memory for the tables read after them
+    /// (reserved if so): always without a memory limit; under `--memory-limit`, while the tables
+    /// kept stay within a quarter of it, the rest left to the extraction of the next exports and
+    /// to the queries that make the next tables.
+    fn try_keep(&mut self, bytes: usize) -> bool {
+        match self.warehouse.memory_limit() {
+            None => {
+                self.held.grow(bytes);
+                true
+            }
+            Some(limit) => self.held.size() + bytes <= limit / 4 && self.held.try_grow(bytes).is_ok(),
+        }
     }
 
     fn previous_entry(&self, table: &str) -> Option<&'a TableEntry> {
@@ -572,7 +620,7 @@ impl<'a> Run<'a> {
         let Some(ex) = ex else { return self.keep(&t.name, "source").await };
         let incremental = matches!(plan, SourcePlan::Incremental(_));
         let table_started = Instant::now();
-        let cleaned = clean(self.ctx, &t.name, spec, ex.batch).await?;
+        let cleaned = clean(self.ctx, &t.name, spec, ex.batch, ex.memory.as_ref()).await?;
         crate::fault::point(&format!("cleaned {}", t.name));
         let quarantined = cleaned.quarantined + ex.rejects.len() as u64;
         let mut report = TableReport {
@@ -613,7 +661,7 @@ impl<'a> Run<'a> {
             }
             self.register(&t.name, &schema, &cleaned.rows)?;
             let watermark = report.watermark_after.clone();
-            Output { name: t.name.clone(), schema, rows: cleaned.rows, total_rows: report.loaded, append: false, partition: vec![], spec: None, watermark, partitions: BTreeMap::new() }
+            Output { watermark, ..Output::new(&t.name, schema, cleaned.rows) }
         };
         if report.read != report.loaded + report.quarantined + report.duplicates + report.skipped {
             return Err(Error::Internal(format!("row accounting does not add up for table '{}': {report:?}", t.name)));
@@ -622,7 +670,7 @@ impl<'a> Run<'a> {
         tracing::info!(table = %t.name, read = report.read, loaded = report.loaded, updated = report.updated, quarantined, duplicates = report.duplicates, "cleaned");
         self.changed.insert(t.name.clone());
         self.done.insert(t.name.clone());
-        self.hold(Output { spec: fingerprint, ..output })?;
+        self.put(Output { spec: fingerprint, layout: t.layout.clone(), ..output }).await?;
         self.reports.push(report);
         Ok(())
     }
@@ -700,13 +748,13 @@ impl<'a> Run<'a> {
             self.appended.insert(t.name.clone(), (schema.clone(), delta_rows.clone()));
             self.ctx.deregister_table(t.name.as_str())?;
             self.ctx.register_table(t.name.as_str(), merged.into_view())?;
-            return Ok(Output { name: t.name.clone(), schema, rows: delta_rows, total_rows: total, append, partition: vec![], spec: None, watermark: report.watermark_after.clone(), partitions: BTreeMap::new() });
+            return Ok(Output { total_rows: total, append, watermark: report.watermark_after.clone(), ..Output::new(&t.name, schema, delta_rows) });
         }
         let merged_rows = merged.collect().await?;
         let total = count_rows(&merged_rows);
         report.rows = total;
         self.register(&t.name, &schema, &merged_rows)?;
-        Ok(Output { name: t.name.clone(), schema, rows: merged_rows, total_rows: total, append: false, partition: vec![], spec: None, watermark: report.watermark_after.clone(), partitions: BTreeMap::new() })
+        Ok(Output { watermark: report.watermark_after.clone(), ..Output::new(&t.name, schema, merged_rows) })
     }
 
     /// A type-2 history: the previous history, versions closed and opened where a tracked
@@ -772,7 +820,7 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(t.name.clone());
         self.done.insert(t.name.clone());
-        self.hold(Output { name: t.name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None, partitions: BTreeMap::new() })?;
+        self.put(Output { spec: Some(fingerprint), layout: t.layout.clone(), ..Output::new(&t.name, schema, rows) }).await?;
         Ok(())
     }
 
@@ -838,7 +886,7 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(name.clone());
         self.done.insert(name.clone());
-        self.hold(Output { name: name.clone(), schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint), watermark: None, partitions: BTreeMap::new() })?;
+        self.put(Output { spec: Some(fingerprint), layout: t.layout.clone(), sorted: true, ..Output::new(name, schema, rows) }).await?;
         Ok(())
     }
 
@@ -883,17 +931,24 @@ impl<'a> Run<'a> {
         let (schema, rows) = result.map_err(|e| derived_error(set, name, e))?;
 
         // The table after the load, for the tables read after it: the previous rows (in
-        // tonight's types) and the new ones, in memory.
+        // tonight's types) and the new ones, in memory when [`Run::try_keep`] allows (its size
+        // estimated from the new rows'), else the previous version's files and the new rows.
+        let n = count_rows(&rows);
         let previous = format!("__previous_{name}");
         self.register_previous(name, &previous).await?;
-        let mut all = crate::warehouse::in_columns(self.ctx.table(previous.as_str()).await?, &schema)?.collect().await?;
+        let before = crate::warehouse::in_columns(self.ctx.table(previous.as_str()).await?, &schema)?;
         self.ctx.deregister_table(previous.as_str())?;
-        let bytes = crate::warehouse::memory_size(&all);
-        self.registered.try_grow(bytes).map_err(|e| e.context(format!("holding table '{name}' ({}) for the tables read after it", mib(bytes))))?;
-        all.extend(rows.iter().cloned());
-        self.register(name, &schema, &all)?;
+        let estimate = crate::warehouse::memory_size(&rows) as u64 * entry.rows / n.max(1);
+        if self.try_keep(usize::try_from(estimate).unwrap_or(usize::MAX)) {
+            let mut all = before.collect().await?;
+            all.extend(rows.iter().cloned());
+            self.register(name, &schema, &all)?;
+        } else {
+            let whole = before.union(self.ctx.read_batches(crate::warehouse::with_empty(&schema, rows.clone()))?)?;
+            self.ctx.deregister_table(name)?;
+            self.ctx.register_table(name, whole.into_view())?;
+        }
         crate::fault::point(&format!("derived {name}"));
-        let n = count_rows(&rows);
         tracing::info!(table = name, rows = n, "appended");
         self.reports.push(TableReport {
             table: name.to_string(),
@@ -908,18 +963,8 @@ impl<'a> Run<'a> {
         self.changed.insert(name.to_string());
         self.done.insert(name.to_string());
         self.appended.insert(name.to_string(), (schema.clone(), rows.clone()));
-        let output = Output {
-            name: name.to_string(),
-            schema,
-            rows,
-            total_rows: entry.rows + n,
-            append: true,
-            partition: vec![],
-            spec: Some(fingerprint.to_string()),
-            watermark: None,
-            partitions: BTreeMap::new(),
-        };
-        self.hold(output)?;
+        let output = Output { total_rows: entry.rows + n, append: true, spec: Some(fingerprint.to_string()), layout: t.layout.clone(), ..Output::new(name, schema, rows) };
+        self.put(output).await?;
         Ok(true)
     }
 
@@ -944,7 +989,7 @@ impl<'a> Run<'a> {
             let millis = table_started.elapsed().as_millis() as u64;
             self.reports.push(TableReport { table: name.clone(), kind: "model", mode: "full", read: n, loaded: n, rows: n, millis, ..Default::default() });
             self.changed.insert(name.clone());
-            self.hold(Output { name, schema, rows, total_rows: n, append: false, partition: vec![], spec: Some(fingerprint.clone()), watermark: None, partitions: BTreeMap::new() })?;
+            self.put(Output { spec: Some(fingerprint.clone()), ..Output::new(name, schema, rows) }).await?;
         }
         Ok(())
     }
@@ -968,7 +1013,7 @@ impl<'a> Run<'a> {
             if a.touched.is_empty() {
                 return self.keep(&rollup.table, "rollup").await;
             }
-            return self.rolled_up(cube, rollup, table_started, a.schema, a.rows, a.read, a.touched, a.prints);
+            return self.rolled_up(cube, rollup, table_started, a.schema, a.rows, a.read, a.touched, a.prints).await;
         }
         let units = match unit {
             Some(u) => partitions::units(self.ctx, &mut self.prints, cube, u).await?,
@@ -1002,7 +1047,7 @@ impl<'a> Run<'a> {
             }
         };
         let partitions = units.map(|u| u.prints).unwrap_or_default();
-        self.rolled_up(cube, rollup, table_started, schema, rows, read, rebuilt_units, partitions)
+        self.rolled_up(cube, rollup, table_started, schema, rows, read, rebuilt_units, partitions).await
     }
 
     /// A rollup's rows refreshed on an append-only night (see crate::rollup::partitions::append),
@@ -1045,9 +1090,9 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Reports and holds a rollup's rows; `units` are the partitions rebuilt (none: in full).
+    /// Reports and writes a rollup's rows; `units` are the partitions rebuilt (none: in full).
     #[allow(clippy::too_many_arguments)]
-    fn rolled_up(
+    async fn rolled_up(
         &mut self,
         cube: &crate::cube::Cube,
         rollup: &crate::cube::Rollup,
@@ -1076,7 +1121,7 @@ impl<'a> Run<'a> {
         });
         self.changed.insert(rollup.table.clone());
         let partition = rollup.partition_column(cube).into_iter().collect();
-        self.hold(Output { name: rollup.table.clone(), schema, rows, total_rows: n, append: false, partition, spec: None, watermark: None, partitions })?;
+        self.put(Output { partition, partitions, ..Output::new(&rollup.table, schema, rows) }).await?;
         Ok(())
     }
 
@@ -1140,8 +1185,7 @@ impl<'a> Run<'a> {
             rows.extend(kept.collect().await?);
         }
         rows.append(&mut self.quarantine);
-        let n = count_rows(&rows);
-        self.hold(Output { name: QUARANTINE_TABLE.into(), schema: quarantine_schema(), rows, total_rows: n, append: false, partition: vec![], spec: None, watermark: None, partitions: BTreeMap::new() })?;
+        self.put(Output::new(QUARANTINE_TABLE, quarantine_schema(), rows)).await?;
         Ok(())
     }
 
@@ -1368,39 +1412,51 @@ fn unchanged_while_read(project: &Project, files: &[PathBuf], surveyed: &[Source
 }
 
 /// Starts extracting a source's files (none for a kept table) on a blocking thread, its memory
-/// reserved in `pool` first and then held, as the extracted text's size, until it is cleaned.
+/// reserved in `pool` first (an error now when it does not fit) and then held, as the extracted
+/// text's size, until it is cleaned.
 fn spawn_extraction(
     pool: &Arc<dyn MemoryPool>,
     table: &str,
     spec: &SourceTransform,
     plan: &SourcePlan,
     root: &std::path::Path,
-) -> tokio::task::JoinHandle<Result<Option<Extracted>>> {
-    let files = match plan {
-        SourcePlan::Keep => None,
-        SourcePlan::Full(files) | SourcePlan::Incremental(files) => Some(files.clone()),
+) -> Result<tokio::task::JoinHandle<Result<Option<Extracted>>>> {
+    let (files, reservation) = match plan {
+        SourcePlan::Keep => (None, None),
+        SourcePlan::Full(files) | SourcePlan::Incremental(files) => (Some(files.clone()), Some(reserve_extraction(pool, table, spec, files)?)),
     };
-    let (pool, table, spec, root) = (pool.clone(), table.to_string(), spec.clone(), root.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        let Some(files) = files else { return Ok(None) };
-        let reservation = reserve_extraction(&pool, &table, &spec, &files)?;
+    let (table, spec, root) = (table.to_string(), spec.clone(), root.to_path_buf());
+    Ok(tokio::task::spawn_blocking(move || {
+        let (Some(files), Some(reservation)) = (files, reservation) else { return Ok(None) };
         let ex = extract::extract_files(&table, &spec, &files, &root)?;
         // What the extracted text holds, not what reading it took at its peak.
         reservation.resize(crate::warehouse::memory_size(std::slice::from_ref(&ex.batch)));
         Ok(Some(ex.with_reservation(reservation)))
-    })
+    }))
 }
 
 /// Reserves, before a source's files are read, the memory extracting them takes at its peak: the
-/// file's bytes, the columns built from its text and the raw text of every record (about three
-/// times the files' size; four for GBK, decoded into a copy).
+/// file's bytes (and their decoded copy for GBK), the fields' text and every record's raw text
+/// (each about the file's size), and per record an offset for each of those columns, its line
+/// and its file (records estimated from the lines of each file's first MiB).
 fn reserve_extraction(pool: &Arc<dyn MemoryPool>, table: &str, spec: &SourceTransform, files: &[PathBuf]) -> Result<MemoryReservation> {
-    let bytes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).map_err(|e| Error::io(f, e))).sum::<Result<u64>>()?;
-    let factor = match spec.source.encoding {
+    const SAMPLE: usize = 1 << 20;
+    let (mut bytes, mut records) = (0u64, 0u64);
+    for f in files {
+        use std::io::Read;
+        let len = std::fs::metadata(f).map_err(|e| Error::io(f, e))?.len();
+        let mut head = Vec::with_capacity(SAMPLE);
+        std::fs::File::open(f).and_then(|file| file.take(SAMPLE as u64).read_to_end(&mut head)).map_err(|e| Error::io(f, e))?;
+        let lines = head.iter().filter(|b| **b == b'\n').count() as u64 + 1;
+        bytes += len;
+        records += lines * len.div_ceil(head.len().max(1) as u64);
+    }
+    let texts = match spec.source.encoding {
         super::spec::SourceEncoding::Utf8 => 3,
         super::spec::SourceEncoding::Gbk => 4,
     };
-    let need = usize::try_from(bytes.saturating_mul(factor)).unwrap_or(usize::MAX);
+    let per_record = 4 * (spec.columns.len() as u64 + 1) + 8 + 4;
+    let need = usize::try_from(bytes.saturating_mul(texts).saturating_add(records.saturating_mul(per_record))).unwrap_or(usize::MAX);
     let reservation = MemoryConsumer::new(format!("load: extracting table '{table}'")).register(pool);
     reservation
         .try_grow(need)
@@ -1448,10 +1504,12 @@ mod tests {
     }
 
     #[test]
-    fn extraction_reserves_three_times_its_files_before_reading_them() {
+    fn extraction_reserves_its_files_text_and_records_before_reading_them() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("orders.csv");
-        std::fs::write(&file, vec![b'x'; 2 << 20]).unwrap();
+        // 2 MiB of 64-byte lines: 32,768 records.
+        let line = format!("{}\n", "x".repeat(63));
+        std::fs::write(&file, line.repeat(32 * 1024)).unwrap();
         let project = dir.path().join("p");
         std::fs::create_dir_all(project.join("transforms")).unwrap();
         std::fs::write(project.join("crmcube.yaml"), format!("version: 1\nname: t\nsources: {}\n", dir.path().display())).unwrap();
@@ -1462,16 +1520,20 @@ mod tests {
         .unwrap();
         let set = TransformSet::load(&crate::project::Project::open(&project).unwrap()).unwrap();
         let Some(TransformBody::Source(spec)) = set.get("orders").map(|t| &t.body) else { panic!("a source") };
+        // Three copies of the text (file, fields, raw records); per record two offsets (the
+        // column and the raw text), its line and its file: 20 bytes. The records are estimated
+        // from the first MiB (16,384 lines ending in it, and the one after) times two.
+        let expected = 3 * (2 << 20) + 2 * (16_384 + 1) * 20;
 
-        let small: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(4 << 20));
+        let small: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(6 << 20));
         let err = reserve_extraction(&small, "orders", spec, std::slice::from_ref(&file)).unwrap_err();
         assert!(err.is_out_of_memory(), "{err}");
-        assert!(err.to_string().contains("extracting table 'orders' (2.0 MiB of export files) needs about 6.0 MiB"), "{err}");
+        assert!(err.to_string().contains("extracting table 'orders' (2.0 MiB of export files) needs about 6.6 MiB"), "{err}");
         assert_eq!(small.reserved(), 0, "a failed reservation holds nothing");
 
         let enough: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(8 << 20));
         let reservation = reserve_extraction(&enough, "orders", spec, std::slice::from_ref(&file)).unwrap();
-        assert_eq!((reservation.size(), enough.reserved()), (6 << 20, 6 << 20));
+        assert_eq!((reservation.size(), enough.reserved()), (expected, expected));
         drop(reservation);
         assert_eq!(enough.reserved(), 0);
     }

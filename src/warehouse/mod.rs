@@ -198,6 +198,11 @@ impl Warehouse {
         self
     }
 
+    /// The limit of a session's memory pool, if any (`--memory-limit`).
+    pub fn memory_limit(&self) -> Option<usize> {
+        self.memory_limit
+    }
+
     /// An empty session with the warehouse's catalog names and memory limit.
     pub fn context(&self) -> Result<SessionContext> {
         let mut config = datafusion::prelude::SessionConfig::new()
@@ -216,7 +221,10 @@ impl Warehouse {
         options.optimizer.hash_join_single_partition_threshold_rows = joins::COLLECT_ROWS;
         let mut runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new();
         if let Some(bytes) = self.memory_limit {
-            runtime = runtime.with_memory_pool(std::sync::Arc::new(datafusion::execution::memory_pool::FairSpillPool::new(bytes)));
+            // The error of a reservation that does not fit names the largest consumers too.
+            use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+            let pool = TrackConsumersPool::new(FairSpillPool::new(bytes), std::num::NonZeroUsize::new(5).expect("five is not zero"));
+            runtime = runtime.with_memory_pool(std::sync::Arc::new(pool));
         }
         let state = datafusion::execution::SessionStateBuilder::new()
             .with_config(config)
