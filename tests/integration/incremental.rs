@@ -461,3 +461,50 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         assert_eq!(stored, by_hand);
     });
 }
+
+/// A night of new orders under a small `--memory-limit`: the grown fact table and the tables
+/// made tonight are read back from their files instead of memory, and the warehouse ends as the
+/// same night without a limit leaves it, table for table.
+#[test]
+fn a_night_under_a_small_memory_limit_ends_as_the_unbounded_night_does() {
+    const LIMIT: usize = 28 << 20;
+    let (a, b) = (
+        tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(),
+        tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(),
+    );
+    let (pa, pb) = (incremental_project(a.path(), true), incremental_project(b.path(), true));
+    let unbounded = Warehouse::new(pa.warehouse.clone());
+    let bounded = Warehouse::new(pb.warehouse.clone()).with_memory_limit(Some(LIMIT));
+    block_on(async move {
+        load(&pa, &unbounded).await.unwrap();
+        // The first night without a limit (a whole export needs more than 28 MiB).
+        load(&pb, &Warehouse::new(pb.warehouse.clone())).await.unwrap();
+        for p in [&pa, &pb] {
+            std::fs::write(
+                p.sources.join("orders_2026-11-01.csv"),
+                format!("order_id,customer_id,rep_id,channel,order_date,status,updated_at\nO9000001,{MOVER},R004,online,2026-11-02,completed,2026-11-02 10:00:00\n"),
+            )
+            .unwrap();
+            std::fs::write(
+                p.sources.join("order_lines_2026-11-01.csv"),
+                "order_id,line_no,product_id,quantity,unit_price,discount_pct\nO9000001,1,P0059,4,489.00,5\nO9000001,2,P0047,1,2019.00,0\n",
+            )
+            .unwrap();
+        }
+        // The sales facts alone take more than a quarter of the limit in memory: they cannot be
+        // kept there, so the tables after them read the stored rows and the two new ones.
+        let ctx = unbounded.session().await.unwrap();
+        let facts = ctx.table("fact_sales").await.unwrap().collect().await.unwrap();
+        assert!(crmcube::warehouse::memory_size(&facts) > LIMIT / 4, "the sample's sales facts fit in a quarter of {LIMIT} bytes");
+        drop((ctx, facts));
+
+        let (x, y) = (load(&pa, &unbounded).await.unwrap(), load(&pb, &bounded).await.unwrap());
+        assert_eq!(table(&y, "fact_sales").mode, "incremental", "{y:?}");
+        let modes = |r: &LoadReport| r.tables.iter().map(|t| (t.table.clone(), t.mode, t.rows)).collect::<Vec<_>>();
+        assert_eq!(modes(&y), modes(&x));
+        let (sa, sb) = (unbounded.session().await.unwrap(), bounded.session().await.unwrap());
+        for t in unbounded.current().unwrap().unwrap().tables.keys() {
+            assert_eq!(content_checksum(&sb, t).await.unwrap(), content_checksum(&sa, t).await.unwrap(), "table {t} differs");
+        }
+    });
+}
