@@ -931,8 +931,10 @@ impl<'a> Run<'a> {
         let (schema, rows) = result.map_err(|e| derived_error(set, name, e))?;
 
         // The table after the load, for the tables read after it: the previous rows (in
-        // tonight's types) and the new ones, in memory when [`Run::try_keep`] allows (its size
-        // estimated from the new rows'), else the previous version's files and the new rows.
+        // tonight's types) and the new ones, in memory when [`Run::try_keep`] allows, else the
+        // previous version's files and the new rows. Its size is estimated from the new rows',
+        // buffers included: a night of a few rows overestimates it, and under a memory limit the
+        // later tables then read the files (slower, never wrong).
         let n = count_rows(&rows);
         let previous = format!("__previous_{name}");
         self.register_previous(name, &previous).await?;
