@@ -270,12 +270,13 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     files_report.gone.retain(|path| run.full_patterns.iter().any(|p| p.matches(path)));
     // Each source is extracted one ahead of its cleaning: the next source's files are read and
     // split (CPU work outside DataFusion, on a blocking thread) while this one is cleaned, so the
-    // text of two sources at most is held at once. Under a memory limit without room for both,
-    // the next one is read after this one is written instead.
+    // text of two sources at most is held at once. Under a memory limit, only when the pool
+    // keeps room to clean this one beside the next one's text; else the next is read after.
     let pool = ctx.runtime_env().memory_pool.clone();
-    let extraction = |i: usize| -> Result<_> {
+    let extraction = |i: usize, ahead_of: Option<usize>| -> Result<_> {
         let (t, s) = sources.get(i).ok_or_else(|| Error::Internal(format!("no source {i} to extract")))?;
-        spawn_extraction(&pool, &t.name, s, &plans[i], &project.root)
+        let leave = ahead_of.zip(warehouse.memory_limit());
+        spawn_extraction(&pool, &t.name, s, &plans[i], &project.root, leave)
     };
     let mut ahead = None;
     let mut source_index = 0;
@@ -286,18 +287,16 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
                 source_index += 1;
                 let handle = match ahead.take() {
                     Some(handle) => handle,
-                    None => extraction(i)?,
+                    None => extraction(i, None)?.ok_or_else(|| Error::Internal(format!("no extraction started for table '{}'", t.name)))?,
                 };
                 let ex = handle.await.map_err(|e| Error::Internal(format!("extracting table '{}' panicked: {e}", t.name)))??;
                 if i + 1 < sources.len() {
-                    ahead = match extraction(i + 1) {
-                        Ok(handle) => Some(handle),
-                        Err(e) if e.is_out_of_memory() => {
-                            tracing::debug!(table = %t.name, "the next source is read after this one: {e}");
-                            None
-                        }
-                        Err(e) => return Err(e),
-                    };
+                    // Cleaning this source takes about its text's size again.
+                    let text = ex.as_ref().and_then(|e| e.memory.as_ref()).map_or(0, |m| m.size());
+                    ahead = extraction(i + 1, Some(text))?;
+                    if ahead.is_none() {
+                        tracing::debug!(table = %t.name, "the next source is read after this one: no room to read it while this one is cleaned");
+                    }
                 }
                 if ex.is_some() {
                     crate::fault::point(&format!("extracted {}", t.name));
@@ -1416,25 +1415,41 @@ fn unchanged_while_read(project: &Project, files: &[PathBuf], surveyed: &[Source
 /// Starts extracting a source's files (none for a kept table) on a blocking thread, its memory
 /// reserved in `pool` first (an error now when it does not fit) and then held, as the extracted
 /// text's size, until it is cleaned.
+///
+/// `leave` is `(bytes, limit)` when reading ahead of another source's cleaning under a memory
+/// limit: the reservation is taken only if `bytes` of the limit stay free beside it (else None:
+/// the caller reads this source later).
 fn spawn_extraction(
     pool: &Arc<dyn MemoryPool>,
     table: &str,
     spec: &SourceTransform,
     plan: &SourcePlan,
     root: &std::path::Path,
-) -> Result<tokio::task::JoinHandle<Result<Option<Extracted>>>> {
+    leave: Option<(usize, usize)>,
+) -> Result<Option<tokio::task::JoinHandle<Result<Option<Extracted>>>>> {
     let (files, reservation) = match plan {
         SourcePlan::Keep => (None, None),
-        SourcePlan::Full(files) | SourcePlan::Incremental(files) => (Some(files.clone()), Some(reserve_extraction(pool, table, spec, files)?)),
+        SourcePlan::Full(files) | SourcePlan::Incremental(files) => {
+            let reservation = match (reserve_extraction(pool, table, spec, files), leave) {
+                (Ok(r), Some((bytes, limit))) if pool.reserved() + bytes > limit => {
+                    drop(r);
+                    return Ok(None);
+                }
+                (Ok(r), _) => r,
+                (Err(e), Some(_)) if e.is_out_of_memory() => return Ok(None),
+                (Err(e), _) => return Err(e),
+            };
+            (Some(files.clone()), Some(reservation))
+        }
     };
     let (table, spec, root) = (table.to_string(), spec.clone(), root.to_path_buf());
-    Ok(tokio::task::spawn_blocking(move || {
+    Ok(Some(tokio::task::spawn_blocking(move || {
         let (Some(files), Some(reservation)) = (files, reservation) else { return Ok(None) };
         let ex = extract::extract_files(&table, &spec, &files, &root)?;
         // What the extracted text holds, not what reading it took at its peak.
         reservation.resize(crate::warehouse::memory_size(std::slice::from_ref(&ex.batch)));
         Ok(Some(ex.with_reservation(reservation)))
-    }))
+    })))
 }
 
 /// Reserves, before a source's files are read, the memory extracting them takes at its peak: the
