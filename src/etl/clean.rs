@@ -79,6 +79,8 @@ async fn clean_in_slices(
     let mut rejected_rows = Vec::new();
     let mut valid = Vec::new();
     let mut valid_schema = None;
+    let mut kept: Vec<Expr> = spec.columns.iter().map(|c| col(c.name.as_str())).collect();
+    kept.extend([col(FILE_COL), col(LINE_COL)]);
     // An empty export is one empty slice (its plan gives the typed schema).
     let starts: Vec<usize> = (0..raw.num_rows().max(1)).step_by(slice_rows).collect();
     for offset in starts {
@@ -90,17 +92,16 @@ async fn clean_in_slices(
                 .collect()
                 .await?,
         );
-        let mut kept: Vec<Expr> = spec.columns.iter().map(|c| col(c.name.as_str())).collect();
-        kept.extend([col(FILE_COL), col(LINE_COL)]);
-        let good = typed.filter(col(REASON_COL).is_null())?.select(kept)?;
-        valid_schema.get_or_insert_with(|| Arc::new(good.schema().as_arrow().clone()));
+        let good = typed.filter(col(REASON_COL).is_null())?.select(kept.clone())?;
+        let good_schema: SchemaRef = Arc::new(good.schema().as_arrow().clone());
         // One batch a slice, its buffers sized to the rows: the filtered batches' buffers were
         // sized for the rows before the filter.
         let batches = good.collect().await?;
-        let batch = datafusion::arrow::compute::concat_batches(valid_schema.as_ref().expect("set above"), &batches)?;
+        let batch = datafusion::arrow::compute::concat_batches(&good_schema, &batches)?;
         drop(batches);
         working.hold(std::slice::from_ref(&batch))?;
         valid.push(batch);
+        valid_schema = Some(good_schema);
     }
     drop(raw);
     if let Some(memory) = text_memory {
@@ -196,11 +197,12 @@ impl<'a> Working<'a> {
         Self { ctx, table, reservation, last: 0 }
     }
 
-    /// Counts rows collected piece by piece (the valid rows of each typed slice) as one step.
+    /// Counts `batches` in the latest step: rows collected piece by piece (the valid rows of
+    /// each typed slice) make one step.
     fn hold(&mut self, batches: &[RecordBatch]) -> Result<()> {
         let bytes = crate::warehouse::memory_size(batches);
         let table = self.table;
-        self.reservation.try_grow(bytes).map_err(|e| e.context(format!("cleaning table '{table}' ({} of typed rows)", super::load::mib(bytes))))?;
+        self.reservation.try_grow(bytes).map_err(|e| e.context(format!("cleaning table '{table}' ({} of rows)", super::load::mib(bytes))))?;
         self.last += bytes;
         Ok(())
     }
@@ -208,12 +210,10 @@ impl<'a> Working<'a> {
     async fn materialize(&mut self, df: DataFrame) -> Result<DataFrame> {
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
-        let bytes = crate::warehouse::memory_size(&batches);
-        let table = self.table;
         // While this step was made from the previous one both were held; from here on only this
         // one is read (each step replaces the rows of the one before).
-        self.reservation.try_grow(bytes).map_err(|e| e.context(format!("cleaning table '{table}' ({} of rows)", super::load::mib(bytes))))?;
-        let previous = std::mem::replace(&mut self.last, bytes);
+        let previous = std::mem::take(&mut self.last);
+        self.hold(&batches)?;
         self.reservation.shrink(previous.min(self.reservation.size()));
         Ok(self.ctx.read_batches(crate::warehouse::with_empty(&schema, batches))?)
     }
