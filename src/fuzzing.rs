@@ -164,7 +164,7 @@ pub fn csv_clean(data: &[u8]) {
         };
         let read = extracted.read;
         let rejected = extracted.rejects.len() as u64;
-        let cleaned = runtime().block_on(crate::etl::clean::clean(ctx, "orders", &spec, extracted.batch, None)).expect("cleaning never fails on text");
+        let cleaned = runtime().block_on(crate::etl::clean::clean(ctx, "orders", &spec, extracted.batches, &extracted.texts, None)).expect("cleaning never fails on text");
         assert_eq!(read, cleaned.loaded + cleaned.quarantined + cleaned.duplicates + rejected, "every record read is accounted for");
     }
 }

@@ -18,7 +18,7 @@ use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{ExprFunctionExt, SortExpr, case};
 use datafusion::prelude::*;
 
-use super::extract::{FILE_COL, LINE_COL, RAW_COL};
+use super::extract::{FILE_COL, LENGTH_COL, LINE_COL, RecordTexts, START_COL};
 use super::parse::{date_expr, decimal_expr, timestamp_expr};
 use super::spec::{Case, ColumnType};
 use super::validate::{Column, SourceTransform};
@@ -50,10 +50,11 @@ const TYPED_SLICE_ROWS: usize = 1 << 20;
 /// Runs the cleaning plan of one source over its extracted text.
 ///
 /// Referenced tables must already be registered in `ctx` under their warehouse names. `text_memory`
-/// (the extracted batch's reservation, if any) is shrunk to the record texts once every field is
-/// typed: the fields' own text is no longer held then.
-pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, raw: RecordBatch, text_memory: Option<&MemoryReservation>) -> Result<Cleaned> {
-    clean_in_slices(ctx, table, spec, raw, text_memory, TYPED_SLICE_ROWS).await
+/// (the extracted batch's reservation, if any) is shrunk to the records' places once every field
+/// is typed: the fields' own text is no longer held then. The quarantined records' texts are read
+/// back through `texts`.
+pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, raw: Vec<RecordBatch>, texts: &RecordTexts, text_memory: Option<&MemoryReservation>) -> Result<Cleaned> {
+    clean_in_slices(ctx, table, spec, raw, texts, text_memory, TYPED_SLICE_ROWS).await
 }
 
 /// [`clean`], typing `slice_rows` records at a time.
@@ -61,51 +62,60 @@ async fn clean_in_slices(
     ctx: &SessionContext,
     table: &str,
     spec: &SourceTransform,
-    raw: RecordBatch,
+    raw: Vec<RecordBatch>,
+    record_texts: &RecordTexts,
     text_memory: Option<&MemoryReservation>,
     slice_rows: usize,
 ) -> Result<Cleaned> {
-    // Each record's text, by file and line (the same buffers, not a copy): only rejected rows
-    // need it, joined back at the end, so no cleaning step copies it along with its rows.
-    let schema = raw.schema();
-    let texts = raw.project(&[schema.index_of(FILE_COL)?, schema.index_of(LINE_COL)?, schema.index_of(RAW_COL)?])?;
+    // Where each record's text lies, by file and line (the same buffers, not a copy): only
+    // rejected rows need it, found at the end, so no cleaning step copies it along with its rows.
+    let place_columns = |b: &RecordBatch| -> Result<Vec<usize>> {
+        let schema = b.schema();
+        Ok(vec![schema.index_of(FILE_COL)?, schema.index_of(LINE_COL)?, schema.index_of(START_COL)?, schema.index_of(LENGTH_COL)?])
+    };
+    let mut texts = Vec::with_capacity(raw.len());
     // Each step's rows are materialised, and counted in the session's memory pool while the
     // next step is computed from them (two steps' rows at a time at most).
     let mut working = Working::new(ctx, table);
 
     // Typing is row by row, so it runs a slice at a time: each slice's rejected rows are
     // collected at once (they are few) and its valid rows, in the declared columns with their
-    // file and line, are kept. The text of the fields is dropped after the last slice.
+    // file and line, are kept. Each extracted batch's text is dropped once its slices are typed.
     let mut rejected_rows = Vec::new();
     let mut valid = Vec::new();
     let mut valid_schema = None;
     let mut kept: Vec<Expr> = spec.columns.iter().map(|c| col(c.name.as_str())).collect();
     kept.extend([col(FILE_COL), col(LINE_COL)]);
     // An empty export is one empty slice (its plan gives the typed schema).
-    let starts: Vec<usize> = (0..raw.num_rows().max(1)).step_by(slice_rows).collect();
-    for offset in starts {
-        let slice = raw.slice(offset, slice_rows.min(raw.num_rows() - offset));
-        let typed = typed_with_reasons(ctx.read_batch(slice)?, spec)?;
-        let typed = crate::warehouse::materialize(ctx, typed).await?;
-        rejected_rows.extend(
-            quarantine_rows(typed.clone().filter(col(REASON_COL).is_not_null())?, table, col(COLUMN_COL), col(RULE_COL), col(REASON_COL))?
-                .collect()
-                .await?,
-        );
-        let good = typed.filter(col(REASON_COL).is_null())?.select(kept.clone())?;
-        let good_schema: SchemaRef = Arc::new(good.schema().as_arrow().clone());
-        // One batch a slice, its buffers sized to the rows: the filtered batches' buffers were
-        // sized for the rows before the filter.
-        let batches = good.collect().await?;
-        let batch = datafusion::arrow::compute::concat_batches(&good_schema, &batches)?;
-        drop(batches);
-        working.hold(std::slice::from_ref(&batch))?;
-        valid.push(batch);
-        valid_schema = Some(good_schema);
-    }
-    drop(raw);
-    if let Some(memory) = text_memory {
-        memory.resize(crate::warehouse::memory_size(std::slice::from_ref(&texts)));
+    let mut raw = std::collections::VecDeque::from(if raw.is_empty() { vec![RecordBatch::new_empty(super::extract::raw_schema(spec))] } else { raw });
+    while let Some(batch) = raw.pop_front() {
+        texts.push(batch.project(&place_columns(&batch)?)?);
+        for offset in (0..batch.num_rows().max(1)).step_by(slice_rows) {
+            let slice = batch.slice(offset, slice_rows.min(batch.num_rows() - offset));
+            let typed = typed_with_reasons(ctx.read_batch(slice)?, spec)?;
+            let typed = crate::warehouse::materialize(ctx, typed).await?;
+            rejected_rows.extend(
+                quarantine_rows(typed.clone().filter(col(REASON_COL).is_not_null())?, table, col(COLUMN_COL), col(RULE_COL), col(REASON_COL))?
+                    .collect()
+                    .await?,
+            );
+            let good = typed.filter(col(REASON_COL).is_null())?.select(kept.clone())?;
+            let good_schema: SchemaRef = Arc::new(good.schema().as_arrow().clone());
+            // One batch a slice, its buffers sized to the rows: the filtered batches' buffers
+            // were sized for the rows before the filter.
+            let batches = good.collect().await?;
+            let batch = datafusion::arrow::compute::concat_batches(&good_schema, &batches)?;
+            drop(batches);
+            working.hold(std::slice::from_ref(&batch))?;
+            valid.push(batch);
+            valid_schema = Some(good_schema);
+        }
+        drop(batch);
+        // What the extraction still holds: every record's place, the text not typed yet.
+        if let Some(memory) = text_memory {
+            let held: Vec<RecordBatch> = texts.iter().chain(raw.iter()).cloned().collect();
+            memory.resize(crate::warehouse::memory_size(&held));
+        }
     }
     let valid_schema = valid_schema.ok_or_else(|| crate::error::Error::Internal("no slice typed".into()))?;
     let mut good = ctx.read_batches(crate::warehouse::with_empty(&valid_schema, valid))?;
@@ -171,7 +181,7 @@ async fn clean_in_slices(
     let schema: SchemaRef = Arc::new(good.schema().as_arrow().clone());
     let rows = good.collect().await?;
     drop(working);
-    let rejected_rows = with_texts(ctx, rejected_rows, texts).await?;
+    let rejected_rows = with_texts(ctx, rejected_rows, texts, record_texts).await?;
     Ok(Cleaned {
         schema,
         loaded: count_rows(&rows),
@@ -357,25 +367,45 @@ fn quarantine_rows(df: DataFrame, table: &str, column: Expr, rule: Expr, reason:
     ])?)
 }
 
-/// Quarantine rows with each record's text (`raw`), found in `texts` by file and line.
-async fn with_texts(ctx: &SessionContext, rejected: Vec<RecordBatch>, texts: RecordBatch) -> Result<Vec<RecordBatch>> {
+/// Quarantine rows with each record's text (`raw`): its place found in `texts` by file and
+/// line, its text read back from the file there.
+async fn with_texts(ctx: &SessionContext, rejected: Vec<RecordBatch>, texts: Vec<RecordBatch>, record_texts: &RecordTexts) -> Result<Vec<RecordBatch>> {
+    use datafusion::arrow::array::{AsArray, StringArray};
+    use datafusion::arrow::datatypes::{Int64Type, UInt32Type};
     let n = count_rows(&rejected);
     if n == 0 {
         return Ok(Vec::new());
     }
     let rejected = ctx.read_batches(rejected)?;
-    let texts = ctx.read_batch(texts)?.select(vec![col(FILE_COL).alias("_text_file"), col(LINE_COL).alias("_text_line"), col(RAW_COL)])?;
+    let texts = ctx.read_batches(texts)?.select(vec![col(FILE_COL).alias("_text_file"), col(LINE_COL).alias("_text_line"), col(START_COL), col(LENGTH_COL)])?;
     // Joined on the line (a number); the file (dictionary-encoded text) checked on the few matches.
     let same_file = cast(col("_text_file"), DataType::Utf8).eq(col("source_file"));
     let joined = rejected.join(texts, JoinType::Inner, &["line"], &["_text_line"], Some(same_file))?;
     let columns = ["table_name", "source_file", "line", "column_name", "rule", "reason"];
     let mut select: Vec<Expr> = columns.iter().map(|c| col(*c)).collect();
-    select.push(col(RAW_COL).alias("raw"));
-    let rows = joined.select(select)?.collect().await?;
-    if count_rows(&rows) != n {
-        return Err(crate::error::Error::Internal(format!("{n} rejected rows found {} record texts", count_rows(&rows))));
+    select.extend([col(START_COL), col(LENGTH_COL)]);
+    // In file order, so each file's records are read front to back.
+    let joined = joined.select(select)?.sort(vec![col("source_file").sort(true, true), col(START_COL).sort(true, true)])?;
+    let schema = Arc::new(joined.schema().as_arrow().clone());
+    let rows = datafusion::arrow::compute::concat_batches(&schema, &joined.collect().await?)?;
+    if rows.num_rows() as u64 != n {
+        return Err(crate::error::Error::Internal(format!("{n} rejected rows found {} record places", rows.num_rows())));
     }
-    Ok(rows)
+    let files = rows.column(1).as_string::<i32>();
+    let (starts, lengths) = (rows.column(6).as_primitive::<Int64Type>(), rows.column(7).as_primitive::<UInt32Type>());
+    let mut raw: Vec<String> = Vec::with_capacity(rows.num_rows());
+    let mut from = 0;
+    while from < rows.num_rows() {
+        let file = files.value(from);
+        let to = (from..rows.num_rows()).find(|i| files.value(*i) != file).unwrap_or(rows.num_rows());
+        let places: Vec<(i64, u32)> = (from..to).map(|i| (starts.value(i), lengths.value(i))).collect();
+        raw.extend(record_texts.read(file, &places)?);
+        from = to;
+    }
+    let mut columns: Vec<_> = rows.columns()[..6].to_vec();
+    columns.push(Arc::new(StringArray::from(raw)));
+    let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(schema.fields()[..6].iter().cloned().chain([Arc::new(datafusion::arrow::datatypes::Field::new("raw", DataType::Utf8, false))]).collect::<Vec<_>>()));
+    Ok(vec![RecordBatch::try_new(schema, columns)?])
 }
 
 #[cfg(test)]
@@ -389,8 +419,9 @@ mod tests {
         rows
     }
 
-    /// Typing a slice at a time changes nothing: rejects in any slice, a key repeated across
-    /// slices (the first line in file order is kept), references checked over all the rows.
+    /// Typing a slice at a time, from extracted batches of a few records, changes nothing:
+    /// rejects in any slice, a key repeated across slices (the first line in file order is kept),
+    /// references checked over all the rows.
     #[tokio::test]
     async fn cleaning_in_slices_gives_what_cleaning_at_once_gives() {
         let dir = tempfile::tempdir().unwrap();
@@ -420,15 +451,21 @@ mod tests {
         }
         let ctx = SessionContext::new();
         ctx.register_batch("customers", RecordBatch::try_from_iter([("customer_id", Arc::new(datafusion::arrow::array::StringArray::from(vec!["C1"])) as _)]).unwrap()).unwrap();
-        let clean_by = |rows: usize| {
+        // Typed `rows` records at a time, from extracted batches of `chunk` records.
+        let clean_by = |rows: usize, chunk: usize| {
             let ctx = ctx.clone();
             let (spec, csv) = (spec.clone(), csv.clone());
             async move {
                 let ex = crate::etl::extract::extract_bytes("orders", &spec, csv.as_bytes(), "orders.csv").unwrap();
-                clean_in_slices(&ctx, "orders", &spec, ex.batch, None, rows).await.unwrap()
+                let batches: Vec<RecordBatch> = ex.batches.iter().flat_map(|b| (0..b.num_rows()).step_by(chunk).map(|o| b.slice(o, chunk.min(b.num_rows() - o)))).collect();
+                assert_eq!(batches.len(), 40usize.div_ceil(chunk.min(40)));
+                clean_in_slices(&ctx, "orders", &spec, batches, &ex.texts, None, rows).await.unwrap()
             }
         };
-        let (sliced, whole) = (clean_by(7).await, clean_by(1 << 20).await);
+        let (whole, sliced, chunked) = (clean_by(1 << 20, 1 << 20).await, clean_by(7, 1 << 20).await, clean_by(7, 10).await);
+        assert_eq!((chunked.loaded, chunked.quarantined, chunked.duplicates), (whole.loaded, whole.quarantined, whole.duplicates));
+        assert_eq!(cells(&chunked.rows), cells(&whole.rows));
+        assert_eq!(cells(&chunked.rejected), cells(&whole.rejected));
         // Record 31 is neither negative (31 % 9) nor an orphan (31 % 11): a duplicate only.
         assert_eq!((whole.loaded, whole.quarantined, whole.duplicates), (40 - bad - orphans - 1, bad + orphans + 1, 0));
         assert_eq!((sliced.loaded, sliced.quarantined, sliced.duplicates), (whole.loaded, whole.quarantined, whole.duplicates));
@@ -436,5 +473,61 @@ mod tests {
         assert_eq!(cells(&sliced.rejected), cells(&whole.rejected));
         let rejected = cells(&sliced.rejected).join("\n");
         assert!(rejected.contains("| orders     | orders.csv  | 32   | order_id") && rejected.contains("the first row in file order was kept"), "{rejected}");
+    }
+
+    /// The quarantine's text of a record is read back from its file by its place: for CSV its
+    /// fields joined by the delimiter (quotes resolved, a quoted line break kept), for JSON lines
+    /// the line — through a byte-order mark, CRLF line ends, GBK, and for records rejected while
+    /// typing, as duplicates and as orphans.
+    #[tokio::test]
+    async fn quarantined_records_read_their_text_back_from_the_export() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("transforms")).unwrap();
+        std::fs::write(dir.path().join("crmcube.yaml"), "version: 1\nname: t\nsources: .\n").unwrap();
+        let columns = "columns:\n  - { name: order_id, type: string, nullable: false }\n  - { name: customer_id, type: string }\n  - { name: amount, type: decimal, scale: 2, min: 0 }\nkey: [order_id]\nreferences:\n  - { column: customer_id, table: customers, key: customer_id }\n";
+        std::fs::write(
+            dir.path().join("transforms/customers.yaml"),
+            "version: 1\ntable: customers\nsource: { path: customers.csv }\ncolumns:\n  - { name: customer_id, type: string }\nkey: [customer_id]\n",
+        )
+        .unwrap();
+        for (table, source) in [("utf8", "{ path: utf8.csv }"), ("gbk", "{ path: gbk.csv, encoding: gbk }"), ("lines", "{ path: lines.jsonl, format: jsonl }")] {
+            std::fs::write(dir.path().join(format!("transforms/{table}.yaml")), format!("version: 1\ntable: {table}\nsource: {source}\n{columns}")).unwrap();
+        }
+        // Line 2 loads; 3 fails typing; 4 is an orphan whose quoted field holds the delimiter;
+        // 5–6 are one record (a quoted line break) failing typing; 7 repeats line 2's key.
+        let csv = "order_id,customer_id,amount\n\"O1\",C1,2.50\nO2,\"C1\",-1.00\n\"O3\",\"Smith, J\",2.50\n\"O4\",\"two\nlines\",x\nO1,C1,3.00\nO5,C1,1.00\n";
+        let mut utf8 = b"\xEF\xBB\xBF".to_vec();
+        utf8.extend(csv.replace('\n', "\r\n").as_bytes());
+        std::fs::write(dir.path().join("utf8.csv"), utf8).unwrap();
+        let chinese = csv.replace("Smith, J", "张三, 李");
+        let (gbk, _, _) = encoding_rs::GBK.encode(&chinese);
+        std::fs::write(dir.path().join("gbk.csv"), gbk).unwrap();
+        let jsonl = "{\"order_id\": \"O1\", \"customer_id\": \"C1\", \"amount\": \"2.50\"}\n\n{\"order_id\":\"O2\",\"customer_id\":\"C9\",\"amount\":\"1\"}\n{\"order_id\": \"O3\", \"amount\": \"-2\"}\n";
+        std::fs::write(dir.path().join("lines.jsonl"), jsonl).unwrap();
+
+        let set = TransformSet::load(&crate::project::Project::open(dir.path()).unwrap()).unwrap();
+        let ctx = SessionContext::new();
+        ctx.register_batch("customers", RecordBatch::try_from_iter([("customer_id", Arc::new(datafusion::arrow::array::StringArray::from(vec!["C1"])) as _)]).unwrap()).unwrap();
+        let expected: [(&str, Vec<(i64, &str)>); 3] = [
+            ("utf8", vec![(3, "O2,C1,-1.00"), (4, "O3,Smith, J,2.50"), (5, "O4,two\r\nlines,x"), (7, "O1,C1,3.00")]),
+            ("gbk", vec![(3, "O2,C1,-1.00"), (4, "O3,张三, 李,2.50"), (5, "O4,two\nlines,x"), (7, "O1,C1,3.00")]),
+            ("lines", vec![(3, "{\"order_id\":\"O2\",\"customer_id\":\"C9\",\"amount\":\"1\"}"), (4, "{\"order_id\": \"O3\", \"amount\": \"-2\"}")]),
+        ];
+        for (table, expected) in expected {
+            let Some(TransformBody::Source(spec)) = set.get(table).map(|t| &t.body) else { panic!("a source") };
+            let files = crate::etl::extract::list_files(table, spec, dir.path()).unwrap();
+            let ex = crate::etl::extract::extract_files(table, spec, &files, dir.path()).unwrap();
+            assert!(ex.rejects.is_empty(), "{table}: {:?}", ex.rejects);
+            let cleaned = clean(&ctx, table, spec, ex.batches, &ex.texts, None).await.unwrap();
+            let mut got: Vec<(i64, String)> = Vec::new();
+            for b in &cleaned.rejected {
+                use datafusion::arrow::array::AsArray;
+                let (lines, raws) = (b.column_by_name("line").unwrap().as_primitive::<datafusion::arrow::datatypes::Int64Type>(), b.column_by_name("raw").unwrap().as_string::<i32>());
+                got.extend((0..b.num_rows()).map(|i| (lines.value(i), raws.value(i).to_string())));
+            }
+            got.sort();
+            let expected: Vec<(i64, String)> = expected.into_iter().map(|(l, r)| (l, r.to_string())).collect();
+            assert_eq!(got, expected, "{table}");
+        }
     }
 }

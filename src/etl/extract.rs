@@ -2,14 +2,14 @@
 //!
 //! Files are decoded (UTF-8 or GBK, BOM stripped), split into records (CSV or JSON lines) and
 //! kept as text: typing happens in the cleaning plan, so one place decides what a bad value is.
-//! Every record carries its file and line, and its raw text for quarantine. Records that cannot
+//! Every record carries its file, line and place in the file's text (not the text itself: a
+//! quarantined record's text is read back from its file, [`RecordTexts`]). Records that cannot
 //! even be split (ragged CSV rows, invalid JSON) are rejected here with their reason. Several
 //! files of one source are read in parallel with rayon; the load extracts each source while the
 //! one before it is cleaned. Columns are built in Arrow builders (one buffer per column, no string
 //! per field); the load reserves their memory before reading (see `etl::load`).
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,7 +27,9 @@ use crate::error::{DataError, Error, Result, nearest};
 /// Hidden columns every extracted batch carries.
 pub const FILE_COL: &str = "_file";
 pub const LINE_COL: &str = "_line";
-pub const RAW_COL: &str = "_raw";
+/// Where the record lies in its file's decoded text: its first byte and its length.
+pub const START_COL: &str = "_start";
+pub const LENGTH_COL: &str = "_length";
 
 /// A row that did not make it into a table, and why. Becomes a row of the quarantine table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,16 +44,23 @@ pub struct Reject {
     pub raw: String,
 }
 
+/// Records a batch of extracted text holds at most: cleaning types a batch at a time and drops
+/// its text, so the text held is that of the batches not typed yet.
+pub const CHUNK_RECORDS: usize = 1 << 20;
+
 /// The text of one source, ready for cleaning.
 #[derive(Debug)]
 pub struct Extracted {
-    /// Declared columns as Utf8 (by their warehouse name), then `_file`, `_line`, `_raw`.
-    pub batch: RecordBatch,
+    /// Declared columns as Utf8 (by their warehouse name), then `_file`, `_line`, `_start`,
+    /// `_length`; in file order, [`CHUNK_RECORDS`] records a batch at most.
+    pub batches: Vec<RecordBatch>,
+    /// Where the records' texts are read back from, for the ones quarantined.
+    pub texts: RecordTexts,
     pub rejects: Vec<Reject>,
     /// Records read, including rejected ones (header lines excluded).
     pub read: u64,
     /// The batch's memory in the load's pool (see [`Self::with_reservation`]); cleaning shrinks
-    /// it to the record texts once the fields are typed.
+    /// it to the records' places once the fields are typed.
     pub memory: Option<MemoryReservation>,
 }
 
@@ -98,9 +107,93 @@ pub fn survey(files: &[PathBuf], sources_dir: &Path) -> Result<Vec<SourceFile>> 
         .collect()
 }
 
+/// Where the texts of a source's records are read back from, by the name its rows give the file.
+///
+/// A record's text is only needed when the record is quarantined, which for most is never: the
+/// extracted batch keeps where each record lies in its file instead of a copy of its text (about
+/// the file's size again), and the few quarantined ones are read back from the file by their
+/// place once the source is cleaned. The text read back is what extraction would have kept:
+/// a JSON line as it is, a CSV record's fields joined by the delimiter.
+#[derive(Debug, Clone)]
+pub struct RecordTexts {
+    format: SourceFormat,
+    encoding: SourceEncoding,
+    delimiter: char,
+    files: std::collections::HashMap<String, TextSource>,
+}
+
+#[derive(Debug, Clone)]
+enum TextSource {
+    File(PathBuf),
+    /// An export held in memory ([`extract_bytes`]).
+    Bytes(Arc<[u8]>),
+}
+
+impl RecordTexts {
+    fn new(spec: &SourceTransform) -> Self {
+        Self { format: spec.source.format, encoding: spec.source.encoding, delimiter: spec.source.delimiter, files: Default::default() }
+    }
+
+    /// The texts of the records of `file` (as its rows name it) at `places` (start, length in
+    /// its decoded text), in that order.
+    pub fn read(&self, file: &str, places: &[(i64, u32)]) -> Result<Vec<String>> {
+        let source = self.files.get(file).ok_or_else(|| Error::Internal(format!("no export named '{file}' was extracted")))?;
+        let bad = |path: &Path| DataError::Input {
+            file: path.to_path_buf(),
+            line: None,
+            message: "the export changed after this load read it: a quarantined record's text no longer reads back; load again once the export is complete".into(),
+        };
+        let texts: Vec<String> = match (source, self.encoding) {
+            // UTF-8 text is the file's bytes (after a byte-order mark): each record is read at its place.
+            (TextSource::File(path), SourceEncoding::Utf8) => {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+                let mut bom = [0u8; 3];
+                let skip = match f.read_exact_at(&mut bom, 0) {
+                    Ok(()) if bom == *b"\xEF\xBB\xBF" => 3,
+                    _ => 0,
+                };
+                places
+                    .iter()
+                    .map(|&(start, length)| {
+                        let mut bytes = vec![0u8; length as usize];
+                        f.read_exact_at(&mut bytes, start as u64 + skip).map_err(|e| Error::io(path, e))?;
+                        String::from_utf8(bytes).map_err(|_| bad(path).into())
+                    })
+                    .collect::<Result<_>>()?
+            }
+            // GBK is decoded whole, as it was read.
+            (TextSource::File(path), SourceEncoding::Gbk) => {
+                let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+                let text = decode(&bytes, self.encoding, path)?;
+                places.iter().map(|&(start, length)| text.get(start as usize..start as usize + length as usize).map(str::to_string).ok_or_else(|| bad(path).into())).collect::<Result<_>>()?
+            }
+            (TextSource::Bytes(bytes), _) => {
+                let text = decode(bytes, self.encoding, Path::new(file))?;
+                places.iter().map(|&(start, length)| text.get(start as usize..start as usize + length as usize).map(str::to_string).ok_or_else(|| bad(Path::new(file)).into())).collect::<Result<_>>()?
+            }
+        };
+        Ok(match self.format {
+            SourceFormat::Jsonl => texts,
+            SourceFormat::Csv => texts.iter().map(|t| self.csv_fields_joined(t)).collect(),
+        })
+    }
+
+    /// A CSV record's fields joined by the delimiter (its quotes resolved), as extraction reads it.
+    fn csv_fields_joined(&self, text: &str) -> String {
+        let mut reader = csv::ReaderBuilder::new().delimiter(self.delimiter as u8).has_headers(false).flexible(true).from_reader(text.as_bytes());
+        let mut record = csv::StringRecord::new();
+        match reader.read_record(&mut record) {
+            Ok(true) => record.iter().collect::<Vec<_>>().join(&self.delimiter.to_string()),
+            _ => text.to_string(),
+        }
+    }
+}
+
 /// Reads the given files of a source ([`list_files`], or only the new ones for an incremental
 /// load; [`survey`] has their checksums).
 pub fn extract_files(table: &str, spec: &SourceTransform, files: &[PathBuf], display_root: &Path) -> Result<Extracted> {
+    let mut texts = RecordTexts::new(spec);
     let parts: Vec<FileRows> = files
         .par_iter()
         .map(|f| {
@@ -108,19 +201,16 @@ pub fn extract_files(table: &str, spec: &SourceTransform, files: &[PathBuf], dis
             read_file(table, spec, f, &shown)
         })
         .collect::<Result<_>>()?;
-    let schema = raw_schema(spec);
-    let (mut batches, mut rejects, mut read) = (Vec::with_capacity(parts.len()), Vec::new(), 0);
+    for (f, p) in files.iter().zip(&parts) {
+        texts.files.insert(p.file.clone(), TextSource::File(f.clone()));
+    }
+    let (mut batches, mut rejects, mut read) = (Vec::new(), Vec::new(), 0);
     for mut p in parts {
         read += p.read;
         rejects.append(&mut p.rejects);
-        batches.push(p.finish(&schema)?);
+        batches.extend(p.finish()?);
     }
-    // One file (the usual export) is its batch as built; several are copied into one.
-    let batch = match batches.len() {
-        1 => batches.pop().expect("one batch"),
-        _ => datafusion::arrow::compute::concat_batches(&schema, &batches)?,
-    };
-    Ok(Extracted { batch, rejects, read, memory: None })
+    Ok(Extracted { batches, texts, rejects, read, memory: None })
 }
 
 /// The schema of an extracted batch. `_file` is dictionary-encoded: every row of a file names
@@ -129,56 +219,103 @@ pub fn raw_schema(spec: &SourceTransform) -> SchemaRef {
     let mut fields: Vec<Field> = spec.columns.iter().map(|c| Field::new(&c.name, DataType::Utf8, true)).collect();
     fields.push(Field::new(FILE_COL, DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)), false));
     fields.push(Field::new(LINE_COL, DataType::Int64, false));
-    fields.push(Field::new(RAW_COL, DataType::Utf8, false));
+    fields.push(Field::new(START_COL, DataType::Int64, false));
+    fields.push(Field::new(LENGTH_COL, DataType::UInt32, false));
     Arc::new(Schema::new(fields))
 }
 
 /// The text of the records of one file, column by column in Arrow builders (no string per
-/// field: the values of a column share one buffer).
+/// field: the values of a column share one buffer), a batch every [`CHUNK_RECORDS`] records.
 struct FileRows {
     file: String,
+    schema: SchemaRef,
+    /// Records and bytes of text a chunk's builders are sized for.
+    capacity: (usize, usize),
+    chunks: Vec<RecordBatch>,
     values: Vec<StringBuilder>,
     lines: Vec<i64>,
-    raws: StringBuilder,
+    starts: Vec<i64>,
+    lengths: Vec<u32>,
     rejects: Vec<Reject>,
     read: u64,
 }
 
 impl FileRows {
-    /// Builders sized for `text`: a record a line at most, every record's raw text, and the
-    /// fields' text shared evenly among the columns (a longer column grows its own buffer). Grown
-    /// by doubling instead, the buffers would hold up to twice what they need.
-    fn new(ncols: usize, file: &str, text: &str) -> Self {
+    /// Builders sized for `text`: a record a line at most, and the fields' text shared evenly
+    /// among the columns (a longer column grows its own buffer). Grown by doubling instead, the
+    /// buffers would hold up to twice what they need.
+    fn new(spec: &SourceTransform, file: &str, text: &str) -> Self {
         let records = text.bytes().filter(|b| *b == b'\n').count() + 1;
-        let share = text.len() / ncols.max(1);
-        Self {
+        let chunk = records.min(CHUNK_RECORDS);
+        let mut rows = Self {
             file: file.to_string(),
-            values: (0..ncols).map(|_| StringBuilder::with_capacity(records, share)).collect(),
-            lines: Vec::with_capacity(records),
-            raws: StringBuilder::with_capacity(records, text.len()),
+            schema: raw_schema(spec),
+            capacity: (chunk, (text.len() as u128 * chunk as u128 / records as u128) as usize),
+            chunks: Vec::new(),
+            values: Vec::new(),
+            lines: Vec::new(),
+            starts: Vec::new(),
+            lengths: Vec::new(),
             rejects: Vec::new(),
             read: 0,
-        }
+        };
+        rows.size_builders();
+        rows
     }
 
-    /// Ends a record whose fields and raw text were appended to the builders.
-    fn push_line(&mut self, line: u64) {
+    /// Empty builders for the next chunk, each column's text an even share of the chunk's.
+    fn size_builders(&mut self) {
+        let (records, bytes) = self.capacity;
+        let ncols = self.schema.fields().len() - 4;
+        self.values = (0..ncols).map(|_| StringBuilder::with_capacity(records, bytes / ncols.max(1))).collect();
+        self.lines = Vec::with_capacity(records);
+        self.starts = Vec::with_capacity(records);
+        self.lengths = Vec::with_capacity(records);
+    }
+
+    /// Ends a record whose fields were appended to the builders: its line, and where its text
+    /// lies in the file's text (`text[start..end]`).
+    fn push_line(&mut self, line: u64, (start, end): (usize, usize)) -> Result<()> {
+        let length = u32::try_from(end.saturating_sub(start)).map_err(|_| DataError::Input {
+            file: self.file.clone().into(),
+            line: Some(line),
+            message: "a record longer than 4 GiB; is the export's delimiter or quoting right?".into(),
+        })?;
         self.lines.push(line as i64);
+        self.starts.push(start as i64);
+        self.lengths.push(length);
+        if self.lines.len() == CHUNK_RECORDS {
+            let chunk = self.chunk()?;
+            self.chunks.push(chunk);
+            self.size_builders();
+        }
+        Ok(())
     }
 
     fn reject(&mut self, table: &str, line: u64, rule: &'static str, reason: String, raw: String) {
         self.rejects.push(Reject { table: table.into(), file: self.file.clone(), line: line as i64, column: None, rule, reason, raw });
     }
 
-    fn finish(mut self, schema: &SchemaRef) -> Result<RecordBatch> {
+    /// The batches of the file's records (none for a file without records).
+    fn finish(mut self) -> Result<Vec<RecordBatch>> {
+        if !self.lines.is_empty() {
+            let chunk = self.chunk()?;
+            self.chunks.push(chunk);
+        }
+        Ok(self.chunks)
+    }
+
+    /// The records since the last chunk, as a batch.
+    fn chunk(&mut self) -> Result<RecordBatch> {
         let rows = self.lines.len();
         let mut columns: Vec<ArrayRef> = self.values.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef).collect();
         let keys = Int32Array::from(vec![0; rows]);
         let paths: ArrayRef = Arc::new(StringArray::from(vec![self.file.as_str()]));
         columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(keys, paths)?));
         columns.push(Arc::new(Int64Array::from(std::mem::take(&mut self.lines))));
-        columns.push(Arc::new(self.raws.finish()));
-        Ok(RecordBatch::try_new(schema.clone(), columns)?)
+        columns.push(Arc::new(Int64Array::from(std::mem::take(&mut self.starts))));
+        columns.push(Arc::new(datafusion::arrow::array::UInt32Array::from(std::mem::take(&mut self.lengths))));
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 }
 
@@ -252,11 +389,13 @@ fn read_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) ->
 pub fn extract_bytes(table: &str, spec: &SourceTransform, bytes: &[u8], shown: &str) -> Result<Extracted> {
     let mut rows = read_bytes(table, spec, bytes, shown)?;
     let (rejects, read) = (std::mem::take(&mut rows.rejects), rows.read);
-    Ok(Extracted { batch: rows.finish(&raw_schema(spec))?, rejects, read, memory: None })
+    let mut texts = RecordTexts::new(spec);
+    texts.files.insert(shown.to_string(), TextSource::Bytes(bytes.into()));
+    Ok(Extracted { batches: rows.finish()?, texts, rejects, read, memory: None })
 }
 
 fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {
-    let mut rows = FileRows::new(spec.columns.len(), shown, text);
+    let mut rows = FileRows::new(spec, shown, text);
     let delimiter = u8::try_from(spec.source.delimiter).map_err(|_| DataError::Input {
         file: shown.into(),
         line: None,
@@ -323,7 +462,7 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
             Next::End => break,
             Next::Error(e) => {
                 next = read_record(&mut reader, &mut record);
-                let line = e.position().map(|p| lines.at(p.byte())).unwrap_or(0);
+                let line = e.position().map(|p| lines.at(p.byte()).0).unwrap_or(0);
                 rows.read += 1;
                 rows.reject(table, line, "unreadable", format!("unreadable CSV record: {e}"), String::new());
             }
@@ -333,7 +472,13 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
                 // `ahead` now holds the record handled here; `record` the next one, if any.
                 let r = &ahead;
                 let last = matches!(next, Next::End);
-                let line = r.position().map(|p| lines.at(p.byte())).unwrap_or(0);
+                let (line, start) = r.position().map(|p| lines.at(p.byte())).unwrap_or((0, 0));
+                // It ends where the next one starts (or the text does).
+                let end = match &next {
+                    Next::Record => record.position().map_or(text.len(), |p| p.byte() as usize),
+                    Next::Error(e) => e.position().map_or(text.len(), |p| p.byte() as usize),
+                    Next::End => text.len(),
+                };
                 if r.len() == 1 && r.get(0).is_some_and(|f| f.trim().is_empty()) {
                     continue; // a blank line is not a record
                 }
@@ -364,14 +509,7 @@ fn read_csv(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Res
                 for (builder, i) in rows.values.iter_mut().zip(&indices) {
                     builder.append_option(r.get(*i));
                 }
-                for (i, field) in r.iter().enumerate() {
-                    if i > 0 {
-                        rows.raws.write_char(spec.source.delimiter).map_err(|_| Error::Internal("writing a raw record failed".into()))?;
-                    }
-                    rows.raws.write_str(field).map_err(|_| Error::Internal("writing a raw record failed".into()))?;
-                }
-                rows.raws.append_value("");
-                rows.push_line(line);
+                rows.push_line(line, (start, end.max(start)))?;
             }
         }
     }
@@ -401,7 +539,8 @@ struct LineCounter<'a> {
 }
 
 impl LineCounter<'_> {
-    fn at(&mut self, byte: u64) -> u64 {
+    /// The line a record at `byte` starts on, and the byte it starts at.
+    fn at(&mut self, byte: u64) -> (u64, usize) {
         let mut byte = (byte as usize).min(self.text.len());
         // In a CRLF file a record's position is the '\n' ending the line before it (or the
         // first of the blank lines before it): a record starts after any line ends there.
@@ -412,12 +551,12 @@ impl LineCounter<'_> {
             self.line += self.text[self.byte..byte].iter().filter(|b| **b == b'\n').count() as u64;
             self.byte = byte;
         }
-        self.line
+        (self.line, byte)
     }
 }
 
 fn read_jsonl(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> Result<FileRows> {
-    let mut rows = FileRows::new(spec.columns.len(), shown, text);
+    let mut rows = FileRows::new(spec, shown, text);
     for (i, line) in text.lines().enumerate() {
         let line_no = i as u64 + 1;
         if line.trim().is_empty() {
@@ -433,8 +572,8 @@ fn read_jsonl(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> R
                         Some(other) => builder.append_value(other.to_string()),
                     }
                 }
-                rows.raws.append_value(line);
-                rows.push_line(line_no);
+                let start = line.as_ptr() as usize - text.as_ptr() as usize;
+                rows.push_line(line_no, (start, start + line.len()))?;
             }
             Err(e) => {
                 let reason = format!("invalid JSON at character {}: {}", e.column(), e.to_string().split(" at line ").next().unwrap_or_default());

@@ -619,7 +619,7 @@ impl<'a> Run<'a> {
         let Some(ex) = ex else { return self.keep(&t.name, "source").await };
         let incremental = matches!(plan, SourcePlan::Incremental(_));
         let table_started = Instant::now();
-        let cleaned = clean(self.ctx, &t.name, spec, ex.batch, ex.memory.as_ref()).await?;
+        let cleaned = clean(self.ctx, &t.name, spec, ex.batches, &ex.texts, ex.memory.as_ref()).await?;
         crate::fault::point(&format!("cleaned {}", t.name));
         let quarantined = cleaned.quarantined + ex.rejects.len() as u64;
         let mut report = TableReport {
@@ -928,6 +928,7 @@ impl<'a> Run<'a> {
         self.ctx.deregister_table(driver)?;
         self.ctx.register_table(driver, whole)?;
         let (schema, rows) = result.map_err(|e| derived_error(set, name, e))?;
+        tracing::debug!(table = name, ms = started.elapsed().as_millis() as u64, "grown: the new rows selected");
 
         // The table after the load, for the tables read after it: the previous rows (in
         // tonight's types) and the new ones, in memory when [`Run::try_keep`] allows, else the
@@ -942,6 +943,7 @@ impl<'a> Run<'a> {
         let estimate = crate::warehouse::memory_size(&rows) as u64 * entry.rows / n.max(1);
         if self.try_keep(usize::try_from(estimate).unwrap_or(usize::MAX)) {
             let mut all = before.collect().await?;
+            tracing::debug!(table = name, ms = started.elapsed().as_millis() as u64, "grown: the previous rows read");
             all.extend(rows.iter().cloned());
             self.register(name, &schema, &all)?;
         } else {
@@ -1447,15 +1449,15 @@ fn spawn_extraction(
         let (Some(files), Some(reservation)) = (files, reservation) else { return Ok(None) };
         let ex = extract::extract_files(&table, &spec, &files, &root)?;
         // What the extracted text holds, not what reading it took at its peak.
-        reservation.resize(crate::warehouse::memory_size(std::slice::from_ref(&ex.batch)));
+        reservation.resize(crate::warehouse::memory_size(&ex.batches));
         Ok(Some(ex.with_reservation(reservation)))
     })))
 }
 
 /// Reserves, before a source's files are read, the memory extracting them takes at its peak: the
-/// file's bytes (and their decoded copy for GBK), the fields' text and every record's raw text
-/// (each about the file's size), and per record an offset for each of those columns, its line
-/// and its file (records estimated from the lines of each file's first MiB).
+/// file's bytes (and their decoded copy for GBK) and the fields' text (each about the file's
+/// size), and per record an offset for each column, its line, its place in the file and its
+/// file (records estimated from the lines of each file's first MiB).
 fn reserve_extraction(pool: &Arc<dyn MemoryPool>, table: &str, spec: &SourceTransform, files: &[PathBuf]) -> Result<MemoryReservation> {
     const SAMPLE: usize = 1 << 20;
     let (mut bytes, mut records) = (0u64, 0u64);
@@ -1469,10 +1471,10 @@ fn reserve_extraction(pool: &Arc<dyn MemoryPool>, table: &str, spec: &SourceTran
         records += lines * len.div_ceil(head.len().max(1) as u64);
     }
     let texts = match spec.source.encoding {
-        super::spec::SourceEncoding::Utf8 => 3,
-        super::spec::SourceEncoding::Gbk => 4,
+        super::spec::SourceEncoding::Utf8 => 2,
+        super::spec::SourceEncoding::Gbk => 3,
     };
-    let per_record = 4 * (spec.columns.len() as u64 + 1) + 8 + 4;
+    let per_record = 4 * spec.columns.len() as u64 + 8 + 8 + 4 + 4;
     let need = usize::try_from(bytes.saturating_mul(texts).saturating_add(records.saturating_mul(per_record))).unwrap_or(usize::MAX);
     let reservation = MemoryConsumer::new(format!("load: extracting table '{table}'")).register(pool);
     reservation
@@ -1537,15 +1539,15 @@ mod tests {
         .unwrap();
         let set = TransformSet::load(&crate::project::Project::open(&project).unwrap()).unwrap();
         let Some(TransformBody::Source(spec)) = set.get("orders").map(|t| &t.body) else { panic!("a source") };
-        // Three copies of the text (file, fields, raw records); per record two offsets (the
-        // column and the raw text), its line and its file: 20 bytes. The records are estimated
-        // from the first MiB (16,384 lines ending in it, and the one after) times two.
-        let expected = 3 * (2 << 20) + 2 * (16_384 + 1) * 20;
+        // Two copies of the text (file, fields); per record the column's offset (4 bytes), its
+        // line (8), its place in the file (8 and 4) and its file (4): 28 bytes. The records are
+        // estimated from the first MiB (16,384 lines ending in it, and the one after) times two.
+        let expected = 2 * (2 << 20) + 2 * (16_384 + 1) * 28;
 
-        let small: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(6 << 20));
+        let small: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(4 << 20));
         let err = reserve_extraction(&small, "orders", spec, std::slice::from_ref(&file)).unwrap_err();
         assert!(err.is_out_of_memory(), "{err}");
-        assert!(err.to_string().contains("extracting table 'orders' (2.0 MiB of export files) needs about 6.6 MiB"), "{err}");
+        assert!(err.to_string().contains("extracting table 'orders' (2.0 MiB of export files) needs about 4.9 MiB"), "{err}");
         assert_eq!(small.reserved(), 0, "a failed reservation holds nothing");
 
         let enough: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(8 << 20));

@@ -95,10 +95,10 @@ fn a_load_over_the_memory_limit_fails_with_a_hint_and_commits_nothing() {
 #[test]
 fn a_load_counts_the_exports_it_reads_against_the_memory_limit_and_reads_its_tables_back_when_they_do_not_fit() {
     // The sample's exports are 12 MB. The text read from them and each cleaning step's rows live
-    // outside any DataFusion operator; under 16 MiB one of those reservations is refused (which
+    // outside any DataFusion operator; under 12 MiB one of those reservations is refused (which
     // one depends on the order of the work).
     let t = crate::common::test_project();
-    let (code, err) = load_under(&t, "16");
+    let (code, err) = load_under(&t, "12");
     assert_eq!(code, Some(1), "{err}");
     let ours = ["extracting table '", "cleaning table '"];
     assert!(ours.iter().any(|o| err.contains(o)) && err.contains("MiB") && err.contains("Resources exhausted"), "{err}");
