@@ -157,7 +157,10 @@ impl RecordTexts {
                     .iter()
                     .map(|&(start, length)| {
                         let mut bytes = vec![0u8; length as usize];
-                        f.read_exact_at(&mut bytes, start as u64 + skip).map_err(|e| Error::io(path, e))?;
+                        f.read_exact_at(&mut bytes, start as u64 + skip).map_err(|e| match e.kind() {
+                            std::io::ErrorKind::UnexpectedEof => bad(path).into(),
+                            _ => Error::io(path, e),
+                        })?;
                         String::from_utf8(bytes).map_err(|_| bad(path).into())
                     })
                     .collect::<Result<_>>()?
@@ -229,6 +232,8 @@ pub fn raw_schema(spec: &SourceTransform) -> SchemaRef {
 struct FileRows {
     file: String,
     schema: SchemaRef,
+    /// Declared columns (the schema's first ones).
+    ncols: usize,
     /// Records and bytes of text a chunk's builders are sized for.
     capacity: (usize, usize),
     chunks: Vec<RecordBatch>,
@@ -250,6 +255,7 @@ impl FileRows {
         let mut rows = Self {
             file: file.to_string(),
             schema: raw_schema(spec),
+            ncols: spec.columns.len(),
             capacity: (chunk, (text.len() as u128 * chunk as u128 / records as u128) as usize),
             chunks: Vec::new(),
             values: Vec::new(),
@@ -266,8 +272,7 @@ impl FileRows {
     /// Empty builders for the next chunk, each column's text an even share of the chunk's.
     fn size_builders(&mut self) {
         let (records, bytes) = self.capacity;
-        let ncols = self.schema.fields().len() - 4;
-        self.values = (0..ncols).map(|_| StringBuilder::with_capacity(records, bytes / ncols.max(1))).collect();
+        self.values = (0..self.ncols).map(|_| StringBuilder::with_capacity(records, bytes / self.ncols.max(1))).collect();
         self.lines = Vec::with_capacity(records);
         self.starts = Vec::with_capacity(records);
         self.lengths = Vec::with_capacity(records);
