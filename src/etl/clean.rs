@@ -43,10 +43,6 @@ pub struct Cleaned {
     pub duplicates: u64,
 }
 
-/// Records typed at a time: the typed rows of one slice, with their reasons, are held beside
-/// the text, not the whole table's.
-const TYPED_SLICE_ROWS: usize = 1 << 20;
-
 /// Runs the cleaning plan of one source over its extracted text.
 ///
 /// Referenced tables must already be registered in `ctx` under their warehouse names. `text_memory`
@@ -54,10 +50,12 @@ const TYPED_SLICE_ROWS: usize = 1 << 20;
 /// is typed: the fields' own text is no longer held then. The quarantined records' texts are read
 /// back through `texts`.
 pub async fn clean(ctx: &SessionContext, table: &str, spec: &SourceTransform, raw: Vec<RecordBatch>, texts: &RecordTexts, text_memory: Option<&MemoryReservation>) -> Result<Cleaned> {
-    clean_in_slices(ctx, table, spec, raw, texts, text_memory, TYPED_SLICE_ROWS).await
+    // A slice is an extracted batch: its typed rows, with their reasons, are held beside the
+    // text not typed yet, not the whole table's.
+    clean_in_slices(ctx, table, spec, raw, texts, text_memory, super::extract::CHUNK_RECORDS).await
 }
 
-/// [`clean`], typing `slice_rows` records at a time.
+/// [`clean`], typing at most `slice_rows` records at a time.
 async fn clean_in_slices(
     ctx: &SessionContext,
     table: &str,
@@ -402,10 +400,10 @@ async fn with_texts(ctx: &SessionContext, rejected: Vec<RecordBatch>, texts: Vec
         raw.extend(record_texts.read(file, &places)?);
         from = to;
     }
-    let mut columns: Vec<_> = rows.columns()[..6].to_vec();
-    columns.push(Arc::new(StringArray::from(raw)));
-    let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(schema.fields()[..6].iter().cloned().chain([Arc::new(datafusion::arrow::datatypes::Field::new("raw", DataType::Utf8, false))]).collect::<Vec<_>>()));
-    Ok(vec![RecordBatch::try_new(schema, columns)?])
+    // The quarantine's columns: those selected above, then the texts read back.
+    let mut quarantined: Vec<_> = rows.columns()[..columns.len()].to_vec();
+    quarantined.push(Arc::new(StringArray::from(raw)));
+    Ok(vec![RecordBatch::try_new(super::load::quarantine_schema(), quarantined)?])
 }
 
 #[cfg(test)]

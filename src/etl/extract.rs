@@ -143,6 +143,11 @@ impl RecordTexts {
             line: None,
             message: "the export changed after this load read it: a quarantined record's text no longer reads back; load again once the export is complete".into(),
         };
+        // The records at their places in a whole export's decoded text.
+        let in_text = |bytes: &[u8], path: &Path| -> Result<Vec<String>> {
+            let text = decode(bytes, self.encoding, path)?;
+            places.iter().map(|&(start, length)| text.get(start as usize..start as usize + length as usize).map(str::to_string).ok_or_else(|| bad(path).into())).collect()
+        };
         let texts: Vec<String> = match (source, self.encoding) {
             // UTF-8 text is the file's bytes (after a byte-order mark): each record is read at its place.
             (TextSource::File(path), SourceEncoding::Utf8) => {
@@ -166,15 +171,8 @@ impl RecordTexts {
                     .collect::<Result<_>>()?
             }
             // GBK is decoded whole, as it was read.
-            (TextSource::File(path), SourceEncoding::Gbk) => {
-                let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-                let text = decode(&bytes, self.encoding, path)?;
-                places.iter().map(|&(start, length)| text.get(start as usize..start as usize + length as usize).map(str::to_string).ok_or_else(|| bad(path).into())).collect::<Result<_>>()?
-            }
-            (TextSource::Bytes(bytes), _) => {
-                let text = decode(bytes, self.encoding, Path::new(file))?;
-                places.iter().map(|&(start, length)| text.get(start as usize..start as usize + length as usize).map(str::to_string).ok_or_else(|| bad(Path::new(file)).into())).collect::<Result<_>>()?
-            }
+            (TextSource::File(path), SourceEncoding::Gbk) => in_text(&std::fs::read(path).map_err(|e| Error::io(path, e))?, path)?,
+            (TextSource::Bytes(bytes), _) => in_text(bytes, Path::new(file))?,
         };
         Ok(match self.format {
             SourceFormat::Jsonl => texts,
