@@ -334,7 +334,16 @@ impl QueryArgs {
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> i32 {
+    main_with(|_| {})
+}
+
+/// [`main`], first telling `allocator` whether the command bounds its memory (`--memory-limit`,
+/// `serve --query-memory`): the binary then chooses how its allocator gives freed pages back
+/// (src/main.rs).
+pub fn main_with(allocator: impl FnOnce(bool)) -> i32 {
     let cli = Cli::parse();
+    let bounded = cli.memory_limit.is_some() || matches!(&cli.command, Command::Serve(args) if args.query_memory.is_some());
+    allocator(bounded);
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
