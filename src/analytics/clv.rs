@@ -85,8 +85,10 @@ const BGNBD: Likelihood = Likelihood {
         let a3 = -(r + x) * ln_t;
         if x > 0.0 {
             let a4 = a4_x - (r + x) * ln_t_x;
-            let hi = a3.max(a4);
-            a1 + a2 + hi + ((a3 - hi).exp() + (a4 - hi).exp()).ln()
+            // ln(e^a3 + e^a4) = hi + ln(1 + e^(lo − hi)): one exp and one ln_1p a customer (the
+            // greater term's exp is 1). libm's log and exp were the night's largest CPU cost.
+            let (hi, lo) = if a3 >= a4 { (a3, a4) } else { (a4, a3) };
+            a1 + a2 + hi + (lo - hi).exp().ln_1p()
         } else {
             a1 + a2 + a3
         }
