@@ -17,7 +17,7 @@
 //! | | huge pages, DONTNEED (before) | huge pages, FREE | no huge pages, DONTNEED | no huge pages, FREE |
 //! |---|---|---|---|---|
 //! | 1 % night | 22.6 s, 3.6 GB | 20.0 s, 3.6 GB | 17.4–18.2 s, 3.2 GB | 18.2–20.3 s, 3.3 GB |
-//! | full load | 85–89 s, 7.1 GB | | 90.4 s, 6.9 GB | 75.3–78.8 s, 8.0–8.2 GB |
+//! | full load | 84.9–85.5 s, 7.1 GB | | 90.4 s, 6.9 GB | 75.3–78.8 s, 8.0–8.2 GB |
 //!
 //! The full load's peak RSS under `MADV_FREE` counts the pages freed lazily, which the kernel
 //! takes back when it needs them.
