@@ -54,17 +54,18 @@ fn ln_gamma(x: f64) -> f64 {
 /// it is the same operations in the same order.
 struct Likelihood {
     terms: fn(&[f64], f64) -> [f64; 3],
-    /// The customer's value given `x`'s terms and `ln(p[1] + T)`, `ln(p[1] + t_x)` (BG/NBD's
-    /// `ln(α + T)` and `ln(α + t_x)`; see [`Likelihood::logs`]).
+    /// The customer's value given `x`'s terms and two logs of the customer ([`logs_of`]).
     ll: fn(&[f64], &[f64; 3], &Customer, [f64; 2]) -> f64,
-    /// Whether `ll` reads those logs: a fit then computes them once per distinct age and recency
-    /// (a few hundred: whole days in the time unit) rather than once per customer.
+    /// Which logs `ll` reads. True: `ln(p[1] + T)`, `ln(p[1] + t_x)` (BG/NBD's `ln(α + T)` and
+    /// `ln(α + t_x)`), which a fit computes once per distinct age and recency (a few hundred:
+    /// whole days in the time unit) rather than once per customer. False: `ln m` (Gamma-Gamma's
+    /// mean spend), which does not depend on the parameters: a fit computes it once.
     logs: bool,
 }
 
-/// `ln(p[1] + T)` and `ln(p[1] + t_x)` of one customer, computed for it alone.
-fn logs_of(params: &[f64], c: &Customer) -> [f64; 2] {
-    [(params[1] + c.t).ln(), (params[1] + c.t_x).ln()]
+/// The logs `f` reads of one customer ([`Likelihood::logs`]), computed for it alone.
+fn logs_of(f: &Likelihood, params: &[f64], c: &Customer) -> [f64; 2] {
+    if f.logs { [(params[1] + c.t).ln(), (params[1] + c.t_x).ln()] } else { [c.m.ln(), 0.0] }
 }
 
 /// BG/NBD, parameters (r, α, a, b): `x`'s terms are a₁ and a₂ of Fader, Hardie & Lee, and the
@@ -102,10 +103,10 @@ const GAMMA_GAMMA: Likelihood = Likelihood {
         let (p, q, v) = (p[0], p[1], p[2]);
         [ln_gamma(p * x + q) - ln_gamma(p * x) - ln_gamma(q) + q * v.ln(), p * x * x.ln(), 0.0]
     },
-    ll: |p, terms, c, _| {
+    ll: |p, terms, c, [ln_m, _]| {
         let (p, q, v) = (p[0], p[1], p[2]);
         let (x, m) = (c.x, c.m);
-        terms[0] + (p * x - 1.0) * m.ln() + terms[1] - (p * x + q) * (x * m + v).ln()
+        terms[0] + (p * x - 1.0) * ln_m + terms[1] - (p * x + q) * (x * m + v).ln()
     },
     logs: false,
 };
@@ -113,7 +114,7 @@ const GAMMA_GAMMA: Likelihood = Likelihood {
 /// One customer's log-likelihood under `f` at `params`, its terms computed for it alone.
 #[cfg(test)]
 fn direct_ll(f: &Likelihood, params: &[f64], c: &Customer) -> f64 {
-    (f.ll)(params, &(f.terms)(params, c.x), c, logs_of(params, c))
+    (f.ll)(params, &(f.terms)(params, c.x), c, logs_of(f, params, c))
 }
 
 /// The distinct values of `value` over the customers, and each customer's index among them.
@@ -150,6 +151,8 @@ struct Problem<'a> {
     /// are few enough to be worth it).
     ages: Option<(Vec<f64>, Vec<u32>)>,
     recencies: Option<(Vec<f64>, Vec<u32>)>,
+    /// Each customer's `ln m`, when `f` reads it (not `f.logs`).
+    spend_logs: Option<Vec<f64>>,
 }
 
 impl CostFunction for Problem<'_> {
@@ -165,14 +168,16 @@ impl CostFunction for Problem<'_> {
         }
         let (ln_ages, ln_recencies) = (shifted(params[1], &self.ages), shifted(params[1], &self.recencies));
         let ll = |(i, c): (usize, &Customer)| {
-            let logs = if self.f.logs {
-                let direct = logs_of(&params, c);
-                [
-                    ln_ages.as_ref().map_or(direct[0], |(l, index)| l[index[i] as usize]),
-                    ln_recencies.as_ref().map_or(direct[1], |(l, index)| l[index[i] as usize]),
-                ]
-            } else {
-                [0.0; 2]
+            let logs = match (&self.spend_logs, &ln_ages, &ln_recencies) {
+                (Some(ln_m), ..) => [ln_m[i], 0.0],
+                (None, Some((ages, age_of)), Some((recencies, recency_of))) => [ages[age_of[i] as usize], recencies[recency_of[i] as usize]],
+                _ => {
+                    let direct = logs_of(self.f, &params, c);
+                    [
+                        ln_ages.as_ref().map_or(direct[0], |(l, index)| l[index[i] as usize]),
+                        ln_recencies.as_ref().map_or(direct[1], |(l, index)| l[index[i] as usize]),
+                    ]
+                }
             };
             match &table {
                 Some(t) => (self.f.ll)(&params, &t[c.x as usize], c, logs),
@@ -203,6 +208,7 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
     // Tabulated when there are at most a quarter as many distinct values as customers.
     let few = |d: (Vec<f64>, Vec<u32>)| (d.0.len() * 4 <= customers.len()).then_some(d);
     let (ages, recencies) = if f.logs { (few(distinct(customers, |c| c.t)), few(distinct(customers, |c| c.t_x))) } else { (None, None) };
+    let spend_logs: Option<Vec<f64>> = (!f.logs).then(|| customers.iter().map(|c| logs_of(f, &[], c)[0]).collect());
     let mut best: Vec<f64> = start.iter().map(|p| p.ln()).collect();
     let mut best_cost = f64::MAX;
     let (mut runs, mut iterations) = (0, 0);
@@ -214,7 +220,7 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
             simplex.push(v);
         }
         let solver = NelderMead::new(simplex).with_sd_tolerance(1e-12).map_err(|e| e.to_string())?;
-        let problem = Problem { customers, f, max_x: tabulable(customers), ages: ages.clone(), recencies: recencies.clone() };
+        let problem = Problem { customers, f, max_x: tabulable(customers), ages: ages.clone(), recencies: recencies.clone(), spend_logs: spend_logs.clone() };
         let result = Executor::new(problem, solver)
             .configure(|s| s.max_iters(20_000))
             .run()
@@ -491,7 +497,7 @@ mod tests {
             let (ages, age_of) = distinct(&customers, |c| c.t);
             let (recencies, recency_of) = distinct(&customers, |c| c.t_x);
             for (i, c) in customers.iter().enumerate().filter(|(_, c)| c.x > 0.0 || params.len() == 4) {
-                let logs = [(params[1] + ages[age_of[i] as usize]).ln(), (params[1] + recencies[recency_of[i] as usize]).ln()];
+                let logs = if f.logs { [(params[1] + ages[age_of[i] as usize]).ln(), (params[1] + recencies[recency_of[i] as usize]).ln()] } else { [c.m.ln(), 0.0] };
                 let tabulated = (f.ll)(&params, &table[c.x as usize], c, logs);
                 assert_eq!(tabulated.to_bits(), direct_ll(f, &params, c).to_bits(), "{c:?}");
             }
