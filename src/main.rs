@@ -20,7 +20,10 @@
 //! | full load | 84.9–85.5 s, 7.1 GB | | 90.4 s, 6.9 GB | 75.3–78.8 s, 8.0–8.2 GB |
 //!
 //! The full load's peak RSS under `MADV_FREE` counts the pages freed lazily, which the kernel
-//! takes back when it needs them.
+//! takes back when it needs them. Repeated, the full load varied more than these differences:
+//! 75–83 s run by hand and 79–88 s in `cargo bench --bench load`, with the kernel's time from 15
+//! to 25 s (this machine's kernel also reclaims cold pages on its own, which lazily freed pages
+//! are).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
