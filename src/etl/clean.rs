@@ -389,8 +389,9 @@ async fn with_texts(ctx: &SessionContext, rejected: Vec<RecordBatch>, texts: Vec
     if rows.num_rows() as u64 != n {
         return Err(crate::error::Error::Internal(format!("{n} rejected rows found {} record places", rows.num_rows())));
     }
-    let files = rows.column(1).as_string::<i32>();
-    let (starts, lengths) = (rows.column(6).as_primitive::<Int64Type>(), rows.column(7).as_primitive::<UInt32Type>());
+    let column = |name: &str| -> Result<&datafusion::arrow::array::ArrayRef> { Ok(rows.column(rows.schema_ref().index_of(name)?)) };
+    let files = column("source_file")?.as_string::<i32>();
+    let (starts, lengths) = (column(START_COL)?.as_primitive::<Int64Type>(), column(LENGTH_COL)?.as_primitive::<UInt32Type>());
     let mut raw: Vec<String> = Vec::with_capacity(rows.num_rows());
     let mut from = 0;
     while from < rows.num_rows() {
