@@ -35,6 +35,7 @@
 //! views; rollups are aggregates over everything), so they always read the base tables.
 
 pub mod eager;
+mod holds;
 pub mod partitions;
 pub mod sketch;
 

@@ -286,33 +286,35 @@ impl Appended {
         // are split by measure below). The new values (a small build side, on the left) are
         // probed by the fact rows.
         let started = std::time::Instant::now();
-        let mut subset = out.in_touched_units(ctx, cube, fact, counted.iter().map(|(m, ..)| m)).await?;
-        let mut holds = Vec::new();
+        let (subset, touched) = out.in_touched_units(ctx, cube, fact, counted.iter().map(|(m, ..)| m)).await?;
         // Each counted column's new values, collected once: the pass tests each fact row's value
-        // against them (one hash set, [`InValues`]) and the pairs below join them. A join per
-        // column probed and emitted every row of the touched units before the filter; an IN
-        // list of literals costs as little to run but far more to plan (tens of thousands).
+        // against them (one hash set a column, [`super::holds`]) and the pairs below join them.
+        // A join per column probed and emitted every row of the touched units before the filter;
+        // an IN list of literals costs as little to run but far more to plan (tens of thousands).
+        let mut sets = Vec::new();
+        let mut tested = vec![touched.unwrap_or(lit(true))];
         let mut new_values_of = Vec::new();
         for (_, column, _) in &counted {
             let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias("__value")])?.distinct()?;
             let schema: SchemaRef = Arc::new(values.schema().as_arrow().clone());
             let batches = values.collect().await?;
-            let key_type = subset.schema().field_with_unqualified_name(column)?.data_type().clone();
-            let array = datafusion::arrow::compute::cast(datafusion::arrow::compute::concat_batches(&schema, &batches)?.column(0), &key_type)?;
-            holds.push(InValues::udf(array)?.call(vec![col(column.as_str())]));
+            sets.push(datafusion::arrow::compute::concat_batches(&schema, &batches)?.column(0).clone());
+            tested.push(col(column.as_str()));
             new_values_of.push(ctx.read_batches(crate::warehouse::with_empty(&schema, batches))?);
         }
-        if let Some(any) = datafusion::logical_expr::utils::disjunction(holds) {
-            subset = subset.filter(any)?;
+        let mut columns: BTreeSet<String> = counted.iter().flat_map(|(_, _, levels)| levels.iter().cloned()).collect();
+        columns.extend(counted.iter().map(|(m, ..)| m.clone()));
+        let columns: Vec<String> = columns.into_iter().collect();
+        let mut subset = subset.filter(super::holds::udf(sets)?.call(tested))?;
+        // Only the columns the pairs read are copied out of the fact rows kept.
+        if let Some(read) = fact_columns(ctx, cube, &columns).await? {
+            subset = subset.select_columns(&read.iter().map(String::as_str).collect::<Vec<_>>())?;
         }
         // Collected before the dimensions join them: the exact row count lets the joins hold the
         // dimension, not these rows, in memory.
         let view = format!("__appended_prior_facts_{}", cube.name);
         register_rows(ctx, &view, subset).await?;
         let scoped = Cube { fact: view.clone(), ..cube.clone() };
-        let mut columns: BTreeSet<String> = counted.iter().flat_map(|(_, _, levels)| levels.iter().cloned()).collect();
-        columns.extend(counted.iter().map(|(m, ..)| m.clone()));
-        let columns: Vec<String> = columns.into_iter().collect();
         let all = format!("__appended_prior_{}", cube.name);
         let registered = async { register_rows(ctx, &all, crate::query::cube_frame(ctx, &scoped, Some(&columns)).await?).await }.await;
         ctx.deregister_table(view.as_str())?;
@@ -355,17 +357,18 @@ impl Appended {
 
     /// The rows of `fact` that can share a group of a rollup keeping one of `measures` with a
     /// new row: those in the units the new rows fall in, of the coarsest refresh unit of those
-    /// rollups (all of one dimension; otherwise every row).
-    async fn in_touched_units(&mut self, ctx: &SessionContext, cube: &Cube, fact: DataFrame, measures: impl Iterator<Item = &String>) -> Result<DataFrame> {
+    /// rollups (all of one dimension; otherwise every row). Either a condition on the fact's
+    /// rows (a range or a list of its foreign keys), or the rows themselves (a semi-join).
+    async fn in_touched_units(&mut self, ctx: &SessionContext, cube: &Cube, fact: DataFrame, measures: impl Iterator<Item = &String>) -> Result<(DataFrame, Option<Expr>)> {
         let measures: Vec<&String> = measures.collect();
         let units: Option<Vec<LevelRef<'_>>> = cube.rollups.iter().filter(|r| r.measures.iter().any(|m| measures.contains(&m))).map(|r| refresh_unit(cube, r)).collect();
-        let Some(units) = units else { return Ok(fact) };
-        let (Some(first), Some(coarsest)) = (units.first(), units.iter().min_by_key(|u| u.index)) else { return Ok(fact) };
-        let Some(join) = coarsest.dimension.join.as_ref() else { return Ok(fact) };
+        let Some(units) = units else { return Ok((fact, None)) };
+        let (Some(first), Some(coarsest)) = (units.first(), units.iter().min_by_key(|u| u.index)) else { return Ok((fact, None)) };
+        let Some(join) = coarsest.dimension.join.as_ref() else { return Ok((fact, None)) };
         if units.iter().any(|u| u.dimension.name != first.dimension.name) {
-            return Ok(fact);
+            return Ok((fact, None));
         }
-        let Some(touched) = self.units(ctx, *coarsest).await? else { return Ok(fact) };
+        let Some(touched) = self.units(ctx, *coarsest).await? else { return Ok((fact, None)) };
         // The member keys of those units, as values of the fact's foreign key: a filter on the
         // fact rows instead of a join with the dimension.
         let key_type = fact.schema().field_with_unqualified_name(&join.foreign_key)?.data_type().clone();
@@ -384,10 +387,12 @@ impl Appended {
                     let others_inside = members.iter().filter(|(_, u)| !touched.prints.contains_key(*u)).any(|(k, _)| ScalarValue::try_from_string(k.clone(), &key_type).map_or(true, |k| inside(&k)));
                     if !others_inside {
                         let fk = col(join.foreign_key.as_str());
-                        return Ok(fact.filter(fk.clone().gt_eq(lit(lo.clone())).and(fk.lt_eq(lit(hi.clone()))))?);
+                        return Ok((fact, Some(fk.clone().gt_eq(lit(lo.clone())).and(fk.lt_eq(lit(hi.clone()))))));
                     }
                 }
-                in_list(fact, col(join.foreign_key.as_str()), typed.into_iter().map(lit).collect(), false)
+                // No key (no unit touched): no row.
+                let keys: Vec<Expr> = typed.into_iter().map(lit).collect();
+                Ok((fact, Some(if keys.is_empty() { lit(false) } else { col(join.foreign_key.as_str()).in_list(keys, false) })))
             }
             // Many members (or keys that do not read back as the foreign key's type): a
             // semi-join with the dimension's rows in those units.
@@ -395,7 +400,7 @@ impl Appended {
                 let names: Vec<Expr> = touched.prints.keys().map(|u| lit(u.as_str())).collect();
                 let members = in_list(ctx.table(join.table.as_str()).await?, cast(col(coarsest.level().column.as_str()), DataType::Utf8), names, false)?;
                 let keys = members.select(vec![col(join.key.as_str()).alias("__unit_key")])?;
-                Ok(keys.join(fact, JoinType::RightSemi, &["__unit_key"], &[join.foreign_key.as_str()], None)?)
+                Ok((keys.join(fact, JoinType::RightSemi, &["__unit_key"], &[join.foreign_key.as_str()], None)?, None))
             }
         }
     }
@@ -420,6 +425,24 @@ impl Appended {
         }
         Ok(self.prints[key].clone())
     }
+}
+
+/// The columns of `cube`'s fact table that its rows of `columns` (levels and measures, see
+/// [`crate::query::cube_frame`]) read, as the optimised plan of those rows scans them. None when
+/// the plan does not scan the fact table by its name (a view, inlined).
+async fn fact_columns(ctx: &SessionContext, cube: &Cube, columns: &[String]) -> Result<Option<Vec<String>>> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let plan = crate::query::cube_frame(ctx, cube, Some(columns)).await?.into_optimized_plan()?;
+    let mut read: Option<BTreeSet<String>> = None;
+    plan.apply(|node| {
+        if let datafusion::logical_expr::LogicalPlan::TableScan(scan) = node
+            && scan.table_name.table() == cube.fact
+        {
+            read.get_or_insert_default().extend(scan.projected_schema.fields().iter().map(|f| f.name().clone()));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(read.map(|r| r.into_iter().collect()))
 }
 
 /// The most member keys [`Appended::in_touched_units`] lists in a filter (a few years of days);
@@ -658,69 +681,6 @@ impl ScalarUDFImpl for RowHash {
     }
 }
 
-/// `crmcube_in_values(x)`: whether `x` is one of a set of values fixed when the function is
-/// made (NULL for a NULL `x`, as `IN` gives) — an IN list planned as one node, not one literal
-/// per value. DataFusion's static IN-list filter (a hash set, specialised for primitives) tests
-/// the rows.
-struct InValues {
-    signature: Signature,
-    filter: Arc<datafusion::physical_expr::expressions::InListExpr>,
-    input: SchemaRef,
-}
-
-impl InValues {
-    fn udf(values: datafusion::arrow::array::ArrayRef) -> Result<ScalarUDF> {
-        use datafusion::arrow::datatypes::{Field, Schema};
-        use datafusion::physical_expr::expressions::{Column, InListExpr};
-        let key_type = values.data_type().clone();
-        let input = Arc::new(Schema::new(vec![Field::new("__value", key_type.clone(), true)]));
-        let filter = InListExpr::try_new_from_array(Arc::new(Column::new("__value", 0)), values, false, &input)?;
-        Ok(ScalarUDF::from(InValues { signature: Signature::exact(vec![key_type], Volatility::Immutable), filter: Arc::new(filter), input }))
-    }
-}
-
-impl std::fmt::Debug for InValues {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "InValues({} values)", self.filter.len())
-    }
-}
-
-// Two of them are the same function only when they hold the same set (the same allocation).
-impl PartialEq for InValues {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.filter, &other.filter)
-    }
-}
-
-impl Eq for InValues {}
-
-impl std::hash::Hash for InValues {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        std::ptr::hash(Arc::as_ptr(&self.filter), state)
-    }
-}
-
-impl ScalarUDFImpl for InValues {
-    fn name(&self) -> &str {
-        "crmcube_in_values"
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _args: &[DataType]) -> datafusion::error::Result<DataType> {
-        Ok(DataType::Boolean)
-    }
-
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> datafusion::error::Result<ColumnarValue> {
-        use datafusion::physical_expr::PhysicalExpr;
-        let array = args.args[0].to_array(args.number_rows)?;
-        let batch = RecordBatch::try_new(self.input.clone(), vec![array])?;
-        self.filter.evaluate(&batch)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,32 +708,6 @@ mod tests {
         let mut out: Vec<_> = fact_prints(&ctx, "facts", "day").await.unwrap().into_iter().map(|k| (k.text, k.print)).collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
-    }
-
-    #[tokio::test]
-    async fn in_values_keeps_the_rows_holding_one_of_its_values() {
-        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true), Field::new("name", DataType::Utf8, true)]));
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![Arc::new(Int64Array::from(vec![Some(1), Some(2), None, Some(5), Some(7)])), Arc::new(StringArray::from(vec![Some("a"), Some("b"), Some("c"), None, Some("e")]))],
-        )
-        .unwrap();
-        let ctx = SessionContext::new();
-        let ids = InValues::udf(Arc::new(Int64Array::from(vec![5, 1, 9]))).unwrap();
-        let names = InValues::udf(Arc::new(StringArray::from(vec!["e", "zz"]))).unwrap();
-        let none = InValues::udf(Arc::new(Int64Array::from(Vec::<i64>::new()))).unwrap();
-        let kept = |filter: Expr| {
-            let df = ctx.read_batch(batch.clone()).unwrap();
-            async move {
-                let rows = df.filter(filter).unwrap().select(vec![col("id")]).unwrap().collect().await.unwrap();
-                rows.iter().flat_map(|b| b.column(0).as_primitive::<Int64Type>().iter().collect::<Vec<_>>()).collect::<Vec<_>>()
-            }
-        };
-        assert_eq!(kept(ids.call(vec![col("id")])).await, vec![Some(1), Some(5)]);
-        assert_eq!(kept(ids.call(vec![col("id")]).or(names.call(vec![col("name")]))).await, vec![Some(1), Some(5), Some(7)]);
-        assert_eq!(kept(none.call(vec![col("id")])).await, Vec::<Option<i64>>::new());
-        // As an IN list: NULL in, NULL out (which a filter drops, and NOT keeps out).
-        assert_eq!(kept(!ids.call(vec![col("id")])).await, vec![Some(2), Some(7)]);
     }
 
     #[tokio::test]
