@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::spec::{SourceEncoding, SourceFormat};
 use super::validate::SourceTransform;
-use crate::warehouse::SourceFile;
+use crate::warehouse::{SourceFile, Stamp};
 use crate::error::{DataError, Error, Result, nearest};
 
 /// Hidden columns every extracted batch carries.
@@ -97,12 +97,28 @@ pub fn list_files(table: &str, spec: &SourceTransform, sources_dir: &Path) -> Re
 }
 
 /// Each file's path under `sources_dir`, size and SHA-256 (what a snapshot records of it).
-pub fn survey(files: &[PathBuf], sources_dir: &Path) -> Result<Vec<SourceFile>> {
+///
+/// A file `known` (the previous snapshot's files, by path) records with the same size and
+/// [`Stamp`] is not read: its recorded checksum stands (a night of a few new files no longer
+/// hashes every export, and a re-run none). Any other file is read, and its stamp recorded only
+/// if it had settled ([`Stamp::settled_by`]) before the reading began.
+pub fn survey(files: &[PathBuf], sources_dir: &Path, known: &std::collections::BTreeMap<String, SourceFile>) -> Result<Vec<SourceFile>> {
     files
         .par_iter()
         .map(|f| {
             let key = f.strip_prefix(sources_dir).unwrap_or(f).to_string_lossy().to_string();
-            std::fs::File::open(f).and_then(|file| SourceFile::read(key, file)).map_err(|e| Error::io(f, e))
+            let meta = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+            let stamp = Stamp::of(&meta);
+            if let Some(known) = known.get(&key)
+                && stamp.is_some()
+                && known.stamp == stamp
+                && known.bytes == meta.len()
+            {
+                return Ok(known.clone());
+            }
+            let started = std::time::SystemTime::now();
+            let read = std::fs::File::open(f).and_then(|file| SourceFile::read(key, file)).map_err(|e| Error::io(f, e))?;
+            Ok(SourceFile { stamp: stamp.filter(|s| s.settled_by(started)), ..read })
         })
         .collect()
 }
@@ -585,4 +601,62 @@ fn read_jsonl(table: &str, spec: &SourceTransform, text: &str, shown: &str) -> R
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// What a snapshot records of `path` as surveyed now, with a checksum no read can give.
+    fn known_with_false_checksum(dir: &Path, name: &str) -> BTreeMap<String, SourceFile> {
+        let meta = std::fs::metadata(dir.join(name)).unwrap();
+        let f = SourceFile { path: name.into(), bytes: meta.len(), sha256: "not read".into(), stamp: Stamp::of(&meta) };
+        BTreeMap::from([(name.to_string(), f)])
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_file_with_its_recorded_stamp_is_not_read_and_a_rewritten_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orders.csv");
+        std::fs::write(&path, "order_id\nO1\n").unwrap();
+        let files = [path.clone()];
+        let read = |known: &BTreeMap<String, SourceFile>| survey(&files, dir.path(), known).unwrap().remove(0);
+        let content = SourceFile::of("orders.csv".into(), b"order_id\nO1\n");
+
+        // Just written: read, and its stamp not recorded (a write in the same clock tick would
+        // not change it).
+        let fresh = read(&BTreeMap::new());
+        assert!(fresh.same_content(&content));
+        assert_eq!(fresh.stamp, None);
+
+        // The same stamp and size: the recorded checksum stands, the file is not read.
+        let known = known_with_false_checksum(dir.path(), "orders.csv");
+        assert_eq!(read(&known).sha256, "not read");
+
+        // Rewritten with as many bytes and its modification time set back, as `cp -p` or
+        // `rsync -t` would: the status change time moved, so the file is read again.
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, "order_id\nO2\n").unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(modified).unwrap();
+        let again = read(&known);
+        assert!(again.same_content(&SourceFile::of("orders.csv".into(), b"order_id\nO2\n")), "{again:?}");
+
+        // Another size with the same stamp (not possible on a file system, but a stamp never
+        // stands alone).
+        let mut other_size = known_with_false_checksum(dir.path(), "orders.csv");
+        other_size.get_mut("orders.csv").unwrap().bytes += 1;
+        assert_eq!(read(&other_size).sha256, again.sha256);
+    }
+
+    #[test]
+    fn a_stamp_is_settled_two_seconds_after_its_last_write() {
+        let at = |s: i64| Stamp { modified_ns: s * 1_000_000_000, changed_ns: s * 1_000_000_000, inode: 1, device: 1 };
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(100);
+        assert!(at(97).settled_by(now));
+        assert!(!at(98).settled_by(now));
+        assert!(!Stamp { changed_ns: 99_000_000_000, ..at(90) }.settled_by(now), "a status change counts as a write");
+    }
 }

@@ -224,7 +224,8 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     // another clock does not matter).
     let stats_before: Vec<Vec<FileStat>> =
         listed.iter().map(|files| files.iter().map(|f| FileStat::of(f)).collect::<Result<_>>()).collect::<Result<_>>()?;
-    let mut surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources)).collect::<Result<_>>()?;
+    let known = previous.as_ref().map(|p| p.files.clone()).unwrap_or_default();
+    let mut surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources, &known)).collect::<Result<_>>()?;
     // A staged database source is recorded by table, wherever the warehouse lives; an
     // incremental one with nothing new stands for what the previous snapshot loaded (so it is
     // kept, and a night without changes writes no snapshot).
@@ -366,7 +367,7 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
 
     if run.changed.is_empty()
         && let Some(prev) = previous.as_ref()
-        && run.ledger(&files_now) == prev.files
+        && same_files(&run.ledger(&files_now), &prev.files)
     {
         tracing::info!(snapshot = prev.id, "nothing changed since the previous snapshot; none written");
         return Ok(LoadReport { snapshot: prev.id, unchanged: true, tables: run.reports, files: files_report, seconds: started.elapsed().as_secs_f64() });
@@ -1373,6 +1374,12 @@ fn rejects_batch(rejects: &[Reject]) -> Result<RecordBatch> {
             Arc::new(StringArray::from_iter_values(rejects.iter().map(|r| r.raw.as_str()))),
         ],
     )?)
+}
+
+/// Whether two ledgers name the same files with the same content: a file read again tonight
+/// and stamped (see [`crate::warehouse::Stamp`]) is still the file the snapshot loaded.
+fn same_files(a: &BTreeMap<String, SourceFile>, b: &BTreeMap<String, SourceFile>) -> bool {
+    a.len() == b.len() && a.values().zip(b.values()).all(|(x, y)| x.same_content(y))
 }
 
 /// A file's size and modification time (by the file's own clock, so a writer with another clock

@@ -151,11 +151,58 @@ pub struct SourceFile {
     pub path: String,
     pub bytes: u64,
     pub sha256: String,
+    /// The file's [`Stamp`] when it was read, if it had settled by then: a later load that
+    /// finds the same stamp (and size) trusts `sha256` without reading the file again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp>,
+}
+
+/// When and where a file was last written, as its file system tells: modification and status
+/// change times (nanoseconds since 1970), inode and device. As git trusts its index, a load
+/// trusts a recorded checksum while the stamp and size are the same: writing a file's content
+/// changes its status change time, which no tool can set back (`touch -d`, `cp -p` and
+/// `rsync -t` restore the modification time only). Unix only; elsewhere every file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub modified_ns: i64,
+    pub changed_ns: i64,
+    pub inode: u64,
+    pub device: u64,
+}
+
+impl Stamp {
+    /// Seconds a file must have been left alone before it is read for its stamp to be recorded:
+    /// a write in the same tick of a coarse clock as the one before would leave the stamp as it
+    /// was (git's "racily clean" files).
+    pub const SETTLE_SECONDS: i64 = 2;
+
+    #[cfg(unix)]
+    pub fn of(meta: &std::fs::Metadata) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| s.checked_mul(1_000_000_000)?.checked_add(n);
+        Some(Stamp { modified_ns: ns(meta.mtime(), meta.mtime_nsec())?, changed_ns: ns(meta.ctime(), meta.ctime_nsec())?, inode: meta.ino(), device: meta.dev() })
+    }
+
+    #[cfg(not(unix))]
+    pub fn of(_meta: &std::fs::Metadata) -> Option<Stamp> {
+        None
+    }
+
+    /// Whether the file was last written at least [`Self::SETTLE_SECONDS`] before `now`.
+    pub fn settled_by(&self, now: std::time::SystemTime) -> bool {
+        let now = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        self.modified_ns.max(self.changed_ns) < now - Self::SETTLE_SECONDS * 1_000_000_000
+    }
 }
 
 impl SourceFile {
     pub fn of(path: String, content: &[u8]) -> Self {
-        Self { path, bytes: content.len() as u64, sha256: hex(&Sha256::digest(content)) }
+        Self { path, bytes: content.len() as u64, sha256: hex(&Sha256::digest(content)), stamp: None }
+    }
+
+    /// The same content as `other` (size and checksum), whatever the stamps.
+    pub fn same_content(&self, other: &SourceFile) -> bool {
+        self.path == other.path && self.bytes == other.bytes && self.sha256 == other.sha256
     }
 
     /// [`Self::of`] a file's content, read in blocks (an export of gigabytes is not held).
@@ -169,7 +216,7 @@ impl SourceFile {
             hasher.update(&block[..n]);
             bytes += n as u64;
         }
-        Ok(Self { path, bytes, sha256: hex(&hasher.finalize()) })
+        Ok(Self { path, bytes, sha256: hex(&hasher.finalize()), stamp: None })
     }
 }
 

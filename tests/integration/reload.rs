@@ -282,6 +282,42 @@ fn the_snapshot_records_its_files_and_a_changed_export_is_reported() {
     assert_eq!(report["files"]["since"], serde_json::json!(2));
 }
 
+/// An export left alone since before a load is recorded with its stamp, and the next load
+/// trusts its checksum without reading it; rewritten in place with as many bytes and its
+/// modification time set back (as `cp -p` would), it is read again and reported.
+#[cfg(unix)]
+#[test]
+fn a_settled_export_is_trusted_by_its_stamp_until_it_is_rewritten() {
+    let t = test_project();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let loaded = || {
+        let (p, w) = (t.project.clone(), t.warehouse.clone());
+        block_on(async move { load(&p, &w).await.unwrap() })
+    };
+    loaded();
+    let snapshot = t.warehouse.current().unwrap().unwrap();
+    assert!(snapshot.files.values().all(|f| f.stamp.is_some()), "every export had settled: {:?}", snapshot.files);
+
+    let again = loaded();
+    assert!(again.unchanged, "nothing new: no snapshot");
+
+    let path = t.project.sources.join("sales_reps.csv");
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let name = text.lines().nth(1).unwrap().split(',').nth(1).unwrap().to_string();
+    let renamed: String = name.chars().rev().collect();
+    assert_ne!(renamed, name);
+    std::fs::write(&path, text.replacen(&name, &renamed, 1)).unwrap();
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(modified).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), text.len() as u64);
+
+    let rewritten = loaded();
+    assert!(!rewritten.unchanged);
+    assert_eq!(rewritten.files.changed, ["sales_reps.csv"]);
+    let snapshot = t.warehouse.current().unwrap().unwrap();
+    assert_eq!(snapshot.files["sales_reps.csv"].sha256, crmcube::warehouse::SourceFile::of("x".into(), std::fs::read(&path).unwrap().as_slice()).sha256);
+}
+
 /// An export rewritten while the load reads it (a CRM job still writing it): the load stops
 /// with the file named, nothing is committed, and the next load — the file complete — commits.
 /// The load is a real `crmcube load` process held after its survey (`CRMCUBE_PAUSE_AT`) while
