@@ -298,7 +298,10 @@ impl Appended {
             let values = ctx.table(facts.as_str()).await?.select(vec![col(column.as_str()).alias("__value")])?.distinct()?;
             let schema: SchemaRef = Arc::new(values.schema().as_arrow().clone());
             let batches = values.collect().await?;
-            sets.push(datafusion::arrow::compute::concat_batches(&schema, &batches)?.column(0).clone());
+            // In the fact column's own type, so that values compare alike (a decimal's text
+            // depends on its scale).
+            let key_type = subset.schema().field_with_unqualified_name(column)?.data_type().clone();
+            sets.push(datafusion::arrow::compute::cast(datafusion::arrow::compute::concat_batches(&schema, &batches)?.column(0), &key_type)?);
             tested.push(col(column.as_str()));
             new_values_of.push(ctx.read_batches(crate::warehouse::with_empty(&schema, batches))?);
         }
@@ -574,10 +577,14 @@ pub async fn append(
 /// read: the new rows' groups are in them.
 async fn new_values<'u>(ctx: &SessionContext, pairs: &str, levels: &[String], m: &str, (unit, touched): (&str, impl Iterator<Item = &'u String>)) -> Result<DataFrame> {
     let names: Vec<Expr> = touched.map(|u| lit(u.as_str())).collect();
-    let pairs = in_list(ctx.table(pairs).await?, cast(col(unit), DataType::Utf8), names, false)?;
+    let pairs = ctx.table(pairs).await?;
+    // A rollup at the pairs' own grain (the finest keeping `m`) reads them as they are.
+    let pair_levels: BTreeSet<&str> = pairs.schema().fields().iter().map(|f| f.name().as_str()).filter(|n| !["__value", "__all", "__new"].contains(n)).collect();
+    let same_grain = pair_levels == levels.iter().map(String::as_str).collect();
+    let pairs = in_list(pairs, cast(col(unit), DataType::Utf8), names, false)?;
     let mut by_value: Vec<Expr> = levels.iter().map(|l| col(l.as_str())).collect();
     by_value.push(col("__value"));
-    let grouped = pairs.aggregate(by_value, vec![sum(col("__all")).alias("__all"), sum(col("__new")).alias("__new")])?;
+    let grouped = if same_grain { pairs } else { pairs.aggregate(by_value, vec![sum(col("__all")).alias("__all"), sum(col("__new")).alias("__new")])? };
     let fresh = grouped.filter(col("__all").eq(col("__new")))?;
     Ok(fresh.aggregate(levels.iter().map(|l| col(l.as_str())).collect(), vec![count(lit(1)).alias(m)])?)
 }
