@@ -224,8 +224,9 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
     // another clock does not matter).
     let stats_before: Vec<Vec<FileStat>> =
         listed.iter().map(|files| files.iter().map(|f| FileStat::of(f)).collect::<Result<_>>()).collect::<Result<_>>()?;
-    let known = previous.as_ref().map(|p| p.files.clone()).unwrap_or_default();
-    let mut surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources, &known)).collect::<Result<_>>()?;
+    let no_files = BTreeMap::new();
+    let known = previous.as_ref().map_or(&no_files, |p| &p.files);
+    let mut surveyed: Vec<Vec<SourceFile>> = listed.iter().map(|f| extract::survey(f, &project.sources, known)).collect::<Result<_>>()?;
     // A staged database source is recorded by table, wherever the warehouse lives; an
     // incremental one with nothing new stands for what the previous snapshot loaded (so it is
     // kept, and a night without changes writes no snapshot).

@@ -8,7 +8,6 @@
 //! every set. Here the lookups are row by row and only where still needed: not where `where` is
 //! false, not past the first set that holds the row's value, and not for a value outside its
 //! set's least and greatest (new order ids lie in a narrow range; old ones fail one comparison).
-//! At 10 M order lines that is 3.3 M lookups instead of 19.2 M.
 //!
 //! Integers are compared as `i64`, text as bytes, other types as their text (the same cast
 //! for the set and the column, so equal values give equal text). A NULL holds nothing; the

@@ -283,8 +283,7 @@ impl Appended {
         }
         // One pass over the fact table for all of them: every row holding a value some new row
         // holds, of any counted column (a superset of each count's rows serves it: the rows
-        // are split by measure below). The new values (a small build side, on the left) are
-        // probed by the fact rows.
+        // are split by measure below).
         let started = std::time::Instant::now();
         let (subset, touched) = out.in_touched_units(ctx, cube, fact, counted.iter().map(|(m, ..)| m)).await?;
         // Each counted column's new values, collected once: the pass tests each fact row's value
@@ -393,9 +392,7 @@ impl Appended {
                         return Ok((fact, Some(fk.clone().gt_eq(lit(lo.clone())).and(fk.lt_eq(lit(hi.clone()))))));
                     }
                 }
-                // No key (no unit touched): no row.
-                let keys: Vec<Expr> = typed.into_iter().map(lit).collect();
-                Ok((fact, Some(if keys.is_empty() { lit(false) } else { col(join.foreign_key.as_str()).in_list(keys, false) })))
+                Ok((fact, Some(one_of(col(join.foreign_key.as_str()), typed.into_iter().map(lit).collect(), false))))
             }
             // Many members (or keys that do not read back as the foreign key's type): a
             // semi-join with the dimension's rows in those units.
@@ -452,14 +449,15 @@ async fn fact_columns(ctx: &SessionContext, cube: &Cube, columns: &[String]) -> 
 /// above it, the fact rows are semi-joined with the dimension instead.
 const MAX_KEYS_IN_LIST: usize = 4096;
 
-/// The rows of `df` whose `value` is one of `list` (or, `negated`, none of them). An empty list
-/// keeps no row (negated, every row): an empty IN list is not valid SQL.
+/// Whether `value` is one of `list` (or, `negated`, none of them). No value is one of an empty
+/// list (negated, every value is none of it): an empty IN list is not valid SQL.
+fn one_of(value: Expr, list: Vec<Expr>, negated: bool) -> Expr {
+    if list.is_empty() { lit(negated) } else { value.in_list(list, negated) }
+}
+
+/// The rows of `df` whose `value` is [`one_of`] `list` (or, `negated`, none of them).
 fn in_list(df: DataFrame, value: Expr, list: Vec<Expr>, negated: bool) -> Result<DataFrame> {
-    Ok(match (list.is_empty(), negated) {
-        (true, false) => df.limit(0, Some(0))?,
-        (true, true) => df,
-        (false, _) => df.filter(value.in_list(list, negated))?,
-    })
+    Ok(df.filter(one_of(value, list, negated))?)
 }
 
 /// Collects `df` and registers its rows in memory as `name`. `CRMCUBE_LOG=trace` logs the plan
