@@ -29,7 +29,7 @@ use datafusion::arrow::array::Array;
 use super::clean::{clean, count_rows};
 use super::extract::{self, Extracted, Reject};
 use super::spec::LoadMode;
-use super::validate::{History, SourceTransform, Transform, TransformBody, TransformSet};
+use super::validate::{History, RefreshBy, SourceTransform, Transform, TransformBody, TransformSet};
 use crate::error::{DataError, Diagnostic, Error, Result, SpecErrors};
 use crate::project::Project;
 use crate::warehouse::{Snapshot, SourceFile, TableEntry, Warehouse, content_checksum};
@@ -319,13 +319,13 @@ pub async fn load_with(project: &Project, warehouse: &Warehouse, options: &LoadO
         let mut i = 0;
         while i < pending.len() {
             let t = pending[i];
-            let TransformBody::Derived { sql, grows_with } = &t.body else { unreachable!("only derived tables are pending") };
+            let TransformBody::Derived { sql, grows_with, refresh_by } = &t.body else { unreachable!("only derived tables are pending") };
             let inputs = referenced_tables(&ctx, sql)?;
             if inputs.iter().any(|n| pending_names.contains(n) && !run.done.contains(n)) {
                 i += 1;
                 continue;
             }
-            in_table(&t.name, run.derived(&set, t, sql, grows_with.as_deref(), &inputs).await)?;
+            in_table(&t.name, run.derived(&set, t, sql, grows_with.as_deref(), refresh_by.as_ref(), &inputs).await)?;
             pending.remove(i);
             progressed = true;
         }
@@ -680,7 +680,10 @@ impl<'a> Run<'a> {
     fn register(&self, name: &str, schema: &SchemaRef, rows: &[RecordBatch]) -> Result<()> {
         self.ctx.deregister_table(name)?;
         // The batches themselves (shared, not copied): the output written at commit holds them too.
-        let table = datafusion::datasource::MemTable::try_new(schema.clone(), vec![rows.to_vec()])?;
+        let table = datafusion::datasource::MemTable::try_new(schema.clone(), vec![rows.to_vec()]).map_err(|e| {
+            let made = rows.first().map(|b| b.schema().to_string()).unwrap_or_default();
+            e.context(format!("table '{name}': its rows ({made}) do not have its SELECT's types ({schema})"))
+        })?;
         self.ctx.register_table(name, Arc::new(table))?;
         Ok(())
     }
@@ -825,7 +828,7 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    async fn derived(&mut self, set: &TransformSet, t: &Transform, sql: &str, grows_with: Option<&str>, inputs: &[String]) -> Result<()> {
+    async fn derived(&mut self, set: &TransformSet, t: &Transform, sql: &str, grows_with: Option<&str>, refresh_by: Option<&RefreshBy>, inputs: &[String]) -> Result<()> {
         let (fingerprint, same_spec) = self.fingerprint_unchanged(t)?;
         if same_spec && !inputs.iter().any(|i| self.changed.contains(i)) {
             return self.keep(&t.name, "derived").await;
@@ -835,6 +838,12 @@ impl<'a> Run<'a> {
         if same_spec
             && let Some(driver) = grows_with
             && self.grow(set, t, sql, driver, inputs, &fingerprint, table_started).await?
+        {
+            return Ok(());
+        }
+        if same_spec
+            && let Some(by) = refresh_by
+            && self.refresh_keys(set, t, sql, by, inputs, &fingerprint, table_started).await?
         {
             return Ok(());
         }
@@ -970,6 +979,93 @@ impl<'a> Run<'a> {
         self.appended.insert(name.to_string(), (schema.clone(), rows.clone()));
         let output = Output { total_rows: entry.rows + n, append: true, spec: Some(fingerprint.to_string()), layout: t.layout.clone(), ..Output::new(name, schema, rows) };
         self.put(output).await?;
+        Ok(true)
+    }
+
+    /// A derived table `refresh_by` a driver table's key (see [`super::keyed`]), on a night when
+    /// the driver only gained rows and no other table its SQL reads changed: the SELECT over the
+    /// driver's rows of the keys tonight's rows hold replaces the previous rows of those keys, and
+    /// the rows of every other key are kept. False when the night does not allow it (the caller
+    /// recomputes the table).
+    #[allow(clippy::too_many_arguments)]
+    async fn refresh_keys(&mut self, set: &TransformSet, t: &Transform, sql: &str, by: &RefreshBy, inputs: &[String], fingerprint: &str, started: Instant) -> Result<bool> {
+        use datafusion::logical_expr::JoinType;
+        use datafusion::prelude::ident;
+        let (name, driver, key) = (t.name.as_str(), by.table.as_str(), by.key.as_str());
+        if self.previous_entry(name).is_none() {
+            return Ok(false);
+        }
+        let Some((driver_schema, new_rows)) = self.appended.get(driver).cloned() else { return Ok(false) };
+        if let Some(i) = inputs.iter().find(|i| *i != driver && self.changed.contains(*i)) {
+            tracing::info!(table = name, "recomputed in full: {i} changed");
+            return Ok(false);
+        }
+        let plan = self.ctx.sql(sql).await.map_err(|e| derived_error(set, name, e))?.into_unoptimized_plan();
+        if let Some(why) = super::keyed::not_keyed(&plan, driver, key, inputs) {
+            tracing::warn!(table = name, "refresh_by {driver}.{key} does not apply: {why}; the table is recomputed in full");
+            return Ok(false);
+        }
+        // The keys tonight's rows hold. A NULL key matches no key in a join: its rows are
+        // recomputed with the whole table.
+        const TOUCHED: &str = "__touched_key";
+        let touched = self.ctx.read_batches(crate::warehouse::with_empty(&driver_schema, new_rows))?.select(vec![ident(key).alias(TOUCHED)])?.distinct()?;
+        let touched = crate::warehouse::materialize(self.ctx, touched).await?;
+        if touched.clone().filter(ident(TOUCHED).is_null())?.count().await? > 0 {
+            tracing::info!(table = name, "recomputed in full: rows of {driver} with no {key} arrived");
+            return Ok(false);
+        }
+        let keys = touched.clone().count().await?;
+
+        // The SELECT over the driver's rows of those keys: the driver reads as them meanwhile.
+        let whole = self.ctx.deregister_table(driver)?.ok_or_else(|| Error::Internal(format!("table '{driver}' is not registered")))?;
+        let result = async {
+            let of_keys = self.ctx.read_table(whole.clone())?.join(touched.clone(), JoinType::LeftSemi, &[key], &[TOUCHED], None)?;
+            self.ctx.register_table(driver, of_keys.into_view())?;
+            // Only the rows of those keys (a row of another key, from a table joined to the
+            // driver's rows, stands as it was).
+            let df = self.ctx.sql(sql).await?.join(touched.clone(), JoinType::LeftSemi, &[key], &[TOUCHED], None)?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            Ok::<_, datafusion::error::DataFusionError>((schema, df.collect().await?))
+        }
+        .await;
+        self.ctx.deregister_table(driver)?;
+        self.ctx.register_table(driver, whole)?;
+        let (schema, fresh) = result.map_err(|e| derived_error(set, name, e))?;
+        let recomputed = count_rows(&fresh);
+        tracing::debug!(table = name, keys, rows = recomputed, ms = started.elapsed().as_millis() as u64, "refreshed by key: the keys' rows selected");
+
+        // The previous rows of every other key, in tonight's types, and the fresh ones.
+        let previous = format!("__previous_{name}");
+        self.register_previous(name, &previous).await?;
+        let kept = crate::warehouse::in_columns(self.ctx.table(previous.as_str()).await?, &schema)?.join(touched, JoinType::LeftAnti, &[key], &[TOUCHED], None)?;
+        let all = kept.union(self.ctx.read_batches(crate::warehouse::with_empty(&schema, fresh))?)?;
+        let all = if t.layout.sort_by.is_empty() { all } else { all.sort(t.layout.sort_exprs())? };
+        let rows = all.collect().await;
+        self.ctx.deregister_table(previous.as_str())?;
+        // In the SELECT's schema: the previous rows read back from Parquet say every column may
+        // be NULL, where the SELECT may know better.
+        let rows = rows
+            .map_err(|e| derived_error(set, name, e))?
+            .into_iter()
+            .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let n = count_rows(&rows);
+        self.register(name, &schema, &rows)?;
+        crate::fault::point(&format!("derived {name}"));
+        tracing::info!(table = name, keys, rows = n, "refreshed by key");
+        self.reports.push(TableReport {
+            table: name.to_string(),
+            kind: "derived",
+            mode: "incremental",
+            read: recomputed,
+            loaded: recomputed,
+            rows: n,
+            millis: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        });
+        self.changed.insert(name.to_string());
+        self.done.insert(name.to_string());
+        self.put(Output { spec: Some(fingerprint.to_string()), layout: t.layout.clone(), sorted: true, ..Output::new(name, schema, rows) }).await?;
         Ok(true)
     }
 

@@ -7,6 +7,14 @@
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+/// `refresh_by:` of a derived table: the driver table and the key column it shares with the table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshBySpec {
+    pub table: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
 /// One `transforms/*.yaml` file: a source table loaded from an export, or a derived table (SQL).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +36,12 @@ pub struct TransformSpec {
     /// SELECT of the new rows instead of recomputing the table.
     #[serde(default)]
     pub grows_with: Option<Spanned<String>>,
+    /// Derived tables: the rows of each key value of `key` come from this table's rows of that
+    /// key alone (a per-customer summary). On a night when it only gained rows and no other table
+    /// the SQL reads changed, a load recomputes the rows of the keys its new rows hold and keeps
+    /// the others (see [`super::keyed`]).
+    #[serde(default)]
+    pub refresh_by: Option<RefreshBySpec>,
     #[serde(default)]
     pub columns: Vec<ColumnSpec>,
     /// Column(s) identifying a row; duplicates are resolved by `duplicates`.

@@ -32,12 +32,19 @@ pub struct Transform {
 #[derive(Debug, Clone)]
 pub enum TransformBody {
     Source(SourceTransform),
-    /// A SELECT over other warehouse tables, run after its inputs are loaded; `grows_with`: see
-    /// [`super::spec::TransformSpec::grows_with`].
-    Derived { sql: String, grows_with: Option<String> },
+    /// A SELECT over other warehouse tables, run after its inputs are loaded; `grows_with` and
+    /// `refresh_by`: see [`super::spec::TransformSpec::grows_with`] and [`super::keyed`].
+    Derived { sql: String, grows_with: Option<String>, refresh_by: Option<RefreshBy> },
     /// The type-2 history of a source table that declares `history:` (see [`History`]); built by
     /// the load from the previous snapshot's history and the table's new rows.
     History(History),
+}
+
+/// `refresh_by:` resolved: the driver table and the key column (see [`super::keyed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshBy {
+    pub table: String,
+    pub key: String,
 }
 
 /// The history table `<of>_history`: every column of the source table `of`, then
@@ -147,6 +154,13 @@ pub fn resolve(specs: Vec<(PathBuf, TransformSpec)>, unreadable: &[String], erro
             let hint = valid_names_hint("tables", &g.value, names.iter().copied());
             cross.push(diag(file, g, format!("table '{}' › grows_with", spec.table.value), format!("table '{}' not found", g.value), Some(hint)));
         }
+        if let Some(r) = &spec.refresh_by
+            && !names.contains(&r.table.value.as_str())
+            && !unreadable.contains(&r.table.value)
+        {
+            let hint = valid_names_hint("tables", &r.table.value, names.iter().copied());
+            cross.push(diag(file, &r.table, format!("table '{}' › refresh_by › table", spec.table.value), format!("table '{}' not found", r.table.value), Some(hint)));
+        }
         for r in &spec.references {
             let key = format!("table '{}' › references › '{}'", spec.table.value, r.column.value);
             if unreadable.contains(&r.table.value) {
@@ -236,13 +250,30 @@ fn resolve_one(
                 "a transform needs exactly one of `source:` (an export) or `sql:` (a derived table)".into(),
                 None,
             ));
-            TransformBody::Derived { sql: String::new(), grows_with: None }
+            TransformBody::Derived { sql: String::new(), grows_with: None, refresh_by: None }
         }
-        (None, Some(sql)) => TransformBody::Derived { sql: sql.clone(), grows_with: spec.grows_with.as_ref().map(|g| g.value.clone()) },
+        (None, Some(sql)) => TransformBody::Derived {
+            sql: sql.clone(),
+            grows_with: spec.grows_with.as_ref().map(|g| g.value.clone()),
+            refresh_by: spec.refresh_by.as_ref().map(|r| RefreshBy { table: r.table.value.clone(), key: r.key.value.clone() }),
+        },
         (Some(source), None) => TransformBody::Source(resolve_source(file, spec, source, errors)),
     };
     if let (Some(g), Some(_)) = (&spec.grows_with, &spec.source) {
         errors.push(diag(file, g, at("grows_with"), "`grows_with` is for derived tables (`sql:`); a source table declares `load: incremental`".into(), None));
+    }
+    if let Some(r) = &spec.refresh_by {
+        if spec.source.is_some() {
+            errors.push(diag(file, &r.table, at("refresh_by"), "`refresh_by` is for derived tables (`sql:`); a source table declares `load: incremental`".into(), None));
+        } else if spec.grows_with.is_some() {
+            errors.push(diag(
+                file,
+                &r.table,
+                at("refresh_by"),
+                "a derived table declares `grows_with` (each row from one row of a table) or `refresh_by` (each key's rows from its rows of a table), not both".into(),
+                None,
+            ));
+        }
     }
     let access = spec.access.as_ref().map(|rules| crate::access::resolve_rules(file, &table, rules, errors));
     let layout = resolve_layout(file, spec, &body, errors);

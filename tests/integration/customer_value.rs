@@ -236,12 +236,22 @@ async fn hand_made() -> datafusion::prelude::SessionContext {
     ctx
 }
 
-/// Runs the SQL of the derived table `table` (transforms/<table>.yaml) over the tables of `ctx`.
+/// Runs the SQL of the derived table `table` (transforms/<table>.yaml) over the tables of `ctx`,
+/// and of the derived tables it reads that `ctx` lacks (as views, by their own SQL).
 async fn derived(ctx: &datafusion::prelude::SessionContext, table: &str, select: &str) -> Vec<Vec<String>> {
     let project = &crate::common::loaded().test.project;
     let transforms = crmcube::etl::TransformSet::load(project).unwrap();
-    let crmcube::etl::TransformBody::Derived { sql, .. } = &transforms.get(table).unwrap().body else { panic!("{table} is derived") };
-    let df = ctx.sql(sql).await.unwrap();
+    let sql_of = |t: &str| match &transforms.get(t).unwrap().body {
+        crmcube::etl::TransformBody::Derived { sql, .. } => sql.clone(),
+        _ => panic!("{t} is derived"),
+    };
+    let sql = sql_of(table);
+    for input in ["customer_monthly", "customer_receivables"] {
+        if sql.contains(input) && !ctx.table_exist(input).unwrap() {
+            ctx.register_table(input, ctx.sql(&sql_of(input)).await.unwrap().into_view()).unwrap();
+        }
+    }
+    let df = ctx.sql(&sql).await.unwrap();
     let view = datafusion::prelude::SessionContext::new();
     view.register_table(table, df.into_view()).unwrap();
     crate::common::cells(&view.sql(select).await.unwrap().collect().await.unwrap())

@@ -439,6 +439,28 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         assert_eq!(content_checksum(&ctx, "fact_sales").await.unwrap(), content_checksum(&ctx, "recomputed").await.unwrap());
         let revenue = scalar(&ctx, "SELECT CAST(sum(revenue) AS VARCHAR) FROM fact_sales WHERE order_id = 'O9000001'").await;
         assert_eq!(cents(&revenue), 4 * 48900 * 95 / 100 + 201900);
+
+        // The per-customer tables `refresh_by` customer: only the months of the two customers
+        // who ordered tonight (the mover, the old order's) are recomputed, counted here from the
+        // sales; every other row is kept. Each table, and each one read from them, holds what its
+        // SELECT over tonight's whole tables gives.
+        let months = scalar(
+            &ctx,
+            &format!(
+                "SELECT CAST(count(DISTINCT (customer_id, date_trunc('month', order_date))) AS VARCHAR) FROM fact_sales \
+                 WHERE customer_id IN ('{MOVER}', (SELECT customer_id FROM orders WHERE order_id = '{old_order}'))"
+            ),
+        )
+        .await;
+        let m = table(&second, "customer_monthly");
+        assert_eq!((m.mode, m.read), ("incremental", months.parse::<u64>().unwrap()), "{m:?}");
+        assert!(m.read < m.rows / 10, "{m:?}");
+        for t in ["customer_monthly", "customer_value", "customer_cohort", "customer_lifecycle", "credit_exposure"] {
+            let crmcube::etl::TransformBody::Derived { sql: select, .. } = &transforms.get(t).unwrap().body else { panic!("{t} is derived") };
+            let whole = format!("{t}_recomputed");
+            ctx.register_table(whole.as_str(), ctx.sql(select).await.unwrap().into_view()).unwrap();
+            assert_eq!(content_checksum(&ctx, t).await.unwrap(), content_checksum(&ctx, &whole).await.unwrap(), "{t}");
+        }
         drop(ctx);
 
         // Downstream tables read the grown table: every rollup adds the aggregate of the three
@@ -459,6 +481,41 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         )
         .await;
         assert_eq!(stored, by_hand);
+    });
+}
+
+/// `refresh_by` on a SELECT that is not keyed by its column — a rank over every customer — is
+/// recomputed in full on a night of new orders, so it still equals its SELECT.
+#[test]
+fn a_select_not_keyed_by_its_refresh_by_column_is_recomputed_in_full() {
+    let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let project = incremental_project(dir.path(), true);
+    let ranked = "SELECT customer_id, row_number() OVER (ORDER BY sum(revenue) DESC, customer_id) AS revenue_rank FROM fact_sales GROUP BY customer_id";
+    std::fs::write(
+        project.transforms.join("sales_rank.yaml"),
+        format!("version: 1\ntable: sales_rank\nrefresh_by: {{ table: fact_sales, key: customer_id }}\nsql: |\n  {ranked}\n"),
+    )
+    .unwrap();
+    let w = Warehouse::new(project.warehouse.clone());
+    block_on(async move {
+        load(&project, &w).await.unwrap();
+        std::fs::write(
+            project.sources.join("orders_2026-11-01.csv"),
+            format!("order_id,customer_id,rep_id,channel,order_date,status,updated_at\nO9000001,{MOVER},R004,online,2026-11-02,completed,2026-11-02 10:00:00\n"),
+        )
+        .unwrap();
+        std::fs::write(project.sources.join("order_lines_2026-11-01.csv"), "order_id,line_no,product_id,quantity,unit_price,discount_pct\nO9000001,1,P0047,90,2019.00,0\n").unwrap();
+        let night = load(&project, &w).await.unwrap();
+        assert_eq!(table(&night, "fact_sales").mode, "incremental");
+        assert_eq!(table(&night, "customer_monthly").mode, "incremental");
+        assert_eq!(table(&night, "sales_rank").mode, "full");
+        let ctx = w.session().await.unwrap();
+        ctx.register_table("sales_rank_recomputed", ctx.sql(ranked).await.unwrap().into_view()).unwrap();
+        assert_eq!(content_checksum(&ctx, "sales_rank").await.unwrap(), content_checksum(&ctx, "sales_rank_recomputed").await.unwrap());
+        // The mover's big order moved the mover's rank: a refresh of the mover's row alone
+        // would have left two customers at one rank.
+        let ranks = scalar(&ctx, "SELECT CAST(count(DISTINCT revenue_rank) = count(*) AS VARCHAR) FROM sales_rank").await;
+        assert_eq!(ranks, "true");
     });
 }
 

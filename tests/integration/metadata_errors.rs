@@ -35,6 +35,16 @@ fn misspelled_reference_table_names_file_line_key_and_nearest_table() {
 }
 
 #[test]
+fn a_misspelled_refresh_by_table_names_file_line_and_nearest_table() {
+    let t = test_project();
+    let line = break_file(&t.project.transforms.join("customer_monthly.yaml"), "refresh_by: { table: fact_sales,", "refresh_by: { table: fact_sale,");
+    let err = errors(&t);
+    assert!(err.contains(&format!("customer_monthly.yaml:{line}:")), "{err}");
+    assert!(err.contains("refresh_by › table") && err.contains("table 'fact_sale' not found"), "{err}");
+    assert!(err.contains("did you mean 'fact_sales'?"), "{err}");
+}
+
+#[test]
 fn misspelled_key_column_suggests_the_declared_column() {
     let t = test_project();
     let line = break_file(&t.project.transforms.join("orders.yaml"), "key: [order_id]", "key: [orderid]");
