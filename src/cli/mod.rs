@@ -588,14 +588,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             let project = project(&cli)?;
             let transforms = TransformSet::load(&project)?;
             let cubes = CubeSet::load(&project, &transforms)?;
-            // Columns of source tables are declared; derived tables' are checked by the load.
-            let declared = |t: &str| match transforms.get(t).map(|t| &t.body) {
-                Some(crate::etl::TransformBody::Source(s)) => Some(s.columns.iter().map(|c| c.name.clone()).collect()),
-                _ => None,
-            };
-            let problems = cubes.check_columns(declared);
+            // Every table planned over no rows: the derived tables' SQL, and the columns the
+            // cubes name in every table (the model tables' are the load's to check).
+            let ctx = warehouse(&cli, &project).context()?;
+            let planned = crate::etl::plan::plan_tables(&project, &ctx, &transforms).await?;
+            let mut problems = planned.problems;
+            problems.extend(cubes.check_columns(|t| planned.columns.get(t).cloned()));
             if !problems.is_empty() {
                 return Err(crate::error::SpecErrors(problems).into());
+            }
+            for w in &planned.warnings {
+                eprintln!("warning: {w}");
             }
             writeln!(out, "ok: {} transforms, {} cubes", transforms.transforms.len(), cubes.cubes.len())
                 .map_err(|e| Error::io("<stdout>", e))

@@ -227,6 +227,14 @@ impl<'a> Working<'a> {
     }
 }
 
+/// The schema of a source table's cleaned rows (its declared columns in the types cleaning
+/// gives them), from the cleaning plan over no rows.
+pub fn table_schema(ctx: &SessionContext, spec: &SourceTransform) -> Result<SchemaRef> {
+    let raw = ctx.read_batch(RecordBatch::new_empty(super::extract::raw_schema(spec)))?;
+    let typed = typed_with_reasons(raw, spec)?.select(spec.columns.iter().map(|c| col(c.name.as_str())).collect::<Vec<_>>())?;
+    Ok(Arc::new(typed.schema().as_arrow().clone()))
+}
+
 pub fn count_rows(batches: &[RecordBatch]) -> u64 {
     batches.iter().map(|b| b.num_rows() as u64).sum()
 }

@@ -1311,7 +1311,7 @@ impl<'a> Run<'a> {
 /// largest stored one, in key and version order. Facts store it (`fact_sales.customer_version`),
 /// and an integer is what they group and join on fastest: a text key (`C000123#2`, before)
 /// made a query grouping sales by customer version hash strings.
-async fn history_sql(ctx: &SessionContext, h: &History, previous: Option<&str>) -> Result<String> {
+pub(crate) async fn history_sql(ctx: &SessionContext, h: &History, previous: Option<&str>) -> Result<String> {
     let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
     let current = ctx.table(h.of.as_str()).await?;
     let columns: Vec<String> = current.schema().fields().iter().map(|f| f.name().clone()).collect();
@@ -1386,7 +1386,7 @@ fn first_text(batches: &[RecordBatch]) -> Result<Option<String>> {
 }
 
 /// Names of the tables a SQL statement reads.
-fn referenced_tables(ctx: &SessionContext, sql: &str) -> Result<Vec<String>> {
+pub(crate) fn referenced_tables(ctx: &SessionContext, sql: &str) -> Result<Vec<String>> {
     let state = ctx.state();
     let statement = state.sql_to_statement(sql, &datafusion::config::Dialect::Generic)?;
     let refs = state.resolve_table_references(&statement)?;
@@ -1412,7 +1412,7 @@ fn derived_error(set: &TransformSet, table: &str, e: datafusion::error::DataFusi
 /// Why `plan` is not a row-wise function of `driver`'s rows — each output row from one driver row,
 /// joined (inner, or left with the driver on the left) and filtered — or None when it is. The
 /// tables it reads (`inputs`) are leaves, whether scanned or inlined as views.
-fn not_row_wise(plan: &datafusion::logical_expr::LogicalPlan, driver: &str, inputs: &[String]) -> Option<String> {
+pub(crate) fn not_row_wise(plan: &datafusion::logical_expr::LogicalPlan, driver: &str, inputs: &[String]) -> Option<String> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::{JoinType, LogicalPlan};
     // The name of the input table a node stands for, if it is one.

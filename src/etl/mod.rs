@@ -6,7 +6,8 @@
 //! de-duplicated, references checked; a DataFusion plan using [`parse`]) → [`load`] (derived
 //! tables by SQL — appended ([`load`]'s `grows_with`) or refreshed by key ([`keyed`]) on a night of
 //! new rows — then one atomic warehouse snapshot). Every rejected row lands in the
-//! `quarantine` table with its file, line, column and reason.
+//! `quarantine` table with its file, line, column and reason. [`plan`] plans every table over no rows
+//! for `crmcube check`.
 
 pub mod clean;
 pub mod extract;
@@ -14,6 +15,7 @@ pub mod keyed;
 pub mod load;
 pub mod models;
 pub mod parse;
+pub mod plan;
 pub mod postgres;
 pub mod spec;
 pub mod validate;

@@ -82,6 +82,52 @@ fn wrong_value_type_is_reported_not_panicked_on() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+fn check(t: &crate::common::TestProject) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).arg("check").output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `crmcube check` plans every derived SELECT over empty tables of the declared types: a
+/// misspelled column or table is named at the file's `sql:` line before any load, a table that
+/// reads a broken one is not reported again, and the cubes' columns of derived tables are checked.
+#[test]
+fn check_plans_the_derived_tables_and_names_a_broken_select_at_its_file() {
+    let t = test_project();
+    break_file(&t.project.transforms.join("customer_value.yaml"), "sum(margin) AS margin", "sum(margn) AS margin");
+    break_file(&t.project.transforms.join("credit_exposure.yaml"), "FROM customer_receivables", "FROM customer_receivable");
+    let sql_line = |file: &str| std::fs::read_to_string(t.project.transforms.join(file)).unwrap().lines().position(|l| l.starts_with("sql:")).unwrap() + 1;
+    let (code, _, err) = check(&t);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("customer_value.yaml:{}:1: table 'customer_value' › sql", sql_line("customer_value.yaml"))) && err.contains("margn"), "{err}");
+    assert!(err.contains(&format!("credit_exposure.yaml:{}:1: table 'credit_exposure' › sql", sql_line("credit_exposure.yaml"))), "{err}");
+    assert!(err.contains("table 'customer_receivable' not found") && err.contains("did you mean 'customer_receivables'?"), "{err}");
+    // customer_clv's cube reads customer_value, which does not plan: no second problem for it.
+    assert_eq!(err.matches(" › sql").count(), 2, "{err}");
+
+    let t = test_project();
+    let line = break_file(&t.project.cubes.join("customers.yaml"), "column: monetary", "column: monetry");
+    let (code, _, err) = check(&t);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("customers.yaml:{line}:")) && err.contains("monetry"), "{err}");
+}
+
+/// A `refresh_by` the SELECT does not allow is a warning of `check` (the load recomputes the
+/// table in full every night), not an error.
+#[test]
+fn check_warns_of_a_refresh_by_its_select_does_not_allow() {
+    let t = test_project();
+    std::fs::write(
+        t.project.transforms.join("sales_rank.yaml"),
+        "version: 1\ntable: sales_rank\nrefresh_by: { table: fact_sales, key: customer_id }\nsql: |\n  SELECT customer_id, row_number() OVER (ORDER BY sum(revenue) DESC) AS r FROM fact_sales GROUP BY 1\n",
+    )
+    .unwrap();
+    let (code, out, err) = check(&t);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("ok: "), "{out}");
+    assert!(err.contains("warning: transforms/sales_rank.yaml: table 'sales_rank' › refresh_by fact_sales.customer_id: a window over fact_sales is not partitioned by 'customer_id'"), "{err}");
+    assert_eq!(err.matches("warning:").count(), 1, "the sample's own refreshes all apply: {err}");
+}
+
 #[test]
 fn every_problem_is_reported_at_once() {
     let t = test_project();
