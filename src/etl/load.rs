@@ -941,27 +941,7 @@ impl<'a> Run<'a> {
         let (schema, rows) = result.map_err(|e| derived_error(set, name, e))?;
         tracing::debug!(table = name, ms = started.elapsed().as_millis() as u64, "grown: the new rows selected");
 
-        // The table after the load, for the tables read after it: the previous rows (in
-        // tonight's types) and the new ones, in memory when [`Run::try_keep`] allows, else the
-        // previous version's files and the new rows. Its size is estimated from the new rows',
-        // buffers included: a night of a few rows overestimates it, and under a memory limit the
-        // later tables then read the files (slower, never wrong).
         let n = count_rows(&rows);
-        let previous = format!("__previous_{name}");
-        self.register_previous(name, &previous).await?;
-        let before = crate::warehouse::in_columns(self.ctx.table(previous.as_str()).await?, &schema)?;
-        self.ctx.deregister_table(previous.as_str())?;
-        let estimate = crate::warehouse::memory_size(&rows) as u64 * entry.rows / n.max(1);
-        if self.try_keep(usize::try_from(estimate).unwrap_or(usize::MAX)) {
-            let mut all = before.collect().await?;
-            tracing::debug!(table = name, ms = started.elapsed().as_millis() as u64, "grown: the previous rows read");
-            all.extend(rows.iter().cloned());
-            self.register(name, &schema, &all)?;
-        } else {
-            let whole = before.union(self.ctx.read_batches(crate::warehouse::with_empty(&schema, rows.clone()))?)?;
-            self.ctx.deregister_table(name)?;
-            self.ctx.register_table(name, whole.into_view())?;
-        }
         crate::fault::point(&format!("derived {name}"));
         tracing::info!(table = name, rows = n, "appended");
         self.reports.push(TableReport {
@@ -979,6 +959,15 @@ impl<'a> Run<'a> {
         self.appended.insert(name.to_string(), (schema.clone(), rows.clone()));
         let output = Output { total_rows: entry.rows + n, append: true, spec: Some(fingerprint.to_string()), layout: t.layout.clone(), ..Output::new(name, schema, rows) };
         self.put(output).await?;
+        // The table after the load, for the tables read after it: tonight's version, the
+        // previous files and the new rows' file, read from the files. The previous rows are not
+        // read into memory: each later table reads only the columns it needs (at 10 M order
+        // lines, reading all of them took 0.7–2.9 s and 1 GB of peak RSS, and the night was
+        // 0.7–5 s slower than with the later tables reading the files).
+        let version = self.entries.get(name).map(|e| e.version).ok_or_else(|| Error::Internal(format!("table '{name}' written but not recorded")))?;
+        let provider = self.warehouse.provider(self.ctx, name, version).await?;
+        self.ctx.deregister_table(name)?;
+        self.ctx.register_table(name, provider)?;
         Ok(true)
     }
 
