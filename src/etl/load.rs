@@ -881,23 +881,31 @@ impl<'a> Run<'a> {
                 return self.keep(name, "derived").await;
             }
         }
+        tracing::info!(table = %name, rows = n, "derived");
+        self.made(t, "full", n, table_started, &fingerprint, schema, rows).await
+    }
+
+    /// A derived table made tonight in its layout's order (`mode`: in full, or refreshed by key
+    /// with `read` rows recomputed): registered for the tables after it, reported and written.
+    #[allow(clippy::too_many_arguments)]
+    async fn made(&mut self, t: &Transform, mode: &'static str, read: u64, started: Instant, fingerprint: &str, schema: SchemaRef, rows: Vec<RecordBatch>) -> Result<()> {
+        let name = t.name.as_str();
+        let n = count_rows(&rows);
         self.register(name, &schema, &rows)?;
         crate::fault::point(&format!("derived {name}"));
-        tracing::info!(table = %name, rows = n, "derived");
         self.reports.push(TableReport {
-            table: name.clone(),
+            table: name.to_string(),
             kind: "derived",
-            mode: "full",
-            read: n,
-            loaded: n,
+            mode,
+            read,
+            loaded: read,
             rows: n,
-            millis: table_started.elapsed().as_millis() as u64,
+            millis: started.elapsed().as_millis() as u64,
             ..Default::default()
         });
-        self.changed.insert(name.clone());
-        self.done.insert(name.clone());
-        self.put(Output { spec: Some(fingerprint), layout: t.layout.clone(), sorted: true, ..Output::new(name, schema, rows) }).await?;
-        Ok(())
+        self.changed.insert(name.to_string());
+        self.done.insert(name.to_string());
+        self.put(Output { spec: Some(fingerprint.to_string()), layout: t.layout.clone(), sorted: true, ..Output::new(name, schema, rows) }).await
     }
 
     /// A derived table that `grows_with` a driver table, on a night when the driver only gained
@@ -1038,23 +1046,8 @@ impl<'a> Run<'a> {
             .into_iter()
             .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let n = count_rows(&rows);
-        self.register(name, &schema, &rows)?;
-        crate::fault::point(&format!("derived {name}"));
-        tracing::info!(table = name, keys, rows = n, "refreshed by key");
-        self.reports.push(TableReport {
-            table: name.to_string(),
-            kind: "derived",
-            mode: "incremental",
-            read: recomputed,
-            loaded: recomputed,
-            rows: n,
-            millis: started.elapsed().as_millis() as u64,
-            ..Default::default()
-        });
-        self.changed.insert(name.to_string());
-        self.done.insert(name.to_string());
-        self.put(Output { spec: Some(fingerprint.to_string()), layout: t.layout.clone(), sorted: true, ..Output::new(name, schema, rows) }).await?;
+        tracing::info!(table = name, keys, rows = count_rows(&rows), "refreshed by key");
+        self.made(t, "incremental", recomputed, started, fingerprint, schema, rows).await?;
         Ok(true)
     }
 
