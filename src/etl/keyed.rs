@@ -12,15 +12,19 @@
 //! that hold the driver's key, step by step from the driver's scan, and requires every step over
 //! the driver's rows to keep each key's rows apart — a GROUP BY that includes the key, a window
 //! partitioned by it, a join of two parts of the driver on it; filters, projections, sorts,
-//! DISTINCT, UNION and joins to other tables keep them apart by themselves. A step that mixes keys
-//! (an aggregate without the key, a LIMIT, a subquery over the driver) or a step it does not know
-//! makes the table recomputed in full, with the reason in the log.
+//! DISTINCT, UNION and joins to other tables keep them apart by themselves. Across an outer join
+//! only the preserved side's columns hold the key (the other side's are NULL where it has no
+//! row), and only columns of the key's type equal to it. A step that mixes keys (an aggregate
+//! without the key, a LIMIT, a subquery over the driver, a FULL join), a function whose value
+//! moves by itself (`current_date()`: every row would go stale, not only the keys' rows) or a
+//! step it does not know makes the table recomputed in full, with the reason in the log. Views
+//! and CTEs are followed into, never taken for the table they are named after.
 
 use std::collections::BTreeSet;
 
-use datafusion::common::tree_node::TreeNode;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::logical_expr::utils::split_conjunction;
-use datafusion::logical_expr::{Distinct, Expr, JoinType, LogicalPlan, Operator};
+use datafusion::logical_expr::{Distinct, Expr, ExprSchemable, JoinType, LogicalPlan, Operator, Volatility};
 
 /// Output columns (by position) that hold the driver's key; None: the step does not read the
 /// driver at all.
@@ -30,6 +34,9 @@ type Keys = Option<BTreeSet<usize>>;
 /// output has a column named `key` holding the key. `inputs`: the tables the SELECT reads; they
 /// are leaves, whether scanned or inlined as views.
 pub fn not_keyed(plan: &LogicalPlan, driver: &str, key: &str, inputs: &[String]) -> Option<String> {
+    if let Some(f) = time_dependent(plan) {
+        return Some(format!("it calls {f}(), whose value changes from one night to the next"));
+    }
     let walk = Walk { driver, key, inputs };
     match walk.keys(plan) {
         Err(why) => Some(why),
@@ -45,6 +52,28 @@ pub fn not_keyed(plan: &LogicalPlan, driver: &str, key: &str, inputs: &[String])
     }
 }
 
+/// A function of `plan` (subqueries included) whose result is not fixed by its arguments —
+/// `now()`, `current_date()`, `random()`: a row computed with it is stale the next night even
+/// when its inputs did not change.
+pub fn time_dependent(plan: &LogicalPlan) -> Option<String> {
+    let mut found = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        for e in node.expressions() {
+            let _ = e.apply(|x| {
+                if let Expr::ScalarFunction(f) = x
+                    && f.func.signature().volatility != Volatility::Immutable
+                {
+                    found = Some(f.func.name().to_string());
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+        }
+        Ok(if found.is_some() { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    });
+    found
+}
+
 struct Walk<'a> {
     driver: &'a str,
     key: &'a str,
@@ -52,11 +81,12 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    /// The input table a node stands for, if it is one (a scan, or a view inlined under its name).
+    /// The table a scan reads. Only scans: a view or a CTE is followed into (a CTE may carry an
+    /// input's name and read the driver, `WITH fact_sales AS (… FROM fact_sales)`), so a driver
+    /// registered as a view is not recognised and its table is recomputed in full.
     fn table(&self, n: &LogicalPlan) -> Option<String> {
         match n {
-            LogicalPlan::TableScan(s) => Some(s.table_name.table().to_string()),
-            LogicalPlan::SubqueryAlias(a) if self.inputs.iter().any(|i| i == a.alias.table()) => Some(a.alias.table().to_string()),
+            LogicalPlan::TableScan(s) if self.inputs.iter().any(|i| i == s.table_name.table()) => Some(s.table_name.table().to_string()),
             _ => None,
         }
     }
@@ -72,6 +102,7 @@ impl Walk<'_> {
                 Expr::ScalarSubquery(s) => self.reads(&s.subquery),
                 Expr::InSubquery(s) => self.reads(&s.subquery.subquery),
                 Expr::Exists(s) => self.reads(&s.subquery.subquery),
+                Expr::SetComparison(s) => self.reads(&s.subquery.subquery),
                 _ => false,
             })
         })
@@ -162,6 +193,9 @@ impl Walk<'_> {
                         }
                     }
                 }
+                // A key equal to a column of another type is not the same key ('007' and '7'
+                // are both 7).
+                equal.retain(|(l, r)| same_type(&j.left, l, &j.right, r));
                 for (l, r) in equal {
                     let (lk, rk) = (left.as_ref().and_then(|k| key_at(&j.left, k, l)), right.as_ref().and_then(|k| key_at(&j.right, k, r)));
                     both |= lk.is_some() && rk.is_some();
@@ -181,12 +215,19 @@ impl Walk<'_> {
                 }
                 let on_left: BTreeSet<usize> = on_left.into_iter().chain(left.into_iter().flatten()).collect();
                 let on_right: BTreeSet<usize> = on_right.into_iter().chain(right.into_iter().flatten()).collect();
+                // Only columns never NULL for want of a match hold the key: an outer join's
+                // preserved side's (a customer without sales has no sales key).
                 let keys: BTreeSet<usize> = match j.join_type {
-                    JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => on_left.into_iter().chain(on_right.into_iter().map(|i| i + width)).collect(),
-                    JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => on_left,
+                    JoinType::Inner => on_left.into_iter().chain(on_right.into_iter().map(|i| i + width)).collect(),
+                    JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => on_left,
+                    JoinType::Right => on_right.into_iter().map(|i| i + width).collect(),
                     JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark => on_right,
+                    JoinType::Full => return Err(format!("a FULL join leaves '{}' NULL on the rows one side lacks", self.key)),
                 };
-                kept(Some(keys))
+                if keys.is_empty() {
+                    return Err(format!("the key '{}' of {} is on the side of a {} join that may be NULL", self.key, self.driver, j.join_type));
+                }
+                Ok(Some(keys))
             }
             LogicalPlan::Union(u) => {
                 let mut keys: Keys = None;
@@ -203,6 +244,14 @@ impl Walk<'_> {
             other if !self.reads(other) => Ok(None),
             _ => Err(format!("it has a step `{}` over {}", step(), self.driver)),
         }
+    }
+}
+
+/// Whether column expressions `l` (of `left`) and `r` (of `right`) have one type.
+fn same_type(left: &LogicalPlan, l: &Expr, right: &LogicalPlan, r: &Expr) -> bool {
+    match (l.get_type(left.schema()), r.get_type(right.schema())) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 
@@ -268,6 +317,23 @@ mod tests {
             ("SELECT upper(customer_id) AS customer_id, revenue FROM sales", "drops the column 'customer_id'"),
             ("SELECT a.customer_id FROM sales a JOIN sales b ON a.order_id = b.order_id", "other than on 'customer_id'"),
             ("SELECT customer_id, region FROM customers", "does not read sales"),
+            // Found by review: each would have left rows stale or doubled.
+            ("SELECT customer_id, current_date() - max(day) AS days_since FROM sales GROUP BY 1", "calls current_date()"),
+            (
+                "SELECT s.customer_id, k.region, s.revenue FROM customers k
+                 LEFT JOIN (SELECT customer_id, sum(revenue) AS revenue FROM sales GROUP BY 1) s ON s.customer_id = k.customer_id",
+                "drops the column 'customer_id'",
+            ),
+            (
+                "SELECT s.customer_id, count(*) AS n FROM customers k FULL JOIN sales s ON s.customer_id = k.customer_id GROUP BY 1",
+                "FULL join",
+            ),
+            ("SELECT customer_id, revenue FROM sales WHERE revenue >= ALL (SELECT revenue FROM sales)", "a subquery reads sales"),
+            ("WITH sales AS (SELECT customer_id, sum(revenue) OVER () AS total FROM sales) SELECT customer_id, total FROM sales", "not partitioned by 'customer_id'"),
+            (
+                "WITH customers AS (SELECT max(day) AS last_day FROM sales) SELECT s.customer_id, k.last_day FROM sales s CROSS JOIN customers k",
+                "does not group by 'customer_id'",
+            ),
         ];
         for (sql, expected) in cases {
             let why = why(sql).await;

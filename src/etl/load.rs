@@ -1027,7 +1027,16 @@ impl<'a> Run<'a> {
         .await;
         self.ctx.deregister_table(driver)?;
         self.ctx.register_table(driver, whole)?;
-        let (schema, fresh) = result.map_err(|e| derived_error(set, name, e))?;
+        // A SELECT that plans over the whole tables but not this way (two columns named like
+        // the key) is recomputed in full, as the plan check would have it.
+        let (schema, fresh) = match result {
+            Ok(r) => r,
+            Err(e) if !matches!(e.find_root(), datafusion::error::DataFusionError::ResourcesExhausted(_)) => {
+                tracing::warn!(table = name, "refresh_by {driver}.{key} does not apply: {e}; the table is recomputed in full");
+                return Ok(false);
+            }
+            Err(e) => return Err(derived_error(set, name, e)),
+        };
         let recomputed = count_rows(&fresh);
         tracing::debug!(table = name, keys, rows = recomputed, ms = started.elapsed().as_millis() as u64, "refreshed by key: the keys' rows selected");
 
@@ -1397,6 +1406,9 @@ fn derived_error(set: &TransformSet, table: &str, e: datafusion::error::DataFusi
 pub(crate) fn not_row_wise(plan: &datafusion::logical_expr::LogicalPlan, driver: &str, inputs: &[String]) -> Option<String> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::{JoinType, LogicalPlan};
+    if let Some(f) = super::keyed::time_dependent(plan) {
+        return Some(format!("it calls {f}(), whose value changes from one night to the next"));
+    }
     // The name of the input table a node stands for, if it is one.
     let table = |n: &LogicalPlan| match n {
         LogicalPlan::TableScan(s) => Some(s.table_name.table().to_string()),
