@@ -1409,10 +1409,14 @@ pub(crate) fn not_row_wise(plan: &datafusion::logical_expr::LogicalPlan, driver:
     if let Some(f) = super::keyed::time_dependent(plan) {
         return Some(format!("it calls {f}(), whose value changes from one night to the next"));
     }
-    // The name of the input table a node stands for, if it is one.
+    // The name of the input table a node stands for, if it is one: a scan, or a view the load
+    // registered under an input's name (over tables of its own). A CTE named like an input reads
+    // input tables: it is followed into (`WITH lines AS (SELECT … FROM lines GROUP BY …)` is not
+    // the lines).
+    let scans_input = |p: &LogicalPlan| p.exists(|n| Ok(matches!(n, LogicalPlan::TableScan(s) if inputs.iter().any(|i| i == s.table_name.table())))).unwrap_or(true);
     let table = |n: &LogicalPlan| match n {
         LogicalPlan::TableScan(s) => Some(s.table_name.table().to_string()),
-        LogicalPlan::SubqueryAlias(a) if inputs.iter().any(|i| i == a.alias.table()) => Some(a.alias.table().to_string()),
+        LogicalPlan::SubqueryAlias(a) if inputs.iter().any(|i| i == a.alias.table()) && !scans_input(&a.input) => Some(a.alias.table().to_string()),
         _ => None,
     };
     let reads = |p: &LogicalPlan| p.exists(|n| Ok(table(n).as_deref() == Some(driver))).unwrap_or(true);
@@ -1614,6 +1618,10 @@ mod tests {
             ("SELECT order_id FROM lines WHERE qty > (SELECT avg(qty) FROM lines)", "subquery"),
             ("SELECT order_id, row_number() OVER (ORDER BY qty) FROM lines", "Window"),
             ("SELECT order_id FROM orders", "reads lines 0 times"),
+            // CTEs named like an input are not that input.
+            ("WITH lines AS (SELECT order_id, sum(qty) AS qty FROM lines GROUP BY 1) SELECT order_id, qty FROM lines", "Aggregate"),
+            ("WITH orders AS (SELECT order_id, count(*) AS n FROM lines GROUP BY 1) SELECT l.order_id, o.n FROM lines l JOIN orders o ON l.order_id = o.order_id", "Aggregate"),
+            ("SELECT order_id, qty FROM lines WHERE now() > TIMESTAMP '2026-01-01'", "calls now()"),
         ] {
             let got = why(sql).await.unwrap_or_else(|| panic!("{sql} is not row-wise"));
             assert!(got.contains(expected), "{sql}: {got}");
