@@ -34,8 +34,8 @@ type Keys = Option<BTreeSet<usize>>;
 /// output has a column named `key` holding the key. `inputs`: the tables the SELECT reads; they
 /// are leaves, whether scanned or inlined as views.
 pub fn not_keyed(plan: &LogicalPlan, driver: &str, key: &str, inputs: &[String]) -> Option<String> {
-    if let Some(f) = time_dependent(plan) {
-        return Some(format!("it calls {f}(), whose value changes from one night to the next"));
+    if let Some(why) = time_dependent(plan) {
+        return Some(why);
     }
     let walk = Walk { driver, key, inputs };
     match walk.keys(plan) {
@@ -52,9 +52,9 @@ pub fn not_keyed(plan: &LogicalPlan, driver: &str, key: &str, inputs: &[String])
     }
 }
 
-/// A function of `plan` (subqueries included) whose result is not fixed by its arguments —
-/// `now()`, `current_date()`, `random()`: a row computed with it is stale the next night even
-/// when its inputs did not change.
+/// Why `plan` cannot be refreshed by part, if it calls a function (subqueries included) whose
+/// result is not fixed by its arguments — `now()`, `current_date()`, `random()`: a row computed
+/// with it is stale the next night even when its inputs did not change.
 pub fn time_dependent(plan: &LogicalPlan) -> Option<String> {
     let mut found = None;
     let _ = plan.apply_with_subqueries(|node| {
@@ -71,7 +71,7 @@ pub fn time_dependent(plan: &LogicalPlan) -> Option<String> {
         }
         Ok(if found.is_some() { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
     });
-    found
+    found.map(|f| format!("it calls {f}(), whose value changes from one night to the next"))
 }
 
 struct Walk<'a> {

@@ -849,17 +849,8 @@ impl<'a> Run<'a> {
         }
         let df = self.ctx.sql(sql).await.map_err(|e| derived_error(set, name, e))?;
         let schema = Arc::new(df.schema().as_arrow().clone());
-        if let Some(c) = t.layout.missing(&schema).first() {
-            let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            return Err(SpecErrors(vec![Diagnostic {
-                file: t.file.clone(),
-                line: 0,
-                column: 0,
-                key: format!("table '{name}' › layout"),
-                message: format!("column '{c}' is not a column of the table's SELECT"),
-                hint: Some(crate::error::valid_names_hint("columns", c, columns.iter().copied())),
-            }])
-            .into());
+        if let Some(problem) = layout_problems(t, &schema, 0, 0).into_iter().next() {
+            return Err(SpecErrors(vec![problem]).into());
         }
         // Sorted here rather than at the commit: the rows the later tables read are then the
         // only copy held (sorting at the commit would hold a second one while every other table
@@ -1376,6 +1367,24 @@ fn first_text(batches: &[RecordBatch]) -> Result<Option<String>> {
     Ok(Some(text.value(0).to_string()))
 }
 
+/// The columns a derived table's layout names that its SELECT's `schema` lacks, each a problem
+/// at `line`:`column` of its file (with the nearest column).
+pub(crate) fn layout_problems(t: &Transform, schema: &Schema, line: u64, column: u64) -> Vec<Diagnostic> {
+    let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    t.layout
+        .missing(schema)
+        .into_iter()
+        .map(|c| Diagnostic {
+            file: t.file.clone(),
+            line,
+            column,
+            key: format!("table '{}' › layout", t.name),
+            message: format!("column '{c}' is not a column of the table's SELECT"),
+            hint: Some(crate::error::valid_names_hint("columns", c, columns.iter().copied())),
+        })
+        .collect()
+}
+
 /// Names of the tables a SQL statement reads.
 pub(crate) fn referenced_tables(ctx: &SessionContext, sql: &str) -> Result<Vec<String>> {
     let state = ctx.state();
@@ -1406,8 +1415,8 @@ fn derived_error(set: &TransformSet, table: &str, e: datafusion::error::DataFusi
 pub(crate) fn not_row_wise(plan: &datafusion::logical_expr::LogicalPlan, driver: &str, inputs: &[String]) -> Option<String> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::{JoinType, LogicalPlan};
-    if let Some(f) = super::keyed::time_dependent(plan) {
-        return Some(format!("it calls {f}(), whose value changes from one night to the next"));
+    if let Some(why) = super::keyed::time_dependent(plan) {
+        return Some(why);
     }
     // The name of the input table a node stands for, if it is one: a scan, or a view the load
     // registered under an input's name (over tables of its own). A CTE named like an input reads

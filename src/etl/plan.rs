@@ -99,15 +99,7 @@ pub async fn plan_tables(project: &Project, ctx: &SessionContext, set: &Transfor
                 }
             };
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-            for c in t.layout.missing(&schema) {
-                let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                planned.problems.push(Diagnostic {
-                    key: format!("table '{}' › layout", t.name),
-                    message: format!("column '{c}' is not a column of the table's SELECT"),
-                    hint: Some(valid_names_hint("columns", c, columns.iter().copied())),
-                    ..problem(String::new(), None)
-                });
-            }
+            planned.problems.extend(super::load::layout_problems(t, &schema, sql_line(project, &t.file), 1));
             let plan = df.into_unoptimized_plan();
             if let Some(driver) = grows_with
                 && let Some(why) = super::load::not_row_wise(&plan, driver, &inputs)
