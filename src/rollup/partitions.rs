@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch, UInt64Array};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Decimal128Type, Int64Type, SchemaRef};
 use datafusion::common::hash_utils::{RandomState, create_hashes};
 use datafusion::datasource::MemTable;
@@ -76,6 +76,17 @@ pub struct KeyPrint {
     /// The key as text, to find its unit in the dimension; None for a NULL key.
     text: Option<String>,
     print: Print,
+}
+
+impl KeyPrint {
+    /// The key as text (None for NULL).
+    pub fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+
+    pub fn print(&self) -> Print {
+        self.print
+    }
 }
 
 /// Fact prints by (fact table, foreign key), computed once per load for all the rollups that
@@ -611,12 +622,17 @@ pub async fn members_kept(ctx: &SessionContext, previous: &str, current: &str, c
 
 /// Prints of `fact`'s rows grouped by `key`.
 async fn fact_prints(ctx: &SessionContext, fact: &str, key: &str) -> Result<Vec<KeyPrint>> {
-    let df = ctx.table(fact).await?;
+    prints_by(ctx.table(fact).await?, key).await
+}
+
+/// Prints of `df`'s rows (all columns) grouped by the value of its column `key`.
+pub async fn prints_by(df: DataFrame, key: &str) -> Result<Vec<KeyPrint>> {
     let columns: Vec<Expr> = df.schema().columns().into_iter().map(Expr::Column).collect();
     let hash = ScalarUDF::from(RowHash::new()).call(columns);
     // Summed exactly (20-digit values, 30-digit sums), reduced mod 2⁶⁴ here.
-    let grouped = df.aggregate(vec![col(key)], vec![count(lit(1)).alias("rows"), sum(cast(hash, DataType::Decimal128(20, 0))).alias("sum")])?;
-    let grouped = grouped.select(vec![col(key), cast(col(key), DataType::Utf8).alias("__text"), col("rows"), col("sum")])?;
+    let key = datafusion::prelude::ident(key);
+    let grouped = df.aggregate(vec![key.clone()], vec![count(lit(1)).alias("rows"), sum(cast(hash, DataType::Decimal128(20, 0))).alias("sum")])?;
+    let grouped = grouped.select(vec![key.clone(), cast(key, DataType::Utf8).alias("__text"), col("rows"), col("sum")])?;
     let mut out = Vec::new();
     for b in grouped.collect().await? {
         let text = b.column(1).as_string::<i32>();
@@ -641,6 +657,19 @@ fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
     z = (z ^ (z >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     z ^ (z >> 33)
+}
+
+/// `array` in the one physical type its values hash by: the same text hashes differently as
+/// `Utf8`, `Utf8View` and `LargeUtf8`, and a table holds one or the other depending on whether it
+/// was read from memory or from its Parquet files (a view).
+fn canonical(array: ArrayRef) -> datafusion::error::Result<ArrayRef> {
+    let to = match array.data_type() {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::Dictionary(_, values) => values.as_ref().clone(),
+        _ => return Ok(array),
+    };
+    canonical(datafusion::arrow::compute::cast(&array, &to)?)
 }
 
 /// `crmcube_row_hash(c1, c2, …)`: a 64-bit hash of a row's values. Each column is hashed on its
@@ -675,7 +704,7 @@ impl ScalarUDFImpl for RowHash {
         let mut row = vec![0u64; n];
         let mut column = vec![0u64; n];
         for (i, value) in args.args.iter().enumerate() {
-            let array = value.to_array(n)?;
+            let array = canonical(value.to_array(n)?)?;
             column.fill(NULL_HASH);
             create_hashes([&array], &RandomState::with_seed(i as u64), &mut column)?;
             for (r, c) in row.iter_mut().zip(&column) {
@@ -736,5 +765,27 @@ mod tests {
         let added = prints(vec![("d1", Some("p1"), 2), ("d2", Some("p1"), 1), ("d2", None, 4), ("d2", Some("p3"), 1)]).await;
         assert_eq!((added[0].1.rows, added[1].1.rows), (1, 3));
         assert_ne!(added[0].1, same[0].1);
+    }
+
+    #[tokio::test]
+    async fn the_same_text_prints_the_same_in_every_string_type() {
+        // A table read from memory holds Utf8; read back from its Parquet files, Utf8View.
+        let text = StringArray::from(vec![Some("C000001"), None, Some("C000002")]);
+        let key = Int64Array::from(vec![1, 1, 2]);
+        let mut seen = Vec::new();
+        for ty in [DataType::Utf8, DataType::Utf8View, DataType::LargeUtf8, DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))] {
+            let schema = Arc::new(Schema::new(vec![Field::new("key", DataType::Int64, false), Field::new("text", ty.clone(), true)]));
+            let column = datafusion::arrow::compute::cast(&text, &ty).unwrap();
+            let batch = RecordBatch::try_new(schema, vec![Arc::new(key.clone()), column]).unwrap();
+            let ctx = SessionContext::new();
+            let printed = prints_by(ctx.read_batch(batch).unwrap(), "key").await.unwrap();
+            let mut printed: Vec<_> = printed.into_iter().map(|k| (k.text, k.print)).collect();
+            printed.sort_by(|a, b| a.0.cmp(&b.0));
+            seen.push((ty, printed));
+        }
+        for (ty, printed) in &seen[1..] {
+            assert_eq!(printed, &seen[0].1, "{ty} prints differently from Utf8");
+        }
+        assert_ne!(seen[0].1[0].1, seen[0].1[1].1);
     }
 }
