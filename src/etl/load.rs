@@ -489,10 +489,12 @@ impl<'a> Run<'a> {
         let n = count_rows(&rows);
         let bytes = crate::warehouse::memory_size(&rows);
         let rows = if sorted { rows } else { in_table(&name, layout.sort(self.ctx, rows).await)? };
-        let version = if append {
-            self.warehouse.append_table(&name, schema, rows, &layout).await?
+        let (version, partitions) = if append {
+            (self.warehouse.append_table(&name, schema, rows, &layout).await?, partitions)
+        } else if let Some(column) = &layout.partition_by {
+            self.put_partitions(&name, schema, rows, column, spec.as_deref(), &layout).await?
         } else {
-            self.warehouse.write_partitioned(&name, schema, rows, &partition, &layout).await?
+            (self.warehouse.write_partitioned(&name, schema, rows, &partition, &layout).await?, partitions)
         };
         crate::fault::point(&format!("wrote {name}"));
         tracing::info!(table = %name, version, rows = n, "written");
@@ -506,6 +508,51 @@ impl<'a> Run<'a> {
             self.ctx.register_table(name.as_str(), provider)?;
         }
         Ok(())
+    }
+
+    /// Writes a table partitioned by `column` (its layout's `partition_by`): only the partitions
+    /// whose rows differ from the previous snapshot's, when its version is still the table's
+    /// newest and was made by the same transform; else every partition. Returns the version and
+    /// each partition's print (its row count and the sum of its row hashes, as a partitioned
+    /// rollup's units are printed, see [`crate::rollup::partitions`]), stored in the snapshot for
+    /// the next load to compare with. A night that changes one month of a per-month table then
+    /// writes that month, not the table; a table recomputed to the same rows writes nothing.
+    async fn put_partitions(&self, name: &str, schema: SchemaRef, rows: Vec<RecordBatch>, column: &str, spec: Option<&str>, layout: &crate::warehouse::Layout) -> Result<(u64, BTreeMap<String, String>)> {
+        use datafusion::prelude::{ident, lit};
+        use datafusion::scalar::ScalarValue;
+        /// A NULL partition's name among the prints (a date or integer never reads so).
+        const NULL: &str = "NULL";
+        let started = Instant::now();
+        let all = self.ctx.read_batches(crate::warehouse::with_empty(&schema, rows.clone()))?;
+        let prints = in_table(name, crate::rollup::partitions::prints_by(all.clone(), column).await)?;
+        let now: BTreeMap<String, String> = prints.iter().map(|p| (p.text().unwrap_or(NULL).to_string(), p.print().text())).collect();
+        let previous = self.previous_entry(name).filter(|e| e.spec.as_deref() == spec && spec.is_some() && !e.partitions.is_empty());
+        if let Some(entry) = previous
+            && self.warehouse.latest_version(name).await? == Some(entry.version)
+        {
+            let changed: BTreeSet<&String> = now.keys().chain(entry.partitions.keys()).filter(|k| now.get(*k) != entry.partitions.get(*k)).collect();
+            let ms = started.elapsed().as_millis() as u64;
+            if changed.is_empty() {
+                tracing::debug!(table = name, partitions = now.len(), ms, "partitions printed: none changed, nothing written");
+                return Ok((entry.version, now));
+            }
+            let ty = schema.field_with_name(column)?.data_type().clone();
+            let values = changed.iter().filter(|k| k.as_str() != NULL).map(|k| ScalarValue::try_from_string(k.to_string(), &ty).map(lit)).collect::<std::result::Result<Vec<_>, _>>()?;
+            let mut which = ident(column).in_list(values, false);
+            if changed.contains(&NULL.to_string()) {
+                which = which.or(ident(column).is_null());
+            }
+            let fresh = in_table(name, all.filter(which.clone())?.collect().await.map_err(Error::from))?;
+            tracing::debug!(table = name, partitions = now.len(), changed = changed.len(), rows = count_rows(&fresh), ms, "partitions printed: writing the changed ones");
+            match self.warehouse.replace_partitions(name, schema.clone(), fresh, column, which, layout).await {
+                Ok(version) => return Ok((version, now)),
+                // A schema the table does not have (a column's type or nullability the SELECT
+                // now says otherwise): written whole below, in the new schema.
+                Err(e) => tracing::debug!(table = name, "partitions written whole: {e}"),
+            }
+        }
+        let version = self.warehouse.write_partitioned(name, schema, rows, &[column.to_string()], layout).await?;
+        Ok((version, now))
     }
 
     /// Whether `bytes` more of tables may stay in memory for the tables read after them
@@ -1382,6 +1429,14 @@ pub(crate) fn layout_problems(t: &Transform, schema: &Schema, line: u64, column:
             message: format!("column '{c}' is not a column of the table's SELECT"),
             hint: Some(crate::error::valid_names_hint("columns", c, columns.iter().copied())),
         })
+        .chain(t.layout.unpartitionable(schema).map(|(_, message)| Diagnostic {
+            file: t.file.clone(),
+            line,
+            column,
+            key: format!("table '{}' › layout › partition_by", t.name),
+            message,
+            hint: Some(crate::warehouse::Layout::PARTITION_HINT.into()),
+        }))
         .collect()
 }
 

@@ -88,6 +88,11 @@ pub struct LayoutSpec {
     /// that cannot hold it (keys looked up one at a time, e.g. a customer id).
     #[serde(default)]
     pub bloom_filters: Vec<Spanned<String>>,
+    /// A date or integer column whose values split the table into Delta partitions (a folder
+    /// each): a filter on it skips whole folders, and a load rewrites only the partitions whose
+    /// rows changed (e.g. a per-month table's latest months).
+    #[serde(default)]
+    pub partition_by: Option<Spanned<String>>,
 }
 
 /// How a load refreshes a source table.

@@ -287,11 +287,19 @@ fn resolve_layout(file: &Path, spec: &TransformSpec, body: &TransformBody, error
     let table = &spec.table.value;
     if let TransformBody::Source(s) = body {
         let names: Vec<&str> = s.columns.iter().map(|c| c.name.as_str()).collect();
-        for (what, c) in l.sort_by.iter().map(|c| ("sort_by", c)).chain(l.bloom_filters.iter().map(|c| ("bloom_filters", c))) {
+        let named = l.sort_by.iter().map(|c| ("sort_by", c)).chain(l.bloom_filters.iter().map(|c| ("bloom_filters", c))).chain(l.partition_by.iter().map(|c| ("partition_by", c)));
+        for (what, c) in named {
             if !names.contains(&c.value.as_str()) {
                 let hint = valid_names_hint("columns", &c.value, names.iter().copied());
                 errors.push(diag(file, c, format!("table '{table}' › layout › {what}"), format!("column '{}' not found", c.value), Some(hint)));
             }
+        }
+        if let Some(c) = &l.partition_by
+            && let Some(column) = s.columns.iter().find(|col| col.name == c.value)
+            && !matches!(column.ty, ColumnType::Date | ColumnType::Integer)
+        {
+            let message = format!("column '{}' is {}: a table is partitioned by a date or integer column", c.value, column.ty.describe());
+            errors.push(diag(file, c, format!("table '{table}' › layout › partition_by"), message, Some(crate::warehouse::Layout::PARTITION_HINT.into())));
         }
     }
     if let Some(n) = &l.row_group_rows
@@ -303,6 +311,7 @@ fn resolve_layout(file: &Path, spec: &TransformSpec, body: &TransformBody, error
         sort_by: l.sort_by.iter().map(|c| c.value.clone()).collect(),
         row_group_rows: l.row_group_rows.as_ref().map(|n| n.value),
         bloom_filters: l.bloom_filters.iter().map(|c| c.value.clone()).collect(),
+        partition_by: l.partition_by.as_ref().map(|c| c.value.clone()),
     }
 }
 

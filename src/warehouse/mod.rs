@@ -73,13 +73,27 @@ pub struct Layout {
     pub sort_by: Vec<String>,
     pub row_group_rows: Option<usize>,
     pub bloom_filters: Vec<String>,
+    /// A date or integer column whose values split the table into Delta partitions; a load
+    /// rewrites only the partitions whose rows changed (see `etl::load`, `Run::put`).
+    pub partition_by: Option<String>,
 }
 
 impl Layout {
+    pub const PARTITION_HINT: &str = "partition by a date or integer column (e.g. a month's first or last day)";
+
     /// The columns the layout names that `schema` lacks (a derived table's SELECT is only known
     /// once planned).
     pub fn missing<'a>(&'a self, schema: &Schema) -> Vec<&'a str> {
-        self.sort_by.iter().chain(&self.bloom_filters).map(String::as_str).filter(|c| schema.field_with_name(c).is_err()).collect()
+        self.sort_by.iter().chain(&self.bloom_filters).chain(&self.partition_by).map(String::as_str).filter(|c| schema.field_with_name(c).is_err()).collect()
+    }
+
+    /// Why `partition_by` cannot split a table of `schema`, if it cannot: partitions are by a
+    /// date or an integer. (Delta stores a partition's value in its folder name; a text column
+    /// would read back dictionary-encoded, another type than the table had when it was made.)
+    pub fn unpartitionable(&self, schema: &Schema) -> Option<(&str, String)> {
+        let c = self.partition_by.as_deref()?;
+        let ty = schema.field_with_name(c).ok()?.data_type();
+        (!(ty.is_integer() || matches!(ty, DataType::Date32 | DataType::Date64))).then(|| (c, format!("column '{c}' is of type {ty}: a table is partitioned by a date or integer column")))
     }
 
     /// The Parquet writer's settings: delta-rs's own (Snappy) plus the row-group size and Bloom
@@ -333,6 +347,29 @@ impl Warehouse {
             .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
             .with_table_name(name)
             .with_partition_columns(partition.to_vec())
+            .await
+            .map_err(delta_err)?;
+        table
+            .version()
+            .ok_or_else(|| Error::Internal(format!("table '{name}' has no version after a write")))
+    }
+
+    /// Replaces the rows of some partitions of a table partitioned by `column` (the ones `which`
+    /// selects, a filter on `column` alone) with `batches`, which must all lie in them, as a new
+    /// Delta version; returns the version. The files of every other partition stay as they are.
+    /// The schema must be the table's: a changed one needs [`Self::write_partitioned`].
+    pub async fn replace_partitions(&self, name: &str, schema: SchemaRef, batches: Vec<RecordBatch>, column: &str, which: datafusion::prelude::Expr, layout: &Layout) -> Result<u64> {
+        let delta_err = |source| Error::Delta { table: name.to_string(), source };
+        let (schema, mut batches) = delta_compatible(schema, batches)?;
+        if batches.is_empty() {
+            batches.push(RecordBatch::new_empty(schema));
+        }
+        let table = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(delta_err)?;
+        let table = layout
+            .configure(table.write(batches))
+            .with_save_mode(SaveMode::Overwrite)
+            .with_replace_where(which)
+            .with_partition_columns([column.to_string()])
             .await
             .map_err(delta_err)?;
         table

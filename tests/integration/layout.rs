@@ -126,3 +126,32 @@ fn a_layout_naming_a_missing_column_is_reported_with_the_nearest_name() {
     assert!(message.contains("did you mean 'customer_id'"), "{message}");
     assert!(test.warehouse.current().unwrap().is_none(), "a failed load committed a snapshot");
 }
+
+#[test]
+fn a_table_is_partitioned_only_by_a_date_or_integer_column() {
+    // A source's column types are declared: checked with its metadata.
+    let test = test_project();
+    let path = test.project.transforms.join("orders.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}layout:\n  partition_by: channel\n")).unwrap();
+    let line = text.lines().count() + 2;
+    let e = TransformSet::load(&test.project).unwrap_err().to_string();
+    assert!(e.contains(&format!("orders.yaml:{line}:")), "{e}");
+    assert!(e.contains("layout › partition_by") && e.contains("'channel' is text") && e.contains("date or integer"), "{e}");
+    std::fs::write(&path, format!("{text}layout:\n  partition_by: order_dat\n")).unwrap();
+    let e = TransformSet::load(&test.project).unwrap_err().to_string();
+    assert!(e.contains("'order_dat' not found") && e.contains("did you mean 'order_date'"), "{e}");
+
+    // A derived table's once its SELECT is planned: the load stops before writing anything.
+    let test = test_project();
+    let path = test.project.transforms.join("customer_monthly.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("partition_by: month_start"), "the sample's layout changed");
+    std::fs::write(&path, text.replace("partition_by: month_start", "partition_by: customer_id")).unwrap();
+    let (p, w) = (test.project.clone(), test.warehouse.clone());
+    let e = block_on(async move { load(&p, &w).await.unwrap_err() });
+    let message = e.to_string();
+    assert_eq!(e.kind().exit_code(), 2, "{message}");
+    assert!(message.contains("customer_monthly.yaml") && message.contains("partition_by") && message.contains("'customer_id' is of type Utf8"), "{message}");
+    assert!(test.warehouse.current().unwrap().is_none(), "a failed load committed a snapshot");
+}
