@@ -12,7 +12,7 @@
 //! that hold the driver's key, step by step from the driver's scan, and requires every step over
 //! the driver's rows to keep each key's rows apart — a GROUP BY that includes the key, a window
 //! partitioned by it, a join of two parts of the driver on it; filters, projections, sorts,
-//! DISTINCT, UNION and joins to other tables keep them apart by themselves. Across an outer join
+//! DISTINCT, UNION, unnesting a list and joins to other tables keep them apart by themselves. Across an outer join
 //! only the preserved side's columns hold the key (the other side's are NULL where it has no
 //! row), and only columns of the key's type equal to it. A step that mixes keys (an aggregate
 //! without the key, a LIMIT, a subquery over the driver, a FULL join), a function whose value
@@ -229,6 +229,12 @@ impl Walk<'_> {
                 }
                 Ok(Some(keys))
             }
+            // A row per element of a list: each keeps its row's other columns, the key with them.
+            LogicalPlan::Unnest(u) => {
+                let Some(keys) = self.keys(&u.input)? else { return Ok(None) };
+                let unnested: BTreeSet<usize> = u.exec_columns.iter().filter_map(|c| u.input.schema().index_of_column(c).ok()).collect();
+                kept(Some(u.dependency_indices.iter().enumerate().filter(|(_, d)| keys.contains(d) && !unnested.contains(d)).map(|(i, _)| i).collect()))
+            }
             LogicalPlan::Union(u) => {
                 let mut keys: Keys = None;
                 for input in &u.inputs {
@@ -300,6 +306,8 @@ mod tests {
             None
         );
         assert_eq!(why("SELECT DISTINCT customer_id, day FROM sales ORDER BY day").await, None);
+        // A row per element of each key's list (customer_lifecycle's months).
+        assert_eq!(why("SELECT customer_id, unnest(days) AS day FROM (SELECT customer_id, array_agg(day) AS days FROM sales GROUP BY 1)").await, None);
     }
 
     #[tokio::test]
@@ -329,6 +337,8 @@ mod tests {
                 "FULL join",
             ),
             ("SELECT customer_id, revenue FROM sales WHERE revenue >= ALL (SELECT revenue FROM sales)", "a subquery reads sales"),
+            // An unnested list is not the key, even when it held it.
+            ("SELECT customer_id AS c, unnest(make_array(customer_id)) AS customer_id FROM sales", "is not sales.customer_id"),
             ("WITH sales AS (SELECT customer_id, sum(revenue) OVER () AS total FROM sales) SELECT customer_id, total FROM sales", "not partitioned by 'customer_id'"),
             (
                 "WITH customers AS (SELECT max(day) AS last_day FROM sales) SELECT s.customer_id, k.last_day FROM sales s CROSS JOIN customers k",

@@ -38,6 +38,9 @@ use crate::warehouse::{Snapshot, SourceFile, TableEntry, Warehouse, content_chec
 /// (cheap for dimensions; the large facts are not worth hashing).
 const SAME_CONTENT_CHECK_ROWS: u64 = 100_000;
 
+/// The column of the keys a table refreshed by key recomputed (see `Run::refresh_keys`).
+const TOUCHED: &str = "__touched_key";
+
 /// Name of the quarantine table in the warehouse.
 pub const QUARANTINE_TABLE: &str = "quarantine";
 
@@ -453,6 +456,10 @@ struct Run<'a> {
     /// Tables that only gained rows tonight (new keys appended), with those rows: what a
     /// derived table that `grows_with` one of them appends from.
     appended: BTreeMap<String, (SchemaRef, Vec<RecordBatch>)>,
+    /// Tables refreshed by key tonight (see [`Run::refresh_keys`]): the key column and the keys
+    /// whose rows were recomputed (column `__touched_key`), every other key's rows as they were —
+    /// what a table `refresh_by` the same key of one of them recomputes.
+    refreshed: BTreeMap<String, (String, datafusion::prelude::DataFrame)>,
 }
 
 impl<'a> Run<'a> {
@@ -474,6 +481,7 @@ impl<'a> Run<'a> {
             members_kept: BTreeMap::new(),
             growth: BTreeMap::new(),
             appended: BTreeMap::new(),
+            refreshed: BTreeMap::new(),
         }
     }
 
@@ -1018,9 +1026,10 @@ impl<'a> Run<'a> {
     }
 
     /// A derived table `refresh_by` a driver table's key (see [`super::keyed`]), on a night when
-    /// the driver only gained rows and no other table its SQL reads changed: the SELECT over the
-    /// driver's rows of the keys tonight's rows hold replaces the previous rows of those keys, and
-    /// the rows of every other key are kept. False when the night does not allow it (the caller
+    /// the driver only gained rows — or was itself refreshed by the same key — and no other table
+    /// its SQL reads changed: the SELECT over the driver's rows of the keys tonight's rows hold
+    /// (or the driver's refresh recomputed) replaces the previous rows of those keys, and the rows
+    /// of every other key are kept. False when the night does not allow it (the caller
     /// recomputes the table).
     #[allow(clippy::too_many_arguments)]
     async fn refresh_keys(&mut self, set: &TransformSet, t: &Transform, sql: &str, by: &RefreshBy, inputs: &[String], fingerprint: &str, started: Instant) -> Result<bool> {
@@ -1030,7 +1039,12 @@ impl<'a> Run<'a> {
         if self.previous_entry(name).is_none() {
             return Ok(false);
         }
-        let Some((driver_schema, new_rows)) = self.appended.get(driver).cloned() else { return Ok(false) };
+        // The driver gained rows, or was itself refreshed by the same key.
+        let appended = self.appended.get(driver).cloned();
+        let refreshed = self.refreshed.get(driver).filter(|(k, _)| k == key).map(|(_, keys)| keys.clone());
+        if appended.is_none() && refreshed.is_none() {
+            return Ok(false);
+        }
         if let Some(i) = inputs.iter().find(|i| *i != driver && self.changed.contains(*i)) {
             tracing::info!(table = name, "recomputed in full: {i} changed");
             return Ok(false);
@@ -1042,13 +1056,19 @@ impl<'a> Run<'a> {
         }
         // The keys tonight's rows hold. A NULL key matches no key in a join: its rows are
         // recomputed with the whole table.
-        const TOUCHED: &str = "__touched_key";
-        let touched = self.ctx.read_batches(crate::warehouse::with_empty(&driver_schema, new_rows))?.select(vec![ident(key).alias(TOUCHED)])?.distinct()?;
-        let touched = crate::warehouse::materialize(self.ctx, touched).await?;
-        if touched.clone().filter(ident(TOUCHED).is_null())?.count().await? > 0 {
-            tracing::info!(table = name, "recomputed in full: rows of {driver} with no {key} arrived");
-            return Ok(false);
-        }
+        let touched = match (refreshed, appended) {
+            (Some(keys), _) => keys,
+            (None, Some((driver_schema, new_rows))) => {
+                let touched = self.ctx.read_batches(crate::warehouse::with_empty(&driver_schema, new_rows))?.select(vec![ident(key).alias(TOUCHED)])?.distinct()?;
+                let touched = crate::warehouse::materialize(self.ctx, touched).await?;
+                if touched.clone().filter(ident(TOUCHED).is_null())?.count().await? > 0 {
+                    tracing::info!(table = name, "recomputed in full: rows of {driver} with no {key} arrived");
+                    return Ok(false);
+                }
+                touched
+            }
+            (None, None) => return Ok(false),
+        };
         let keys = touched.clone().count().await?;
 
         // The SELECT over the driver's rows of those keys: the driver reads as them meanwhile.
@@ -1081,7 +1101,7 @@ impl<'a> Run<'a> {
         // The previous rows of every other key, in tonight's types, and the fresh ones.
         let previous = format!("__previous_{name}");
         self.register_previous(name, &previous).await?;
-        let kept = crate::warehouse::in_columns(self.ctx.table(previous.as_str()).await?, &schema)?.join(touched, JoinType::LeftAnti, &[key], &[TOUCHED], None)?;
+        let kept = crate::warehouse::in_columns(self.ctx.table(previous.as_str()).await?, &schema)?.join(touched.clone(), JoinType::LeftAnti, &[key], &[TOUCHED], None)?;
         let all = kept.union(self.ctx.read_batches(crate::warehouse::with_empty(&schema, fresh))?)?;
         let all = if t.layout.sort_by.is_empty() { all } else { all.sort(t.layout.sort_exprs())? };
         let rows = all.collect().await;
@@ -1094,6 +1114,7 @@ impl<'a> Run<'a> {
             .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         tracing::info!(table = name, keys, rows = count_rows(&rows), "refreshed by key");
+        self.refreshed.insert(name.to_string(), (key.to_string(), touched));
         self.made(t, "incremental", recomputed, started, fingerprint, schema, rows).await?;
         Ok(true)
     }

@@ -512,6 +512,36 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         )
         .await;
         assert_eq!(stored, by_hand);
+        drop(ctx);
+
+        // A third night within November: the observation end stays (sales_months is kept), so
+        // customer_lifecycle is refreshed by key too — the customer_monthly keys its refresh
+        // recomputed — instead of in full: that customer's months, counted here from the sales
+        // (every month from the first purchase to November), and November's files alone.
+        let customer = "C000003";
+        std::fs::write(
+            project.sources.join("orders_2026-11-05.csv"),
+            format!("order_id,customer_id,rep_id,channel,order_date,status,updated_at\nO9000003,{customer},R004,online,2026-11-05,completed,2026-11-05 10:00:00\n"),
+        )
+        .unwrap();
+        std::fs::write(project.sources.join("order_lines_2026-11-05.csv"), "order_id,line_no,product_id,quantity,unit_price,discount_pct\nO9000003,1,P0059,1,489.00,0\n").unwrap();
+        let third = load(&project, &w).await.unwrap();
+        assert_eq!(table(&third, "sales_months").mode, "unchanged");
+        let ctx = w.session().await.unwrap();
+        let months = scalar(
+            &ctx,
+            &format!("SELECT CAST((2026 * 12 + 11) - (date_part('year', min(order_date)) * 12 + date_part('month', min(order_date))) + 1 AS BIGINT) FROM fact_sales WHERE customer_id = '{customer}'"),
+        )
+        .await;
+        let l = table(&third, "customer_lifecycle");
+        assert_eq!((l.mode, l.read), ("incremental", months.parse::<u64>().unwrap()), "{l:?}");
+        assert_eq!(last_commit_partitions(&w, "customer_lifecycle"), (["month_end=2026-11-30".to_string()].into(), ["month_end=2026-11-30".to_string()].into()));
+        for t in ["customer_monthly", "customer_lifecycle"] {
+            let crmcube::etl::TransformBody::Derived { sql: select, .. } = &transforms.get(t).unwrap().body else { panic!("{t} is derived") };
+            let whole = format!("{t}_recomputed");
+            ctx.register_table(whole.as_str(), ctx.sql(select).await.unwrap().into_view()).unwrap();
+            assert_eq!(content_checksum(&ctx, t).await.unwrap(), content_checksum(&ctx, &whole).await.unwrap(), "{t}");
+        }
     });
 }
 
