@@ -487,7 +487,7 @@ impl<'a> Run<'a> {
 
     /// Writes a table now and records its entry for the commit. The write is a Delta version no
     /// snapshot names until the commit: a load that fails or is killed later leaves it unread
-    /// (and an append checks that it extends the very version the previous snapshot names).
+    /// (and an append checks that it extends the rows of the version the previous snapshot names).
     ///
     /// A table the later tables read (registered in memory as it was made) stays there while
     /// [`Run::try_keep`] allows; past that, they read it from the files just written. A load's
@@ -536,7 +536,7 @@ impl<'a> Run<'a> {
         let now: BTreeMap<String, String> = prints.iter().map(|p| (p.text().unwrap_or(NULL).to_string(), p.print().text())).collect();
         let previous = self.previous_entry(name).filter(|e| e.spec.as_deref() == spec && spec.is_some() && !e.partitions.is_empty());
         if let Some(entry) = previous
-            && self.warehouse.latest_version(name).await? == Some(entry.version)
+            && self.warehouse.holds_version(name, entry.version).await?
         {
             let changed: BTreeSet<&String> = now.keys().chain(entry.partitions.keys()).filter(|k| now.get(*k) != entry.partitions.get(*k)).collect();
             let ms = started.elapsed().as_millis() as u64;
@@ -794,10 +794,11 @@ impl<'a> Run<'a> {
                 }
             }
         };
-        // Append only onto the very version the previous snapshot names: a killed load may have
-        // written later versions no snapshot names, which an append would inherit.
+        // Append only onto the rows the previous snapshot names: a killed load may have written
+        // later versions no snapshot names, which an append would inherit (a vacuum's commits
+        // change no rows, see Warehouse::holds_version).
         if append && let Some(entry) = previous_entry {
-            append = self.warehouse.latest_version(&t.name).await? == Some(entry.version);
+            append = self.warehouse.holds_version(&t.name, entry.version).await?;
         }
         if append && let Some(entry) = previous_entry {
             // The table after the load is the previous version plus tonight's rows: read it from
@@ -977,8 +978,8 @@ impl<'a> Run<'a> {
             tracing::warn!(table = name, "grows_with {driver} does not apply: {why}; the table is recomputed in full");
             return Ok(false);
         }
-        // Append only onto the very version the previous snapshot names (see merge).
-        if self.warehouse.latest_version(name).await? != Some(entry.version) {
+        // Append only onto the rows the previous snapshot names (see merge).
+        if !self.warehouse.holds_version(name, entry.version).await? {
             return Ok(false);
         }
         // The SELECT over the driver's new rows: the driver reads as those rows meanwhile.

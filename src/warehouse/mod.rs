@@ -537,6 +537,8 @@ impl Warehouse {
                 continue;
             }
             let layout = layouts.get(name).unwrap_or(&no_layout);
+            // Optimized as loaded at the snapshot's version: only when no version came after it
+            // (a killed compaction's would have removed the files this one rewrites).
             let (version, files_after, how) = if self.latest_version(name).await? == Some(entry.version) {
                 // Bin-packing concatenates the files in order: each was written sorted, and a
                 // night's files hold that night's rows, so the ranges stay narrow.
@@ -631,6 +633,39 @@ impl Warehouse {
         }
         let table = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(|source| Error::Delta { table: name.to_string(), source })?;
         Ok(table.version().map(|v| v as u64))
+    }
+
+    /// Whether a table's newest Delta version holds the rows of `version`: it is `version`, or
+    /// every commit after it changed no rows — a `vacuum` (which commits its start and end) or a
+    /// compaction no snapshot named (files rewritten with `dataChange: false`). A load builds on
+    /// the newest version (an append, a partition replaced) only then; after a version that
+    /// changed rows (a killed load's) it rewrites the table.
+    pub async fn holds_version(&self, name: &str, version: u64) -> Result<bool> {
+        let Some(latest) = self.latest_version(name).await? else { return Ok(false) };
+        if latest < version {
+            return Ok(false);
+        }
+        let log = self.table_path(name).join("_delta_log");
+        for v in version + 1..=latest {
+            let path = log.join(format!("{v:020}.json"));
+            // A commit no longer on disk (cleaned up after a checkpoint) cannot be vouched for.
+            let Ok(text) = std::fs::read_to_string(&path) else { return Ok(false) };
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let action: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+                let Some(action) = action.as_object() else { return Ok(false) };
+                for (kind, body) in action {
+                    let rows_kept = match kind.as_str() {
+                        "commitInfo" | "txn" => true,
+                        "add" | "remove" => body["dataChange"] == serde_json::Value::Bool(false),
+                        _ => false,
+                    };
+                    if !rows_kept {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
     }
 }
 
