@@ -302,6 +302,7 @@ impl Appended {
         // A join per column probed and emitted every row of the touched units before the filter;
         // an IN list of literals costs as little to run but far more to plan (tens of thousands).
         let mut sets = Vec::new();
+        let touched_range = touched.is_some();
         let mut tested = vec![touched.unwrap_or(lit(true))];
         let mut new_values_of = Vec::new();
         for (_, column, _) in &counted {
@@ -318,6 +319,12 @@ impl Appended {
         let mut columns: BTreeSet<String> = counted.iter().flat_map(|(_, _, levels)| levels.iter().cloned()).collect();
         columns.extend(counted.iter().map(|(m, ..)| m.clone()));
         let columns: Vec<String> = columns.into_iter().collect();
+        // The touched units' range on its own too, so that the scan skips the files and row
+        // groups outside it by their statistics (a fact partitioned or sorted by date).
+        let subset = match tested.first() {
+            Some(range) if touched_range => subset.filter(range.clone())?,
+            _ => subset,
+        };
         let mut subset = subset.filter(super::holds::udf(sets)?.call(tested))?;
         // Only the columns the pairs read are copied out of the fact rows kept.
         if let Some(read) = fact_columns(ctx, cube, &columns).await? {
