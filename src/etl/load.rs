@@ -526,37 +526,44 @@ impl<'a> Run<'a> {
     /// the next load to compare with. A night that changes one month of a per-month table then
     /// writes that month, not the table; a table recomputed to the same rows writes nothing.
     async fn put_partitions(&self, name: &str, schema: SchemaRef, rows: Vec<RecordBatch>, column: &str, spec: Option<&str>, layout: &crate::warehouse::Layout) -> Result<(u64, BTreeMap<String, String>)> {
-        use datafusion::prelude::{ident, lit};
+        use datafusion::prelude::{Expr, ident, lit};
         use datafusion::scalar::ScalarValue;
         /// A NULL partition's name among the prints (a date or integer never reads so).
         const NULL: &str = "NULL";
+        /// The columns' names and types, among the prints: rows print by their values alone, so
+        /// a renamed column or a changed type would otherwise pass for unchanged rows.
+        const COLUMNS: &str = "#columns";
         let started = Instant::now();
         let all = self.ctx.read_batches(crate::warehouse::with_empty(&schema, rows.clone()))?;
         let prints = in_table(name, crate::rollup::partitions::prints_by(all.clone(), column).await)?;
-        let now: BTreeMap<String, String> = prints.iter().map(|p| (p.text().unwrap_or(NULL).to_string(), p.print().text())).collect();
-        let previous = self.previous_entry(name).filter(|e| e.spec.as_deref() == spec && spec.is_some() && !e.partitions.is_empty());
+        let mut now: BTreeMap<String, String> = prints.iter().map(|p| (p.text().unwrap_or(NULL).to_string(), p.print().text())).collect();
+        now.insert(COLUMNS.into(), crate::warehouse::columns_print(&schema));
+        let previous = self.previous_entry(name).filter(|e| e.spec.as_deref() == spec && spec.is_some() && e.partitions.get(COLUMNS) == now.get(COLUMNS));
         if let Some(entry) = previous
             && self.warehouse.holds_version(name, entry.version).await?
         {
             let changed: BTreeSet<&String> = now.keys().chain(entry.partitions.keys()).filter(|k| now.get(*k) != entry.partitions.get(*k)).collect();
             let ms = started.elapsed().as_millis() as u64;
             if changed.is_empty() {
-                tracing::debug!(table = name, partitions = now.len(), ms, "partitions printed: none changed, nothing written");
+                tracing::debug!(table = name, partitions = now.len() - 1, ms, "partitions printed: none changed, nothing written");
                 return Ok((entry.version, now));
             }
+            // The changed partitions as a filter on the column: its values (as the table types
+            // them) and NULL. A value whose text does not read back is written whole below.
             let ty = schema.field_with_name(column)?.data_type().clone();
-            let values = changed.iter().filter(|k| k.as_str() != NULL).map(|k| ScalarValue::try_from_string(k.to_string(), &ty).map(lit)).collect::<std::result::Result<Vec<_>, _>>()?;
-            let mut which = ident(column).in_list(values, false);
-            if changed.contains(&NULL.to_string()) {
-                which = which.or(ident(column).is_null());
-            }
-            let fresh = in_table(name, all.filter(which.clone())?.collect().await.map_err(Error::from))?;
-            tracing::debug!(table = name, partitions = now.len(), changed = changed.len(), rows = count_rows(&fresh), ms, "partitions printed: writing the changed ones");
-            match self.warehouse.replace_partitions(name, schema.clone(), fresh, column, which, layout).await {
-                Ok(version) => return Ok((version, now)),
-                // A schema the table does not have (a column's type or nullability the SELECT
-                // now says otherwise): written whole below, in the new schema.
-                Err(e) => tracing::debug!(table = name, "partitions written whole: {e}"),
+            let values: Option<Vec<Expr>> = changed.iter().filter(|k| k.as_str() != NULL).map(|k| ScalarValue::try_from_string(k.to_string(), &ty).ok().map(lit)).collect();
+            let which = values.map(|values| {
+                let null = changed.contains(&NULL.to_string()).then(|| ident(column).is_null());
+                let listed = (!values.is_empty()).then(|| ident(column).in_list(values, false));
+                listed.into_iter().chain(null).reduce(Expr::or)
+            });
+            if let Some(Some(which)) = which {
+                let fresh = in_table(name, all.filter(which.clone())?.collect().await.map_err(Error::from))?;
+                tracing::debug!(table = name, partitions = now.len() - 1, changed = changed.len(), rows = count_rows(&fresh), ms, "partitions printed: writing the changed ones");
+                match self.warehouse.replace_partitions(name, schema.clone(), fresh, column, which, layout).await {
+                    Ok(version) => return Ok((version, now)),
+                    Err(e) => tracing::debug!(table = name, "partitions written whole: {e}"),
+                }
             }
         }
         let version = self.warehouse.write_partitioned(name, schema, rows, &[column.to_string()], layout).await?;
@@ -921,7 +928,10 @@ impl<'a> Run<'a> {
             self.register(&fresh, &schema, &rows)?;
             let previous = format!("__previous_{name}");
             self.register_previous(name, &previous).await?;
-            let same = content_checksum(self.ctx, &fresh).await? == content_checksum(self.ctx, &previous).await?;
+            // The same values under the same column names and types: a column renamed upstream
+            // (`SELECT *`) must reach this table too.
+            let columns = crate::warehouse::columns_print(self.ctx.table(previous.as_str()).await?.schema().as_arrow());
+            let same = columns == crate::warehouse::columns_print(&schema) && content_checksum(self.ctx, &fresh).await? == content_checksum(self.ctx, &previous).await?;
             self.ctx.deregister_table(fresh.as_str())?;
             self.ctx.deregister_table(previous.as_str())?;
             if same {

@@ -93,7 +93,8 @@ impl Layout {
     pub fn unpartitionable(&self, schema: &Schema) -> Option<(&str, String)> {
         let c = self.partition_by.as_deref()?;
         let ty = schema.field_with_name(c).ok()?.data_type();
-        (!(ty.is_integer() || matches!(ty, DataType::Date32 | DataType::Date64))).then(|| (c, format!("column '{c}' is of type {ty}: a table is partitioned by a date or integer column")))
+        let partitionable = matches!(ty, DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::Date32);
+        (!partitionable).then(|| (c, format!("column '{c}' is of type {ty}: a table is partitioned by a date or integer column")))
     }
 
     /// The Parquet writer's settings: delta-rs's own (Snappy) plus the row-group size and Bloom
@@ -473,6 +474,10 @@ impl Warehouse {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(Error::io(dir, e)),
         };
+        // A manifest above CURRENT's id was written by a load killed before it committed: not a
+        // snapshot (the next commit writes its own manifest over it).
+        let current = self.current()?.map_or(0, |s| s.id);
+        ids.retain(|id| *id <= current);
         ids.sort();
         ids.into_iter().map(|id| self.snapshot(id)).collect()
     }
@@ -669,6 +674,26 @@ impl Warehouse {
     }
 }
 
+/// A print of a table's columns, their names and types in order, as a table written from them
+/// stores them (text in any of Arrow's string types is stored alike): two schemas with one print
+/// make the same Delta table.
+pub fn columns_print(schema: &Schema) -> String {
+    let columns: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let ty = match f.data_type() {
+                DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+                DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+                DataType::Dictionary(_, values) => values.as_ref().clone(),
+                ty => ty.clone(),
+            };
+            format!("{}:{ty}", f.name())
+        })
+        .collect();
+    hex(&Sha256::digest(columns.join("\n").as_bytes()))[..16].to_string()
+}
+
 /// What `compact` did to each table it looked at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CompactedTable {
@@ -838,6 +863,27 @@ pub async fn content_checksum(ctx: &SessionContext, table: &str) -> Result<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_manifest_left_by_a_load_killed_before_current_is_no_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Warehouse::new(dir.path());
+        // No tables: the vacuum then has only manifests to look at.
+        w.commit(BTreeMap::new(), BTreeMap::new(), BTreeMap::new()).unwrap();
+        w.commit(BTreeMap::new(), BTreeMap::new(), BTreeMap::new()).unwrap();
+        // A load killed between its manifest and CURRENT: manifest 3, CURRENT still 2.
+        let orphan = Snapshot { id: 3, ..w.snapshot(2).unwrap() };
+        std::fs::write(w.snapshots_dir().join("000003.json"), serde_json::to_vec(&orphan).unwrap()).unwrap();
+        assert_eq!(w.snapshots().unwrap().iter().map(|s| s.id).collect::<Vec<_>>(), vec![1, 2]);
+        // Keeping one snapshot keeps the current one, not the orphan.
+        let report = w.vacuum(1).await.unwrap();
+        assert_eq!((report.snapshots_removed, report.snapshots_kept), (1, 1));
+        assert_eq!(w.current().unwrap().map(|s| s.id), Some(2));
+        // The next commit is snapshot 3, over the orphan.
+        let third = w.commit(BTreeMap::new(), BTreeMap::new(), BTreeMap::new()).unwrap();
+        assert_eq!(third.id, 3);
+        assert_eq!(w.current().unwrap(), Some(third));
+    }
 
     #[test]
     fn a_file_hashed_in_blocks_has_the_checksum_of_its_whole_content() {

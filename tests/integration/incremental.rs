@@ -716,3 +716,38 @@ fn a_partitioned_table_rewrites_only_the_months_whose_rows_changed() {
         matches_select(w.clone()).await;
     });
 }
+
+/// A column renamed in a source's transform reaches the derived tables that `SELECT *` from it,
+/// though their own transforms and their values did not change: a small table (kept whole when
+/// it recomputes to the same rows) and a partitioned one (written by partition when its rows'
+/// prints match).
+#[test]
+fn a_column_renamed_upstream_is_renamed_in_the_tables_that_select_it() {
+    let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let project = incremental_project(dir.path(), false);
+    std::fs::write(project.transforms.join("reps_copy.yaml"), "version: 1\ntable: reps_copy\nsql: SELECT * FROM dim_sales_rep\n").unwrap();
+    // 20 reps × 6,000 copies: more rows than the small-table check compares.
+    std::fs::write(
+        project.transforms.join("reps_many.yaml"),
+        "version: 1\ntable: reps_many\nsql: SELECT r.*, c.copy % 4 AS bucket, c.copy FROM dim_sales_rep r CROSS JOIN (SELECT unnest(range(0, 6000)) AS copy) c\nlayout: { partition_by: bucket }\n",
+    )
+    .unwrap();
+    let w = Warehouse::new(project.warehouse.clone());
+    block_on(async move {
+        load(&project, &w).await.unwrap();
+        let reps = project.transforms.join("dim_sales_rep.yaml");
+        let text = std::fs::read_to_string(&reps).unwrap();
+        assert!(text.contains("{ name: hire_date, type: date }"), "the sample's rep columns changed");
+        std::fs::write(&reps, text.replace("{ name: hire_date, type: date }", "{ name: hired_on, from: hire_date, type: date }")).unwrap();
+        let night = load(&project, &w).await.unwrap();
+        assert_eq!(table(&night, "dim_sales_rep").mode, "full");
+        let ctx = w.session().await.unwrap();
+        for t in ["reps_copy", "reps_many"] {
+            let columns: Vec<String> = ctx.table(t).await.unwrap().schema().fields().iter().map(|f| f.name().clone()).collect();
+            assert!(columns.contains(&"hired_on".to_string()) && !columns.contains(&"hire_date".to_string()), "{t}: {columns:?}");
+            // The hire dates by hand from the source table, under the new name.
+            let q = format!("SELECT CAST(count(DISTINCT hired_on) AS VARCHAR) FROM {t}");
+            assert_eq!(scalar(&ctx, &q).await, scalar(&ctx, "SELECT CAST(count(DISTINCT hired_on) AS VARCHAR) FROM dim_sales_rep").await);
+        }
+    });
+}
