@@ -542,17 +542,24 @@ impl Warehouse {
                 continue;
             }
             let layout = layouts.get(name).unwrap_or(&no_layout);
-            // Optimized as loaded at the snapshot's version: only when no version came after it
-            // (a killed compaction's would have removed the files this one rewrites).
-            let (version, files_after, how) = if self.latest_version(name).await? == Some(entry.version) {
+            // The newest version is optimized when it holds the snapshot's rows (it is the
+            // snapshot's, or came from a vacuum or a killed compaction), never the snapshot's
+            // version under newer ones: a killed compaction has removed the files it would rewrite.
+            let (version, files_after, how) = if self.holds_version(name, entry.version).await? {
+                let newest = DeltaTable::try_from_url(self.table_url(name)?).await.map_err(delta_err)?;
                 // Bin-packing concatenates the files in order: each was written sorted, and a
                 // night's files hold that night's rows, so the ranges stay narrow.
-                let (table, _) = table.optimize().with_writer_properties(layout.writer_properties()).await.map_err(delta_err)?;
+                let (table, _) = newest.optimize().with_writer_properties(layout.writer_properties()).await.map_err(delta_err)?;
                 let files_after = table.get_file_uris().map_err(delta_err)?.count();
+                // Nothing bin-packed, tonight or by a killed compaction (one file per partition
+                // already; a vacuum's commits).
+                if files_after >= files_before {
+                    continue;
+                }
                 (table.version().map(|v| v as u64).unwrap_or(entry.version), files_after, "optimize")
             } else {
-                // A killed load or compaction wrote a later version: write the snapshot's rows as
-                // the next version instead of building on a version no snapshot names.
+                // A killed load wrote a later version with other rows: write the snapshot's rows
+                // as the next version instead of building on a version no snapshot names.
                 let metadata = serde_json::to_value(table.snapshot().map_err(delta_err)?.metadata()).map_err(|e| Error::Internal(e.to_string()))?;
                 let partition: Vec<String> = metadata["partitionColumns"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
                 let ctx = self.context()?;
@@ -701,7 +708,7 @@ pub struct CompactedTable {
     pub files_before: usize,
     pub files_after: usize,
     /// `optimize` (small files bin-packed into larger ones) or `rewrite` (the snapshot's rows
-    /// written afresh: a later Delta version no snapshot names was in the way).
+    /// written afresh: a later Delta version no snapshot names, with other rows, was in the way).
     pub how: &'static str,
 }
 

@@ -689,6 +689,13 @@ fn a_partitioned_table_rewrites_only_the_months_whose_rows_changed() {
         let vacuumed = w.vacuum(1).await.unwrap();
         assert!(vacuumed.files_deleted > 0, "{vacuumed:?}");
         matches_select(w.clone()).await;
+        // Nor do they stop a compaction from bin-packing the newest version: orders' two
+        // nights' files become one, and the rows stay.
+        let before = count(&w, "orders").await;
+        let compacted = w.compact(2, &Default::default()).await.unwrap();
+        let orders = compacted.tables.iter().find(|t| t.table == "orders").unwrap_or_else(|| panic!("{compacted:?}"));
+        assert_eq!((orders.how, orders.files_after), ("optimize", 1), "{compacted:?}");
+        assert_eq!(count(&w, "orders").await, before);
         // The vacuum's own Delta commits change no rows: the next night still writes one month.
         std::fs::write(
             project.sources.join("orders_2026-11-02b.csv"),
