@@ -213,10 +213,13 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
     let mut best_cost = f64::MAX;
     let (mut runs, mut iterations) = (0, 0);
     for _ in 0..8 {
+        // The first run starts wide; a restart only checks that the simplex did not collapse
+        // early around a point that is not the optimum, from a tenth of the size.
+        let step = if runs == 0 { 0.5 } else { 0.05 };
         let mut simplex = vec![best.clone()];
         for i in 0..best.len() {
             let mut v = best.clone();
-            v[i] += 0.5;
+            v[i] += step;
             simplex.push(v);
         }
         let solver = NelderMead::new(simplex).with_sd_tolerance(1e-12).map_err(|e| e.to_string())?;
@@ -228,6 +231,7 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
         let state = result.state();
         runs += 1;
         iterations += state.get_iter();
+        tracing::debug!(run = runs, iterations = state.get_iter(), cost = state.get_best_cost(), "Nelder-Mead run");
         let cost = state.get_best_cost();
         let param = state.get_best_param().cloned().ok_or("the optimiser found no parameters")?;
         let improved = best_cost - cost > 1e-12 * best_cost.abs().max(1.0);
