@@ -738,7 +738,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, cubes: &CubeSet) -> Result<(datafusion::prelude::SessionContext, crate::rollup::Notes)> {
     let wh = warehouse(cli, project);
     let snapshot = match cli.as_of {
-        Some(id) => wh.snapshot(id)?,
+        Some(id) => wh.committed(id)?,
         None => wh.current_or_error()?,
     };
     let ctx = wh.session_at(Some(snapshot.id)).await?;

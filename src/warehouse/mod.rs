@@ -453,9 +453,26 @@ impl Warehouse {
 
     /// A query session over snapshot `id`, or the current one. An older snapshot stays readable
     /// as long as the Delta versions it names are kept.
+    /// Snapshot `id` as a reader may open it (`--as-of`): committed, so not above the current
+    /// one (a manifest there is a killed load's), and still kept (not vacuumed).
+    pub fn committed(&self, id: u64) -> Result<Snapshot> {
+        let current = self.current_or_error()?;
+        let kept = self.snapshots_dir().join(format!("{id:06}.json")).exists();
+        if id > current.id || !kept {
+            let why = if id > current.id { "was never committed" } else { "was removed by `crmcube vacuum`" };
+            return Err(DataError::Input {
+                file: self.root.clone(),
+                line: None,
+                message: format!("snapshot {id} {why}; the current snapshot is {} (`crmcube history` lists the ones kept)", current.id),
+            }
+            .into());
+        }
+        self.snapshot(id)
+    }
+
     pub async fn session_at(&self, id: Option<u64>) -> Result<SessionContext> {
         let snapshot = match id {
-            Some(id) => self.snapshot(id)?,
+            Some(id) => self.committed(id)?,
             None => self.current_or_error()?,
         };
         let ctx = self.context()?;
@@ -882,10 +899,14 @@ mod tests {
         let orphan = Snapshot { id: 3, ..w.snapshot(2).unwrap() };
         std::fs::write(w.snapshots_dir().join("000003.json"), serde_json::to_vec(&orphan).unwrap()).unwrap();
         assert_eq!(w.snapshots().unwrap().iter().map(|s| s.id).collect::<Vec<_>>(), vec![1, 2]);
+        let e = w.committed(3).unwrap_err().to_string();
+        assert!(e.contains("snapshot 3 was never committed; the current snapshot is 2"), "{e}");
         // Keeping one snapshot keeps the current one, not the orphan.
         let report = w.vacuum(1).await.unwrap();
         assert_eq!((report.snapshots_removed, report.snapshots_kept), (1, 1));
         assert_eq!(w.current().unwrap().map(|s| s.id), Some(2));
+        let e = w.committed(1).unwrap_err().to_string();
+        assert!(e.contains("snapshot 1 was removed by `crmcube vacuum`"), "{e}");
         // The next commit is snapshot 3, over the orphan.
         let third = w.commit(BTreeMap::new(), BTreeMap::new(), BTreeMap::new()).unwrap();
         assert_eq!(third.id, 3);

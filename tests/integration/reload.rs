@@ -148,6 +148,10 @@ fn history_lists_snapshots_and_as_of_reads_an_older_one() {
     assert!(first > 60_000, "{first}");
     assert!(second <= 1000, "{second}");
     assert_eq!(count(Some("2")), second);
+    // A snapshot that does not exist is named, with the current one.
+    let out = Command::new(env!("CARGO_BIN_EXE_crmcube")).arg("--project").arg(t.dir.path()).args(["sql", "SELECT 1", "--as-of", "9"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("snapshot 9 was never committed; the current snapshot is 2"), "{stderr}");
 }
 
 #[test]
