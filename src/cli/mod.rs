@@ -741,7 +741,8 @@ async fn query_session(cli: &Cli, project: &Project, transforms: &TransformSet, 
         Some(id) => wh.committed(id)?,
         None => wh.current_or_error()?,
     };
-    let ctx = wh.session_at(Some(snapshot.id)).await?;
+    let ctx = wh.context()?;
+    wh.register(&ctx, &snapshot).await?;
     // `--no-rollups` keeps eager aggregation: it is how the base tables answer.
     let with = crate::rollup::Rewrites { rollups: !cli.no_rollups, eager: true };
     match &cli.as_user {

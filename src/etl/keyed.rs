@@ -12,9 +12,9 @@
 //! that hold the driver's key, step by step from the driver's scan, and requires every step over
 //! the driver's rows to keep each key's rows apart — a GROUP BY that includes the key, a window
 //! partitioned by it, a join of two parts of the driver on it; filters, projections, sorts,
-//! DISTINCT, UNION, unnesting a list and joins to other tables keep them apart by themselves. Across an outer join
-//! only the preserved side's columns hold the key (the other side's are NULL where it has no
-//! row), and only columns of the key's type equal to it. A step that mixes keys (an aggregate
+//! DISTINCT, UNION, unnesting a list and joins to other tables keep them apart by themselves.
+//! Across an outer join only the preserved side's columns hold the key (the other side's are NULL
+//! where it has no row), and only columns of the key's type equal to it. A step that mixes keys (an aggregate
 //! without the key, a LIMIT, a subquery over the driver, a FULL join), a function whose value
 //! moves by itself (`current_date()`: every row would go stale, not only the keys' rows) or a
 //! step it does not know makes the table recomputed in full, with the reason in the log. Views

@@ -552,12 +552,12 @@ impl<'a> Run<'a> {
             // them) and NULL. A value whose text does not read back is written whole below.
             let ty = schema.field_with_name(column)?.data_type().clone();
             let values: Option<Vec<Expr>> = changed.iter().filter(|k| k.as_str() != NULL).map(|k| ScalarValue::try_from_string(k.to_string(), &ty).ok().map(lit)).collect();
-            let which = values.map(|values| {
+            let which = values.and_then(|values| {
                 let null = changed.contains(&NULL.to_string()).then(|| ident(column).is_null());
                 let listed = (!values.is_empty()).then(|| ident(column).in_list(values, false));
                 listed.into_iter().chain(null).reduce(Expr::or)
             });
-            if let Some(Some(which)) = which {
+            if let Some(which) = which {
                 let fresh = in_table(name, all.filter(which.clone())?.collect().await.map_err(Error::from))?;
                 tracing::debug!(table = name, partitions = now.len() - 1, changed = changed.len(), rows = count_rows(&fresh), ms, "partitions printed: writing the changed ones");
                 match self.warehouse.replace_partitions(name, schema.clone(), fresh, column, which, layout).await {

@@ -301,8 +301,13 @@ impl Appended {
         // against them (one hash set a column, [`super::holds`]) and the pairs below join them.
         // A join per column probed and emitted every row of the touched units before the filter;
         // an IN list of literals costs as little to run but far more to plan (tens of thousands).
+        // The touched units' range on its own too, so that the scan skips the files and row
+        // groups outside it by their statistics (a fact partitioned or sorted by date).
+        let subset = match &touched {
+            Some(range) => subset.filter(range.clone())?,
+            None => subset,
+        };
         let mut sets = Vec::new();
-        let touched_range = touched.is_some();
         let mut tested = vec![touched.unwrap_or(lit(true))];
         let mut new_values_of = Vec::new();
         for (_, column, _) in &counted {
@@ -319,12 +324,6 @@ impl Appended {
         let mut columns: BTreeSet<String> = counted.iter().flat_map(|(_, _, levels)| levels.iter().cloned()).collect();
         columns.extend(counted.iter().map(|(m, ..)| m.clone()));
         let columns: Vec<String> = columns.into_iter().collect();
-        // The touched units' range on its own too, so that the scan skips the files and row
-        // groups outside it by their statistics (a fact partitioned or sorted by date).
-        let subset = match tested.first() {
-            Some(range) if touched_range => subset.filter(range.clone())?,
-            _ => subset,
-        };
         let mut subset = subset.filter(super::holds::udf(sets)?.call(tested))?;
         // Only the columns the pairs read are copied out of the fact rows kept.
         if let Some(read) = fact_columns(ctx, cube, &columns).await? {
@@ -666,17 +665,14 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 33)
 }
 
-/// `array` in the one physical type its values hash by: the same text hashes differently as
-/// `Utf8`, `Utf8View` and `LargeUtf8`, and a table holds one or the other depending on whether it
-/// was read from memory or from its Parquet files (a view).
+/// `array` in the one type its values hash by ([`crate::warehouse::canonical_type`]): the same
+/// text hashes differently as `Utf8`, `Utf8View` and `LargeUtf8`.
 fn canonical(array: ArrayRef) -> datafusion::error::Result<ArrayRef> {
-    let to = match array.data_type() {
-        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
-        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
-        DataType::Dictionary(_, values) => values.as_ref().clone(),
-        _ => return Ok(array),
-    };
-    canonical(datafusion::arrow::compute::cast(&array, &to)?)
+    let to = crate::warehouse::canonical_type(array.data_type());
+    if &to == array.data_type() {
+        return Ok(array);
+    }
+    Ok(datafusion::arrow::compute::cast(&array, &to)?)
 }
 
 /// `crmcube_row_hash(c1, c2, …)`: a 64-bit hash of a row's values. Each column is hashed on its

@@ -451,8 +451,6 @@ impl Warehouse {
         self.session_at(None).await
     }
 
-    /// A query session over snapshot `id`, or the current one. An older snapshot stays readable
-    /// as long as the Delta versions it names are kept.
     /// Snapshot `id` as a reader may open it (`--as-of`): committed, so not above the current
     /// one (a manifest there is a killed load's), and still kept (not vacuumed).
     pub fn committed(&self, id: u64) -> Result<Snapshot> {
@@ -470,6 +468,8 @@ impl Warehouse {
         self.snapshot(id)
     }
 
+    /// A query session over snapshot `id`, or the current one. An older snapshot stays readable
+    /// as long as the Delta versions it names are kept.
     pub async fn session_at(&self, id: Option<u64>) -> Result<SessionContext> {
         let snapshot = match id {
             Some(id) => self.committed(id)?,
@@ -702,20 +702,20 @@ impl Warehouse {
 /// stores them (text in any of Arrow's string types is stored alike): two schemas with one print
 /// make the same Delta table.
 pub fn columns_print(schema: &Schema) -> String {
-    let columns: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            let ty = match f.data_type() {
-                DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
-                DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
-                DataType::Dictionary(_, values) => values.as_ref().clone(),
-                ty => ty.clone(),
-            };
-            format!("{}:{ty}", f.name())
-        })
-        .collect();
+    let columns: Vec<String> = schema.fields().iter().map(|f| format!("{}:{}", f.name(), canonical_type(f.data_type()))).collect();
     hex(&Sha256::digest(columns.join("\n").as_bytes()))[..16].to_string()
+}
+
+/// The one type a column's values are stored and compared in whatever Arrow type holds them:
+/// text as Utf8 (not Utf8View, LargeUtf8 or dictionary-encoded), bytes as Binary. A table read
+/// from memory holds Utf8, read back from its Parquet files Utf8View.
+pub fn canonical_type(ty: &DataType) -> DataType {
+    match ty {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::Dictionary(_, values) => canonical_type(values),
+        ty => ty.clone(),
+    }
 }
 
 /// What `compact` did to each table it looked at.
