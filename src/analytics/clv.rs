@@ -228,8 +228,27 @@ struct Problem<'a> {
 }
 
 impl<'a> Problem<'a> {
-    /// The same problem, without its cache.
-    fn clone_settings(&self) -> Problem<'a> {
+    /// `f` over `customers`. With `tabulate`, the per-`x` terms are computed once per whole `x`
+    /// (see [`tabulable`]), and the logs of ages and recencies once per distinct value when
+    /// there are at most a quarter as many as customers; else per customer (the same floats).
+    fn new(customers: &'a [Customer], f: &'a Likelihood, tabulate: bool) -> Self {
+        let few = |d: (Vec<f64>, Vec<u32>)| (tabulate && d.0.len() * 4 <= customers.len()).then_some(d);
+        let (ages, recencies) = if f.logs { (few(distinct(customers, |c| c.t)), few(distinct(customers, |c| c.t_x))) } else { (None, None) };
+        Problem {
+            customers,
+            f,
+            max_x: tabulable(customers).filter(|_| tabulate),
+            ages,
+            recencies,
+            spend_logs: (!f.logs).then(|| customers.iter().map(|c| logs_of(f, &[], c)[0]).collect()),
+            last_gradient: Mutex::new(None),
+            with_gradient: true,
+        }
+    }
+
+    /// The same problem, without its cache; its costs compute the gradient too when
+    /// `with_gradient`.
+    fn renewed(&self, with_gradient: bool) -> Problem<'a> {
         Problem {
             customers: self.customers,
             f: self.f,
@@ -238,7 +257,7 @@ impl<'a> Problem<'a> {
             recencies: self.recencies.clone(),
             spend_logs: self.spend_logs.clone(),
             last_gradient: Mutex::new(None),
-            with_gradient: self.with_gradient,
+            with_gradient,
         }
     }
 
@@ -362,26 +381,13 @@ fn maximise(customers: &[Customer], f: &Likelihood, start: &[f64]) -> Result<(Ve
     if customers.is_empty() {
         return Err("no customers to fit".into());
     }
-    // Tabulated when there are at most a quarter as many distinct values as customers.
-    let few = |d: (Vec<f64>, Vec<u32>)| (d.0.len() * 4 <= customers.len()).then_some(d);
-    let (ages, recencies) = if f.logs { (few(distinct(customers, |c| c.t)), few(distinct(customers, |c| c.t_x))) } else { (None, None) };
-    let spend_logs: Option<Vec<f64>> = (!f.logs).then(|| customers.iter().map(|c| logs_of(f, &[], c)[0]).collect());
-    let problem = |with_gradient| Problem {
-        customers,
-        f,
-        max_x: tabulable(customers),
-        ages: ages.clone(),
-        recencies: recencies.clone(),
-        spend_logs: spend_logs.clone(),
-        last_gradient: Mutex::new(None),
-        with_gradient,
-    };
+    let problem = Problem::new(customers, f, true);
     let start: Vec<f64> = start.iter().map(|p| p.ln()).collect();
-    let (best, best_cost) = match quasi_newton(problem(true), start.clone()) {
+    let (best, best_cost) = match quasi_newton(&problem, start.clone()) {
         Ok(found) => found,
         Err(why) => {
             tracing::debug!("L-BFGS did not converge ({why}); Nelder-Mead instead");
-            nelder_mead(|| problem(false), start)?
+            nelder_mead(&problem, start)?
         }
     };
     if !best_cost.is_finite() || best_cost == f64::MAX {
@@ -405,13 +411,12 @@ const ACCEPTED_GRADIENT: f64 = 1e-6;
 /// L-BFGS from `start` (log-parameters): the optimum and its cost, or why it was not reached.
 /// The best point it found is accepted when the gradient there is below [`ACCEPTED_GRADIENT`],
 /// however the run ended (a line search may also fail in the rounding noise at the optimum).
-fn quasi_newton(problem: Problem, start: Vec<f64>) -> Result<(Vec<f64>, f64), String> {
+fn quasi_newton(problem: &Problem, start: Vec<f64>) -> Result<(Vec<f64>, f64), String> {
     let solver = LBFGS::new(MoreThuenteLineSearch::new(), 7).with_tolerance_grad(GRADIENT_TOLERANCE).and_then(|s| s.with_tolerance_cost(COST_TOLERANCE)).map_err(|e| e.to_string())?;
-    let check = problem.clone_settings();
-    let result = Executor::new(problem, solver).configure(|s| s.param(start).max_iters(500)).run().map_err(|e| e.to_string())?;
+    let result = Executor::new(problem.renewed(true), solver).configure(|s| s.param(start).max_iters(500)).run().map_err(|e| e.to_string())?;
     let state = result.state();
     let param = state.get_best_param().cloned().ok_or("no parameters")?;
-    let (cost, gradient) = check.evaluate(&param, true);
+    let (cost, gradient) = problem.evaluate(&param, true);
     let norm = gradient.iter().map(|v| v * v).sum::<f64>().sqrt();
     tracing::debug!(iterations = state.get_iter(), cost, gradient = norm, reason = ?state.get_termination_reason(), "L-BFGS run");
     if !cost.is_finite() || cost == f64::MAX || param.iter().any(|p| !p.is_finite()) {
@@ -425,7 +430,7 @@ fn quasi_newton(problem: Problem, start: Vec<f64>) -> Result<(Vec<f64>, f64), St
 
 /// Nelder-Mead from `start` (log-parameters), restarted from its own optimum until it stops
 /// improving: the optimum and its cost.
-fn nelder_mead<'a>(problem: impl Fn() -> Problem<'a>, start: Vec<f64>) -> Result<(Vec<f64>, f64), String> {
+fn nelder_mead(problem: &Problem, start: Vec<f64>) -> Result<(Vec<f64>, f64), String> {
     let mut best = start;
     let mut best_cost = f64::MAX;
     let (mut runs, mut iterations) = (0, 0);
@@ -440,7 +445,7 @@ fn nelder_mead<'a>(problem: impl Fn() -> Problem<'a>, start: Vec<f64>) -> Result
             simplex.push(v);
         }
         let solver = NelderMead::new(simplex).with_sd_tolerance(1e-12).map_err(|e| e.to_string())?;
-        let result = Executor::new(problem(), solver)
+        let result = Executor::new(problem.renewed(false), solver)
             .configure(|s| s.max_iters(20_000))
             .run()
             .map_err(|e| e.to_string())?;
@@ -748,17 +753,9 @@ mod tests {
         ];
         for (f, customers, params) in cases {
             let log_params: Vec<f64> = params.iter().map(|p| p.ln()).collect();
+            // Tabulated: the terms by x and the ages (one here), the recencies per customer.
             for tabulated in [true, false] {
-                let problem = Problem {
-                    customers,
-                    f,
-                    max_x: tabulable(customers).filter(|_| tabulated),
-                    ages: (tabulated && f.logs).then(|| distinct(customers, |c| c.t)),
-                    recencies: (tabulated && f.logs).then(|| distinct(customers, |c| c.t_x)),
-                    spend_logs: (!f.logs).then(|| customers.iter().map(|c| c.m.ln()).collect()),
-                    last_gradient: Mutex::new(None),
-                    with_gradient: true,
-                };
+                let problem = Problem::new(customers, f, tabulated);
                 let (_, gradient) = problem.evaluate(&log_params, true);
                 for j in 0..params.len() {
                     let h = 1e-5;
@@ -782,18 +779,9 @@ mod tests {
         let repeat: Vec<Customer> = customers.iter().copied().filter(|c| c.x > 0.0 && c.m > 0.0).collect();
         // Log-parameters: all parameters 1, as the fits start.
         for (f, customers, start) in [(&BGNBD, &customers[..], vec![0.0; 4]), (&GAMMA_GAMMA, &repeat[..], vec![0.0; 3])] {
-            let problem = |with_gradient| Problem {
-                customers,
-                f,
-                max_x: tabulable(customers),
-                ages: f.logs.then(|| distinct(customers, |c| c.t)),
-                recencies: f.logs.then(|| distinct(customers, |c| c.t_x)),
-                spend_logs: (!f.logs).then(|| customers.iter().map(|c| c.m.ln()).collect()),
-                last_gradient: Mutex::new(None),
-                with_gradient,
-            };
-            let (qn, qn_cost) = quasi_newton(problem(true), start.clone()).unwrap();
-            let (nm, nm_cost) = nelder_mead(|| problem(false), start).unwrap();
+            let problem = Problem::new(customers, f, true);
+            let (qn, qn_cost) = quasi_newton(&problem, start.clone()).unwrap();
+            let (nm, nm_cost) = nelder_mead(&problem, start).unwrap();
             assert!(qn_cost <= nm_cost + 1e-12, "L-BFGS {qn_cost} vs Nelder-Mead {nm_cost}");
             for (a, b) in qn.iter().zip(&nm) {
                 assert!((a - b).abs() < 1e-4, "log-parameters {qn:?} vs {nm:?}");
