@@ -526,19 +526,12 @@ impl<'a> Run<'a> {
     /// the next load to compare with. A night that changes one month of a per-month table then
     /// writes that month, not the table; a table recomputed to the same rows writes nothing.
     async fn put_partitions(&self, name: &str, schema: SchemaRef, rows: Vec<RecordBatch>, column: &str, spec: Option<&str>, layout: &crate::warehouse::Layout) -> Result<(u64, BTreeMap<String, String>)> {
-        use datafusion::prelude::{Expr, ident, lit};
-        use datafusion::scalar::ScalarValue;
-        /// A NULL partition's name among the prints (a date or integer never reads so).
-        const NULL: &str = "NULL";
-        /// The columns' names and types, among the prints: rows print by their values alone, so
-        /// a renamed column or a changed type would otherwise pass for unchanged rows.
-        const COLUMNS: &str = "#columns";
         let started = Instant::now();
         let all = self.ctx.read_batches(crate::warehouse::with_empty(&schema, rows.clone()))?;
         let prints = in_table(name, crate::rollup::partitions::prints_by(all.clone(), column).await)?;
-        let mut now: BTreeMap<String, String> = prints.iter().map(|p| (p.text().unwrap_or(NULL).to_string(), p.print().text())).collect();
-        now.insert(COLUMNS.into(), crate::warehouse::columns_print(&schema));
-        let previous = self.previous_entry(name).filter(|e| e.spec.as_deref() == spec && spec.is_some() && e.partitions.get(COLUMNS) == now.get(COLUMNS));
+        let mut now: BTreeMap<String, String> = prints.iter().map(|p| (p.text().unwrap_or(NULL_PARTITION).to_string(), p.print().text())).collect();
+        now.insert(COLUMNS_PRINT.into(), crate::warehouse::columns_print(&schema));
+        let previous = self.previous_entry(name).filter(|e| e.spec.as_deref() == spec && spec.is_some() && e.partitions.get(COLUMNS_PRINT) == now.get(COLUMNS_PRINT));
         if let Some(entry) = previous
             && self.warehouse.holds_version(name, entry.version).await?
         {
@@ -548,16 +541,8 @@ impl<'a> Run<'a> {
                 tracing::debug!(table = name, partitions = now.len() - 1, ms, "partitions printed: none changed, nothing written");
                 return Ok((entry.version, now));
             }
-            // The changed partitions as a filter on the column: its values (as the table types
-            // them) and NULL. A value whose text does not read back is written whole below.
-            let ty = schema.field_with_name(column)?.data_type().clone();
-            let values: Option<Vec<Expr>> = changed.iter().filter(|k| k.as_str() != NULL).map(|k| ScalarValue::try_from_string(k.to_string(), &ty).ok().map(lit)).collect();
-            let which = values.and_then(|values| {
-                let null = changed.contains(&NULL.to_string()).then(|| ident(column).is_null());
-                let listed = (!values.is_empty()).then(|| ident(column).in_list(values, false));
-                listed.into_iter().chain(null).reduce(Expr::or)
-            });
-            if let Some(which) = which {
+            // A value whose text does not read back is written whole below.
+            if let Some(which) = partitions_filter(&schema, column, &changed)? {
                 let fresh = in_table(name, all.filter(which.clone())?.collect().await.map_err(Error::from))?;
                 tracing::debug!(table = name, partitions = now.len() - 1, changed = changed.len(), rows = count_rows(&fresh), ms, "partitions printed: writing the changed ones");
                 match self.warehouse.replace_partitions(name, schema.clone(), fresh, column, which, layout).await {
@@ -568,6 +553,95 @@ impl<'a> Run<'a> {
         }
         let version = self.warehouse.write_partitioned(name, schema, rows, &[column.to_string()], layout).await?;
         Ok((version, now))
+    }
+
+    /// The by-key refresh of a table partitioned by `column` (see [`Run::refresh_keys`]), written
+    /// by partition without reading the rows of the other keys: each partition's print moves by
+    /// the prints of the keys' previous rows in it (taken out) and of their `fresh` rows (added
+    /// in); only the partitions whose print moved are read — their kept rows, from those
+    /// partitions' files — and replaced. Returns the version, the rows and the prints; None when
+    /// the previous version's prints cannot serve (another transform, other columns, a newer
+    /// version that changed rows, a NULL or unreadable partition value, prints that do not add
+    /// up), and the caller reads every row as for any refresh.
+    #[allow(clippy::too_many_arguments)]
+    async fn refresh_partitions(
+        &self,
+        name: &str,
+        fingerprint: &str,
+        schema: &SchemaRef,
+        fresh: &[RecordBatch],
+        touched: &datafusion::prelude::DataFrame,
+        key: &str,
+        column: &str,
+        layout: &crate::warehouse::Layout,
+    ) -> Result<Option<(u64, u64, BTreeMap<String, String>)>> {
+        use crate::rollup::partitions::{Print, prints_by};
+        use datafusion::logical_expr::JoinType;
+        let Some(entry) = self.previous_entry(name) else { return Ok(None) };
+        if entry.spec.as_deref() != Some(fingerprint)
+            || entry.partitions.get(COLUMNS_PRINT) != Some(&crate::warehouse::columns_print(schema))
+            || !self.warehouse.holds_version(name, entry.version).await?
+        {
+            return Ok(None);
+        }
+        let mut stored: BTreeMap<String, Print> = BTreeMap::new();
+        for (partition, print) in entry.partitions.iter().filter(|(k, _)| *k != COLUMNS_PRINT) {
+            let Some(print) = Print::parse(print) else { return Ok(None) };
+            stored.insert(partition.clone(), print);
+        }
+        let started = Instant::now();
+        let previous = format!("__previous_{name}");
+        self.register_previous(name, &previous).await?;
+        let result = async {
+            let before = crate::warehouse::in_columns(self.ctx.table(previous.as_str()).await?, schema)?;
+            let old = before.clone().join(touched.clone(), JoinType::LeftSemi, &[key], &[TOUCHED], None)?;
+            let fresh = self.ctx.read_batches(crate::warehouse::with_empty(schema, fresh.to_vec()))?;
+            let mut now = stored.clone();
+            for p in prints_by(old, column).await? {
+                let Some(less) = now.get(p.text().unwrap_or(NULL_PARTITION)).and_then(|s| s.less(p.print())) else { return Ok(None) };
+                now.insert(p.text().unwrap_or(NULL_PARTITION).to_string(), less);
+            }
+            for p in prints_by(fresh.clone(), column).await? {
+                let at = p.text().unwrap_or(NULL_PARTITION).to_string();
+                let more = now.get(&at).copied().unwrap_or_default().add(p.print());
+                now.insert(at, more);
+            }
+            // A partition left without rows is gone (its files are replaced by none).
+            if now.values().any(|p| p.rows() == 0 && *p != Print::default()) {
+                return Ok(None);
+            }
+            now.retain(|_, p| p.rows() > 0);
+            let changed: BTreeSet<&String> = now.keys().chain(stored.keys()).filter(|k| now.get(*k) != stored.get(*k)).collect();
+            let rows: u64 = now.values().map(|p| p.rows()).sum();
+            let mut texts: BTreeMap<String, String> = now.iter().map(|(k, p)| (k.clone(), p.text())).collect();
+            texts.insert(COLUMNS_PRINT.into(), crate::warehouse::columns_print(schema));
+            let ms = started.elapsed().as_millis() as u64;
+            if changed.is_empty() {
+                tracing::debug!(table = name, partitions = now.len(), ms, "partitions printed by the keys' rows: none changed, nothing written");
+                return Ok(Some((entry.version, rows, texts)));
+            }
+            if changed.iter().any(|k| k.as_str() == NULL_PARTITION) {
+                return Ok(None);
+            }
+            let Some(which) = partitions_filter(schema, column, &changed)? else { return Ok(None) };
+            let kept = before.filter(which.clone())?.join(touched.clone(), JoinType::LeftAnti, &[key], &[TOUCHED], None)?;
+            let replaced = kept.union(fresh.filter(which.clone())?)?;
+            let replaced = if layout.sort_by.is_empty() { replaced } else { replaced.sort(layout.sort_exprs())? };
+            let replaced = replaced.collect().await?;
+            // In the SELECT's schema (the rows read back say every column may be NULL).
+            let replaced = replaced.into_iter().map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec())).collect::<std::result::Result<Vec<_>, _>>()?;
+            tracing::debug!(table = name, partitions = now.len(), changed = changed.len(), rows = count_rows(&replaced), ms, "partitions printed by the keys' rows: writing the changed ones");
+            match self.warehouse.replace_partitions(name, schema.clone(), replaced, column, which, layout).await {
+                Ok(version) => Ok::<_, Error>(Some((version, rows, texts))),
+                Err(e) => {
+                    tracing::debug!(table = name, "partitions not replaced by the keys' rows: {e}");
+                    Ok(None)
+                }
+            }
+        }
+        .await;
+        self.ctx.deregister_table(previous.as_str())?;
+        result
     }
 
     /// Whether `bytes` more of tables may stay in memory for the tables read after them
@@ -1109,6 +1183,27 @@ impl<'a> Run<'a> {
         let recomputed = count_rows(&fresh);
         tracing::debug!(table = name, keys, rows = recomputed, ms = started.elapsed().as_millis() as u64, "refreshed by key: the keys' rows selected");
 
+        // A partitioned table: written by the partitions the keys' rows moved, read from its
+        // files by the tables after it.
+        if let Some(column) = t.layout.partition_by.as_deref()
+            && let Some((version, rows, prints)) = in_table(name, self.refresh_partitions(name, fingerprint, &schema, &fresh, &touched, key, column, &t.layout).await)?
+        {
+            crate::fault::point(&format!("derived {name}"));
+            tracing::info!(table = name, keys, rows, "refreshed by key");
+            let millis = started.elapsed().as_millis() as u64;
+            self.reports.push(TableReport { table: name.to_string(), kind: "derived", mode: "incremental", read: recomputed, loaded: recomputed, rows, millis, ..Default::default() });
+            self.changed.insert(name.to_string());
+            self.done.insert(name.to_string());
+            crate::fault::point(&format!("wrote {name}"));
+            tracing::info!(table = %name, version, rows, "written");
+            self.entries.insert(name.to_string(), TableEntry { version, rows, spec: Some(fingerprint.to_string()), watermark: None, partitions: prints });
+            let provider = self.warehouse.provider(self.ctx, name, version).await?;
+            self.ctx.deregister_table(name)?;
+            self.ctx.register_table(name, provider)?;
+            self.refreshed.insert(name.to_string(), (key.to_string(), touched));
+            return Ok(true);
+        }
+
         // The previous rows of every other key, in tonight's types, and the fresh ones.
         let previous = format!("__previous_{name}");
         self.register_previous(name, &previous).await?;
@@ -1448,6 +1543,26 @@ fn first_text(batches: &[RecordBatch]) -> Result<Option<String>> {
 
 /// The columns a derived table's layout names that its SELECT's `schema` lacks, each a problem
 /// at `line`:`column` of its file (with the nearest column).
+/// A NULL partition's name among a partitioned table's prints (a date or integer never reads so).
+const NULL_PARTITION: &str = "NULL";
+/// The columns' names and types, among a partitioned table's prints: rows print by their values
+/// alone, so a renamed column or a changed type would otherwise pass for unchanged rows.
+const COLUMNS_PRINT: &str = "#columns";
+
+/// The partitions `changed` (their texts among the prints) as a filter on `column`: its values,
+/// as `schema` types them, and NULL. None when a value's text does not read back as that type.
+fn partitions_filter(schema: &Schema, column: &str, changed: &BTreeSet<&String>) -> Result<Option<datafusion::prelude::Expr>> {
+    use datafusion::prelude::{Expr, ident, lit};
+    let ty = schema.field_with_name(column)?.data_type().clone();
+    let values: Option<Vec<Expr>> =
+        changed.iter().filter(|k| k.as_str() != NULL_PARTITION).map(|k| datafusion::scalar::ScalarValue::try_from_string(k.to_string(), &ty).ok().map(lit)).collect();
+    Ok(values.and_then(|values| {
+        let null = changed.iter().any(|k| k.as_str() == NULL_PARTITION).then(|| ident(column).is_null());
+        let listed = (!values.is_empty()).then(|| ident(column).in_list(values, false));
+        listed.into_iter().chain(null).reduce(Expr::or)
+    }))
+}
+
 pub(crate) fn layout_problems(t: &Transform, schema: &Schema, line: u64, column: u64) -> Vec<Diagnostic> {
     let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     t.layout

@@ -53,8 +53,19 @@ pub struct Print {
 }
 
 impl Print {
-    fn add(self, other: Print) -> Print {
+    pub fn add(self, other: Print) -> Print {
         Print { rows: self.rows + other.rows, sum: self.sum.wrapping_add(other.sum) }
+    }
+
+    /// The print of these rows less `other`'s, which they hold; None when they cannot hold them
+    /// (fewer rows).
+    pub fn less(self, other: Print) -> Option<Print> {
+        Some(Print { rows: self.rows.checked_sub(other.rows)?, sum: self.sum.wrapping_sub(other.sum) })
+    }
+
+    /// How many rows.
+    pub fn rows(&self) -> u64 {
+        self.rows
     }
 
     /// As stored in the snapshot manifest.
@@ -63,7 +74,7 @@ impl Print {
     }
 
     /// A print as [`Print::text`] wrote it.
-    fn parse(text: &str) -> Option<Print> {
+    pub fn parse(text: &str) -> Option<Print> {
         let (rows, sum) = text.split_once(':')?;
         Some(Print { rows: rows.parse().ok()?, sum: u64::from_str_radix(sum, 16).ok()? })
     }
