@@ -78,8 +78,12 @@ struct Likelihood {
     dterms: fn(&[f64], f64) -> [[f64; 4]; 3],
     /// The customer's gradient by each parameter, given `x`'s terms and their derivatives, the
     /// logs `ll` reads and, for BG/NBD, `1 / (α + T)` and `1 / (α + t_x)` (`inverses`).
-    grad: fn(&[f64], &[f64; 3], &[[f64; 4]; 3], &Customer, [f64; 2], [f64; 2]) -> [f64; 4],
+    grad: CustomerGradient,
 }
+
+/// [`Likelihood::grad`]: (parameters, `x`'s terms, their derivatives, the customer, logs,
+/// inverses) → the gradient by each parameter.
+type CustomerGradient = fn(&[f64], &[f64; 3], &[[f64; 4]; 3], &Customer, [f64; 2], [f64; 2]) -> [f64; 4];
 
 /// The logs `f` reads of one customer ([`Likelihood::logs`]), computed for it alone.
 fn logs_of(f: &Likelihood, params: &[f64], c: &Customer) -> [f64; 2] {
@@ -422,7 +426,7 @@ fn quasi_newton(problem: &Problem, start: Vec<f64>) -> Result<(Vec<f64>, f64), S
     if !cost.is_finite() || cost == f64::MAX || param.iter().any(|p| !p.is_finite()) {
         return Err(format!("it ended at a cost of {cost}"));
     }
-    if !(norm < ACCEPTED_GRADIENT) {
+    if !norm.is_finite() || norm >= ACCEPTED_GRADIENT {
         return Err(format!("it stopped with a gradient of norm {norm:e} ({:?})", state.get_termination_reason()));
     }
     Ok((param, cost))

@@ -603,7 +603,7 @@ impl<'a> Run<'a> {
             }
             for p in prints_by(fresh.clone(), column).await? {
                 let at = p.text().unwrap_or(NULL_PARTITION).to_string();
-                let more = now.get(&at).copied().unwrap_or_default().add(p.print());
+                let more = now.get(&at).copied().unwrap_or_default() + p.print();
                 now.insert(at, more);
             }
             // A partition left without rows is gone (its files are replaced by none).

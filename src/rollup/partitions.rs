@@ -52,11 +52,16 @@ pub struct Print {
     sum: u64,
 }
 
-impl Print {
-    pub fn add(self, other: Print) -> Print {
+/// The print of both multisets of rows.
+impl std::ops::Add for Print {
+    type Output = Print;
+
+    fn add(self, other: Print) -> Print {
         Print { rows: self.rows + other.rows, sum: self.sum.wrapping_add(other.sum) }
     }
+}
 
+impl Print {
     /// The print of these rows less `other`'s, which they hold; None when they cannot hold them
     /// (fewer rows).
     pub fn less(self, other: Print) -> Option<Print> {
@@ -187,7 +192,7 @@ fn units_in(unit_of: &HashMap<String, String>, facts: &[KeyPrint]) -> Option<Uni
     for f in facts.iter() {
         let u = f.text.as_ref().and_then(|t| unit_of.get(t))?;
         let p = prints.entry(u.clone()).or_default();
-        *p = p.add(f.print);
+        *p = *p + f.print;
         keys.entry(u.clone()).or_default().push(f.key.clone());
     }
     Some(Units { prints: prints.into_iter().map(|(u, p)| (u, p.text())).collect(), keys })
@@ -540,7 +545,7 @@ pub async fn append(
             None => Some(Print::default()),
         };
         let (Some(before), Some(add)) = (before, Print::parse(text)) else { return Ok(None) };
-        prints.insert(u.clone(), before.add(add).text());
+        prints.insert(u.clone(), (before + add).text());
     }
 
     let levels = super::level_columns(cube, rollup);
