@@ -225,7 +225,8 @@ struct Problem<'a> {
     /// Each customer's `ln m`, when `f` reads it (not `f.logs`).
     spend_logs: Option<Vec<f64>>,
     /// The gradient computed with the last cost, at those log-parameters (L-BFGS asks for the
-    /// cost and then the gradient at each point; both come from one pass over the customers).
+    /// cost and then the gradient at each point, and L-BFGS the gradient again at the point
+    /// accepted; all come from one pass over the customers).
     last_gradient: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
     /// Whether a cost also computes the gradient (false for Nelder-Mead).
     with_gradient: bool,
@@ -365,10 +366,14 @@ impl Gradient for Problem<'_> {
     type Gradient = Vec<f64>;
 
     fn gradient(&self, log_params: &Self::Param) -> Result<Vec<f64>, argmin::core::Error> {
-        let cached = self.last_gradient.lock().map_err(|_| argmin::core::Error::msg("a gradient cache was poisoned"))?.take();
-        Ok(match cached {
-            Some((at, gradient)) if at == *log_params => gradient,
-            _ => self.evaluate(log_params, true).1,
+        // Kept, not taken: L-BFGS asks again at the point its line search accepted.
+        let cached = self.last_gradient.lock().map_err(|_| argmin::core::Error::msg("a gradient cache was poisoned"))?;
+        Ok(match cached.as_ref() {
+            Some((at, gradient)) if at == log_params => gradient.clone(),
+            _ => {
+                drop(cached);
+                self.evaluate(log_params, true).1
+            }
         })
     }
 }

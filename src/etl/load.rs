@@ -1541,8 +1541,6 @@ fn first_text(batches: &[RecordBatch]) -> Result<Option<String>> {
     Ok(Some(text.value(0).to_string()))
 }
 
-/// The columns a derived table's layout names that its SELECT's `schema` lacks, each a problem
-/// at `line`:`column` of its file (with the nearest column).
 /// A NULL partition's name among a partitioned table's prints (a date or integer never reads so).
 const NULL_PARTITION: &str = "NULL";
 /// The columns' names and types, among a partitioned table's prints: rows print by their values
@@ -1563,6 +1561,8 @@ fn partitions_filter(schema: &Schema, column: &str, changed: &BTreeSet<&String>)
     }))
 }
 
+/// The columns a derived table's layout names that its SELECT's `schema` lacks, each a problem
+/// at `line`:`column` of its file (with the nearest column).
 pub(crate) fn layout_problems(t: &Transform, schema: &Schema, line: u64, column: u64) -> Vec<Diagnostic> {
     let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     t.layout
