@@ -294,15 +294,8 @@ impl<'a> Problem<'a> {
                     ]
                 }
             };
-            let computed;
-            let terms = match &table {
-                Some(t) => &t[c.x as usize],
-                None => {
-                    computed = (self.f.terms)(&params, c.x);
-                    &computed
-                }
-            };
-            let value = (self.f.ll)(&params, terms, c, logs);
+            let terms = table.as_ref().map_or_else(|| (self.f.terms)(&params, c.x), |t| t[c.x as usize]);
+            let value = (self.f.ll)(&params, &terms, c, logs);
             if !gradient {
                 return (value, [0.0; 4]);
             }
@@ -312,15 +305,8 @@ impl<'a> Problem<'a> {
             } else {
                 [0.0; 2]
             };
-            let dcomputed;
-            let dterms = match &dtable {
-                Some(t) => &t[c.x as usize],
-                None => {
-                    dcomputed = (self.f.dterms)(&params, c.x);
-                    &dcomputed
-                }
-            };
-            (value, (self.f.grad)(&params, terms, dterms, c, logs, inverses))
+            let dterms = dtable.as_ref().map_or_else(|| (self.f.dterms)(&params, c.x), |t| t[c.x as usize]);
+            (value, (self.f.grad)(&params, &terms, &dterms, c, logs, inverses))
         };
         // Fixed chunks summed in parallel, then their sums in order: the same total on any
         // number of threads (a load's tables must not depend on scheduling).
