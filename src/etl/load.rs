@@ -511,9 +511,7 @@ impl<'a> Run<'a> {
         // `grow`): its memory is settled there.
         if self.done.contains(&name) && !append && !self.try_keep(bytes) {
             tracing::debug!(table = %name, bytes, "read from its files from here on (the tables kept in memory reach a quarter of the memory limit)");
-            let provider = self.warehouse.provider(self.ctx, &name, version).await?;
-            self.ctx.deregister_table(name.as_str())?;
-            self.ctx.register_table(name.as_str(), provider)?;
+            self.read_from_files(&name, version).await?;
         }
         Ok(())
     }
@@ -578,8 +576,9 @@ impl<'a> Run<'a> {
         use crate::rollup::partitions::{Print, prints_by};
         use datafusion::logical_expr::JoinType;
         let Some(entry) = self.previous_entry(name) else { return Ok(None) };
+        let columns = crate::warehouse::columns_print(schema);
         if entry.spec.as_deref() != Some(fingerprint)
-            || entry.partitions.get(COLUMNS_PRINT) != Some(&crate::warehouse::columns_print(schema))
+            || entry.partitions.get(COLUMNS_PRINT) != Some(&columns)
             || !self.warehouse.holds_version(name, entry.version).await?
         {
             return Ok(None);
@@ -598,8 +597,9 @@ impl<'a> Run<'a> {
             let fresh = self.ctx.read_batches(crate::warehouse::with_empty(schema, fresh.to_vec()))?;
             let mut now = stored.clone();
             for p in prints_by(old, column).await? {
-                let Some(less) = now.get(p.text().unwrap_or(NULL_PARTITION)).and_then(|s| s.less(p.print())) else { return Ok(None) };
-                now.insert(p.text().unwrap_or(NULL_PARTITION).to_string(), less);
+                let at = p.text().unwrap_or(NULL_PARTITION).to_string();
+                let Some(less) = now.get(&at).and_then(|s| s.less(p.print())) else { return Ok(None) };
+                now.insert(at, less);
             }
             for p in prints_by(fresh.clone(), column).await? {
                 let at = p.text().unwrap_or(NULL_PARTITION).to_string();
@@ -614,7 +614,7 @@ impl<'a> Run<'a> {
             let changed: BTreeSet<&String> = now.keys().chain(stored.keys()).filter(|k| now.get(*k) != stored.get(*k)).collect();
             let rows: u64 = now.values().map(|p| p.rows()).sum();
             let mut texts: BTreeMap<String, String> = now.iter().map(|(k, p)| (k.clone(), p.text())).collect();
-            texts.insert(COLUMNS_PRINT.into(), crate::warehouse::columns_print(schema));
+            texts.insert(COLUMNS_PRINT.into(), columns);
             let ms = started.elapsed().as_millis() as u64;
             if changed.is_empty() {
                 tracing::debug!(table = name, partitions = now.len(), ms, "partitions printed by the keys' rows: none changed, nothing written");
@@ -627,9 +627,7 @@ impl<'a> Run<'a> {
             let kept = before.filter(which.clone())?.join(touched.clone(), JoinType::LeftAnti, &[key], &[TOUCHED], None)?;
             let replaced = kept.union(fresh.filter(which.clone())?)?;
             let replaced = if layout.sort_by.is_empty() { replaced } else { replaced.sort(layout.sort_exprs())? };
-            let replaced = replaced.collect().await?;
-            // In the SELECT's schema (the rows read back say every column may be NULL).
-            let replaced = replaced.into_iter().map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec())).collect::<std::result::Result<Vec<_>, _>>()?;
+            let replaced = in_schema(schema, replaced.collect().await?)?;
             tracing::debug!(table = name, partitions = now.len(), changed = changed.len(), rows = count_rows(&replaced), ms, "partitions printed by the keys' rows: writing the changed ones");
             match self.warehouse.replace_partitions(name, schema.clone(), replaced, column, which, layout).await {
                 Ok(version) => Ok::<_, Error>(Some((version, rows, texts))),
@@ -1016,6 +1014,23 @@ impl<'a> Run<'a> {
         self.made(t, "full", n, table_started, &fingerprint, schema, rows).await
     }
 
+    /// A derived table made tonight (`mode`, `read` rows computed, `rows` in the table): reported,
+    /// and counted as changed and done for the tables after it.
+    fn derived_report(&mut self, name: &str, mode: &'static str, read: u64, rows: u64, started: Instant) {
+        let millis = started.elapsed().as_millis() as u64;
+        self.reports.push(TableReport { table: name.to_string(), kind: "derived", mode, read, loaded: read, rows, millis, ..Default::default() });
+        self.changed.insert(name.to_string());
+        self.done.insert(name.to_string());
+    }
+
+    /// The tables after this one read `name` from its files at `version`, not from memory.
+    async fn read_from_files(&self, name: &str, version: u64) -> Result<()> {
+        let provider = self.warehouse.provider(self.ctx, name, version).await?;
+        self.ctx.deregister_table(name)?;
+        self.ctx.register_table(name, provider)?;
+        Ok(())
+    }
+
     /// A derived table made tonight in its layout's order (`mode`: in full, or refreshed by key
     /// with `read` rows recomputed): registered for the tables after it, reported and written.
     #[allow(clippy::too_many_arguments)]
@@ -1024,18 +1039,7 @@ impl<'a> Run<'a> {
         let n = count_rows(&rows);
         self.register(name, &schema, &rows)?;
         crate::fault::point(&format!("derived {name}"));
-        self.reports.push(TableReport {
-            table: name.to_string(),
-            kind: "derived",
-            mode,
-            read,
-            loaded: read,
-            rows: n,
-            millis: started.elapsed().as_millis() as u64,
-            ..Default::default()
-        });
-        self.changed.insert(name.to_string());
-        self.done.insert(name.to_string());
+        self.derived_report(name, mode, read, n, started);
         self.put(Output { spec: Some(fingerprint.to_string()), layout: t.layout.clone(), sorted: true, ..Output::new(name, schema, rows) }).await
     }
 
@@ -1083,18 +1087,7 @@ impl<'a> Run<'a> {
         let n = count_rows(&rows);
         crate::fault::point(&format!("derived {name}"));
         tracing::info!(table = name, rows = n, "appended");
-        self.reports.push(TableReport {
-            table: name.to_string(),
-            kind: "derived",
-            mode: "incremental",
-            read: n,
-            loaded: n,
-            rows: entry.rows + n,
-            millis: started.elapsed().as_millis() as u64,
-            ..Default::default()
-        });
-        self.changed.insert(name.to_string());
-        self.done.insert(name.to_string());
+        self.derived_report(name, "incremental", n, entry.rows + n, started);
         self.appended.insert(name.to_string(), (schema.clone(), rows.clone()));
         let output = Output { total_rows: entry.rows + n, append: true, spec: Some(fingerprint.to_string()), layout: t.layout.clone(), ..Output::new(name, schema, rows) };
         self.put(output).await?;
@@ -1104,9 +1097,7 @@ impl<'a> Run<'a> {
         // lines, reading all of them took 0.7–2.9 s and 1 GB of peak RSS, and the night was
         // 0.7–5 s slower than with the later tables reading the files).
         let version = self.entries.get(name).map(|e| e.version).ok_or_else(|| Error::Internal(format!("table '{name}' written but not recorded")))?;
-        let provider = self.warehouse.provider(self.ctx, name, version).await?;
-        self.ctx.deregister_table(name)?;
-        self.ctx.register_table(name, provider)?;
+        self.read_from_files(name, version).await?;
         Ok(true)
     }
 
@@ -1190,16 +1181,11 @@ impl<'a> Run<'a> {
         {
             crate::fault::point(&format!("derived {name}"));
             tracing::info!(table = name, keys, rows, "refreshed by key");
-            let millis = started.elapsed().as_millis() as u64;
-            self.reports.push(TableReport { table: name.to_string(), kind: "derived", mode: "incremental", read: recomputed, loaded: recomputed, rows, millis, ..Default::default() });
-            self.changed.insert(name.to_string());
-            self.done.insert(name.to_string());
+            self.derived_report(name, "incremental", recomputed, rows, started);
             crate::fault::point(&format!("wrote {name}"));
             tracing::info!(table = %name, version, rows, "written");
             self.entries.insert(name.to_string(), TableEntry { version, rows, spec: Some(fingerprint.to_string()), watermark: None, partitions: prints });
-            let provider = self.warehouse.provider(self.ctx, name, version).await?;
-            self.ctx.deregister_table(name)?;
-            self.ctx.register_table(name, provider)?;
+            self.read_from_files(name, version).await?;
             self.refreshed.insert(name.to_string(), (key.to_string(), touched));
             return Ok(true);
         }
@@ -1212,13 +1198,7 @@ impl<'a> Run<'a> {
         let all = if t.layout.sort_by.is_empty() { all } else { all.sort(t.layout.sort_exprs())? };
         let rows = all.collect().await;
         self.ctx.deregister_table(previous.as_str())?;
-        // In the SELECT's schema: the previous rows read back from Parquet say every column may
-        // be NULL, where the SELECT may know better.
-        let rows = rows
-            .map_err(|e| derived_error(set, name, e))?
-            .into_iter()
-            .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let rows = in_schema(&schema, rows.map_err(|e| derived_error(set, name, e))?)?;
         tracing::info!(table = name, keys, rows = count_rows(&rows), "refreshed by key");
         self.refreshed.insert(name.to_string(), (key.to_string(), touched));
         self.made(t, "incremental", recomputed, started, fingerprint, schema, rows).await?;
@@ -1539,6 +1519,12 @@ fn first_text(batches: &[RecordBatch]) -> Result<Option<String>> {
     let text = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8)?;
     let text = text.as_any().downcast_ref::<datafusion::arrow::array::StringArray>().ok_or_else(|| Error::Internal("cast to text".into()))?;
     Ok(Some(text.value(0).to_string()))
+}
+
+/// `rows` in the SELECT's `schema`: rows read back from Parquet say every column may be NULL,
+/// where the SELECT may know better.
+fn in_schema(schema: &SchemaRef, rows: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    Ok(rows.into_iter().map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec())).collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
 /// A NULL partition's name among a partitioned table's prints (a date or integer never reads so).
