@@ -246,7 +246,7 @@ async fn derived(ctx: &datafusion::prelude::SessionContext, table: &str, select:
         _ => panic!("{t} is derived"),
     };
     let sql = sql_of(table);
-    for input in ["customer_monthly", "customer_receivables"] {
+    for input in ["customer_monthly", "customer_receivables", "open_order_lines"] {
         if sql.contains(input) && !ctx.table_exist(input).unwrap() {
             ctx.register_table(input, ctx.sql(&sql_of(input)).await.unwrap().into_view()).unwrap();
         }

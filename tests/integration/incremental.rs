@@ -267,7 +267,7 @@ fn a_second_nights_files_add_exactly_the_new_and_changed_rows_with_history() {
     block_on(async move {
         load(&full, &wf).await.unwrap();
         let (a, b) = (w.session().await.unwrap(), wf.session().await.unwrap());
-        for t in ["dim_customer", "orders", "order_lines", "dim_product", "fact_payment", "fact_invoice", "customer_value", "customer_clv"] {
+        for t in ["dim_customer", "orders", "order_lines", "dim_product", "fact_payment", "fact_invoice", "customer_value", "customer_clv", "open_order_lines", "credit_exposure"] {
             assert_eq!(content_checksum(&a, t).await.unwrap(), content_checksum(&b, t).await.unwrap(), "{t}");
         }
         let without_version = "SELECT order_id, line_no, order_date, customer_id, product_id, quantity, revenue, cost FROM fact_sales";
@@ -497,7 +497,17 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         assert!(last_month.as_str() < "2026-11-01", "the sample's last month {last_month}");
         let (added, removed) = last_commit_partitions(&w, "customer_lifecycle");
         assert_eq!((added, removed), (["month_end=2026-11-30".to_string()].into(), Default::default()), "customer_lifecycle's files written tonight");
-        equal_their_selects(&ctx, &transforms, &["customer_monthly", "customer_value", "customer_cohort", "customer_lifecycle", "credit_exposure"]).await;
+        // The uninvoiced lines grow with the sales (no invoice came tonight): tonight's lines
+        // without an invoice, counted here from the base tables, are appended.
+        let open = scalar(
+            &ctx,
+            &format!("SELECT CAST(count(*) AS VARCHAR) FROM order_lines l WHERE l.order_id IN ('O9000001', '{old_order}') AND l.order_id NOT IN (SELECT order_id FROM fact_invoice)"),
+        )
+        .await;
+        let o = table(&second, "open_order_lines");
+        assert_eq!((o.mode, o.read), ("incremental", open.parse::<u64>().unwrap()), "{o:?}");
+        assert!(o.read >= 2, "O9000001's two lines are not invoiced: {o:?}");
+        equal_their_selects(&ctx, &transforms, &["customer_monthly", "customer_value", "customer_cohort", "customer_lifecycle", "open_order_lines", "credit_exposure"]).await;
         drop(ctx);
 
         // Downstream tables read the grown table: every rollup adds the aggregate of the three
@@ -531,6 +541,10 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         )
         .unwrap();
         std::fs::write(project.sources.join("order_lines_2026-11-05.csv"), "order_id,line_no,product_id,quantity,unit_price,discount_pct\nO9000003,1,P0059,1,489.00,0\n").unwrap();
+        // And the invoice of the second night's order: its lines are no longer open.
+        let mut invoices = std::fs::OpenOptions::new().append(true).open(project.sources.join("invoices.csv")).unwrap();
+        std::io::Write::write_all(&mut invoices, format!("INV9000001,O9000001,{MOVER},2026-11-06,2026-12-06,2347.00\n").as_bytes()).unwrap();
+        drop(invoices);
         let third = load(&project, &w).await.unwrap();
         assert_eq!(table(&third, "sales_months").mode, "unchanged");
         let ctx = w.session().await.unwrap();
@@ -543,6 +557,12 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
         assert_eq!((l.mode, l.read), ("incremental", months.parse::<u64>().unwrap()), "{l:?}");
         assert_eq!(last_commit_partitions(&w, "customer_lifecycle"), (["month_end=2026-11-30".to_string()].into(), ["month_end=2026-11-30".to_string()].into()));
         equal_their_selects(&ctx, &transforms, &["customer_monthly", "customer_lifecycle"]).await;
+        // A new invoice can close an open order of any night: the uninvoiced lines are
+        // recomputed in full, not grown, and O9000001's are gone.
+        assert_eq!(table(&third, "fact_invoice").mode, "full");
+        assert_eq!(table(&third, "open_order_lines").mode, "full");
+        assert_eq!(scalar(&ctx, "SELECT CAST(count(*) AS VARCHAR) FROM open_order_lines WHERE order_id = 'O9000001'").await, "0");
+        equal_their_selects(&ctx, &transforms, &["open_order_lines", "credit_exposure"]).await;
     });
 }
 
