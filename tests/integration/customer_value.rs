@@ -227,9 +227,9 @@ async fn hand_made() -> datafusion::prelude::SessionContext {
                       ('I5', 'O5', 'C', '2025-04-15', '2025-05-15', 600), ('I6', 'O6', 'C', '2025-07-02', '2025-08-01', 100))",
         "CREATE TABLE fact_payment AS SELECT column1 AS invoice_id, CAST(column2 AS DATE) AS payment_date, CAST(column3 AS DECIMAL(18, 2)) AS amount
          FROM (VALUES ('I1', '2025-05-20', 300), ('I2', '2025-06-15', 100), ('I5', '2025-07-05', 600))",
-        "CREATE TABLE fact_sales AS SELECT column1 AS order_id, column2 AS customer_id, CAST(column3 AS DATE) AS order_date, CAST(column4 AS DECIMAL(18, 2)) AS revenue
-         FROM (VALUES ('O9', 'A', '2025-06-01', 400), ('O7', 'A', '2025-06-29', 300), ('O7', 'A', '2025-06-29', 50),
-                      ('O8', 'C', '2025-06-30', 50), ('O6', 'C', '2025-07-01', 100))",
+        "CREATE TABLE fact_sales AS SELECT column1 AS order_id, column5 AS line_no, column2 AS customer_id, CAST(column3 AS DATE) AS order_date, CAST(column4 AS DECIMAL(18, 2)) AS revenue
+         FROM (VALUES ('O9', 'A', '2025-06-01', 400, 1), ('O7', 'A', '2025-06-29', 300, 1), ('O7', 'A', '2025-06-29', 50, 2),
+                      ('O8', 'C', '2025-06-30', 50, 1), ('O6', 'C', '2025-07-01', 100, 1))",
     ] {
         ctx.sql(sql).await.unwrap().collect().await.unwrap();
     }
