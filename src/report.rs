@@ -209,7 +209,7 @@ pub async fn lifetime_value_at(ctx: &SessionContext, end: chrono::NaiveDate) -> 
     let last = latest_date(ctx, "SELECT max(order_date) FROM fact_sales", "orders").await?;
     let settings = Settings { time_unit, horizon_months: number(7)? as u32, monthly_discount: number(8)?, observation_end: Some(end.min(last)) };
     let (_, customers) = crate::etl::models::summary(ctx, &settings).await?;
-    Ok(Some(customers.iter().map(|c| clv::clv(&bg, &gg, c, &settings)).sum()))
+    Ok(Some(clv::predict(&bg, &gg, &customers, &settings).iter().map(|p| p.clv).sum()))
 }
 
 /// The date `sql` answers (one date, e.g. the latest invoice date): the day a report defaults to.

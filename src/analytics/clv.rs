@@ -500,15 +500,23 @@ impl BgNbd {
 
     /// Expected purchases in the next `horizon` time units.
     pub fn expected_purchases(&self, horizon: f64, c: &Customer) -> f64 {
+        self.expected_purchases_given(horizon, c, self.ln_hyp(horizon, c.x, c.t))
+    }
+
+    /// The logarithm of the hypergeometric term of [`BgNbd::expected_purchases`]: the costly
+    /// part (a series), and a function of the horizon, `x` and `t` alone.
+    fn ln_hyp(&self, horizon: f64, x: f64, t: f64) -> f64 {
+        let (ha, hb, hc) = (self.r + x, self.b + x, self.a + self.b + x - 1.0);
+        let z = horizon / (self.alpha + t + horizon);
+        // The series converges slowly near z = 1; Euler's transformation gives the same value.
+        let ln_hyp = hyp2f1(ha, hb, hc, z).ln();
+        if ln_hyp.is_finite() { ln_hyp } else { hyp2f1(hc - ha, hc - hb, hc, z).ln() + (hc - ha - hb) * (1.0 - z).ln() }
+    }
+
+    /// [`BgNbd::expected_purchases`] given its [`BgNbd::ln_hyp`].
+    fn expected_purchases_given(&self, horizon: f64, c: &Customer, ln_hyp: f64) -> f64 {
         let (r, alpha, a, b) = (self.r, self.alpha, self.a, self.b);
         let x = c.x;
-        let (ha, hb, hc) = (r + x, b + x, a + b + x - 1.0);
-        let z = horizon / (alpha + c.t + horizon);
-        // The series converges slowly near z = 1; Euler's transformation gives the same value.
-        let mut ln_hyp = hyp2f1(ha, hb, hc, z).ln();
-        if !ln_hyp.is_finite() {
-            ln_hyp = hyp2f1(hc - ha, hc - hb, hc, z).ln() + (hc - ha - hb) * (1.0 - z).ln();
-        }
         let first = (a + b + x - 1.0) / (a - 1.0);
         let second = 1.0 - (ln_hyp + (r + x) * ((alpha + c.t) / (alpha + c.t + horizon)).ln()).exp();
         let denominator = 1.0 + if x > 0.0 { (a / (b + x - 1.0)) * ((alpha + c.t) / (alpha + c.t_x)).powf(r + x) } else { 0.0 };
@@ -592,16 +600,70 @@ impl Settings {
 /// purchases × the expected average value, discounted per month (the scheme of
 /// `lifetimes.customer_lifetime_value`). In the currency of revenue.
 pub fn clv(bg: &BgNbd, gg: &GammaGamma, c: &Customer, settings: &Settings) -> f64 {
+    let ln_hyps: Vec<f64> = (1..=settings.horizon_months).map(|i| bg.ln_hyp(settings.month() * i as f64, c.x, c.t)).collect();
+    clv_given(bg, gg, c, settings, &ln_hyps)
+}
+
+/// [`clv`] given the [`BgNbd::ln_hyp`] of each month's horizon.
+fn clv_given(bg: &BgNbd, gg: &GammaGamma, c: &Customer, settings: &Settings, ln_hyps: &[f64]) -> f64 {
     let value = gg.expected_average_value(c);
     let step = settings.month();
     let mut before = 0.0;
     let mut total = 0.0;
-    for i in 1..=settings.horizon_months as i32 {
-        let now = bg.expected_purchases(step * i as f64, c);
+    for (i, ln_hyp) in (1..=settings.horizon_months as i32).zip(ln_hyps) {
+        let now = bg.expected_purchases_given(step * i as f64, c, *ln_hyp);
         total += (now - before) * value / (1.0 + settings.monthly_discount).powi(i);
         before = now;
     }
     total
+}
+
+/// A customer's predictions: [`BgNbd::p_alive`], [`BgNbd::expected_purchases`] over the
+/// horizon, [`GammaGamma::expected_average_value`] and [`clv`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    pub p_alive: f64,
+    pub expected_purchases: f64,
+    pub expected_average_value: f64,
+    pub clv: f64,
+}
+
+/// Every customer's [`Prediction`], the same floats as each function gives on its own. The
+/// series of [`BgNbd::ln_hyp`] (one per month of the horizon) depend on a customer's `x` and `t`
+/// alone, which many customers share (whole days in a few years, a few dozen repeat purchases):
+/// they are summed once per distinct pair, in parallel. At 376 k customers that is about 20 times
+/// fewer series.
+pub fn predict(bg: &BgNbd, gg: &GammaGamma, customers: &[Customer], settings: &Settings) -> Vec<Prediction> {
+    use rayon::prelude::*;
+    use std::collections::HashMap;
+    let mut pairs: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut distinct = Vec::new();
+    let index: Vec<usize> = customers
+        .iter()
+        .map(|c| {
+            *pairs.entry((c.x.to_bits(), c.t.to_bits())).or_insert_with(|| {
+                distinct.push((c.x, c.t));
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    let months = settings.horizon_months as usize;
+    let ln_hyps: Vec<f64> = distinct.par_iter().flat_map_iter(|&(x, t)| (1..=months).map(move |i| bg.ln_hyp(settings.month() * i as f64, x, t))).collect();
+    // The horizon is the last month's (`horizon()` is the same product).
+    customers
+        .par_iter()
+        .zip(index)
+        .map(|(c, i)| {
+            let ln_hyps = &ln_hyps[i * months..(i + 1) * months];
+            let horizon = ln_hyps.last().copied().unwrap_or_else(|| bg.ln_hyp(settings.horizon(), c.x, c.t));
+            Prediction {
+                p_alive: bg.p_alive(c),
+                expected_purchases: bg.expected_purchases_given(settings.horizon(), c, horizon),
+                expected_average_value: gg.expected_average_value(c),
+                clv: clv_given(bg, gg, c, settings, ln_hyps),
+            }
+        })
+        .collect()
 }
 
 impl GammaGamma {
@@ -685,6 +747,34 @@ mod tests {
         for z in [0.1, 0.5, 0.9] {
             assert!((hyp2f1(1.0, 1.0, 2.0, z) - (-(1.0f64 - z).ln() / z)).abs() < 1e-10);
             assert!((hyp2f1(2.5, 3.0, 3.0, z) - (1.0f64 - z).powf(-2.5)).abs() < 1e-8);
+        }
+    }
+
+    #[test]
+    fn predictions_shared_by_x_and_t_are_each_customers_own() {
+        // Ages of whole days in weeks, as a load measures them: many customers share (x, t).
+        let mut customers = Vec::new();
+        for (i, days) in [30.0, 200.0, 200.0, 731.0].into_iter().enumerate() {
+            customers.extend(simulate(500, 0.8, 5.0, 0.9, 3.0, days / 7.0, i as u64));
+        }
+        simulate_spend(&mut customers, 6.0, 4.0, 15.0, 9);
+        let bg = BgNbd { r: 0.8, alpha: 5.0, a: 0.9, b: 3.0, log_likelihood: 0.0 };
+        let gg = GammaGamma { p: 6.0, q: 4.0, v: 15.0, log_likelihood: 0.0 };
+        let settings = Settings::default();
+        let predicted = predict(&bg, &gg, &customers, &settings);
+        assert_eq!(predicted.len(), customers.len());
+        for (c, p) in customers.iter().zip(&predicted) {
+            // Each customer on its own: the discounted monthly increments of expected purchases.
+            let value = gg.expected_average_value(c);
+            let (mut before, mut total) = (0.0, 0.0);
+            for i in 1..=settings.horizon_months as i32 {
+                let now = bg.expected_purchases(settings.month() * i as f64, c);
+                total += (now - before) * value / (1.0 + settings.monthly_discount).powi(i);
+                before = now;
+            }
+            let own = Prediction { p_alive: bg.p_alive(c), expected_purchases: bg.expected_purchases(settings.horizon(), c), expected_average_value: value, clv: total };
+            assert_eq!(*p, own, "{c:?}");
+            assert!(total > 0.0 && total.is_finite(), "{c:?}");
         }
     }
 

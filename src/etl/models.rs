@@ -190,11 +190,9 @@ pub async fn clv_tables(ctx: &SessionContext, settings: &clv::Settings) -> Resul
             Arc::new(Date32Array::from(vec![settings.observation_end.map(Date32Type::from_naive_date)])),
         ],
     )?;
-    // Each customer's prediction on its own (the expected purchases sum a series): in parallel.
-    let col = |g: &(dyn Fn(&Customer) -> f64 + Sync)| -> Arc<dyn Array> {
-        use rayon::prelude::*;
-        Arc::new(Float64Array::from(customers.par_iter().map(g).collect::<Vec<_>>()))
-    };
+    let predictions = clv::predict(&bg, &gg, &customers, settings);
+    let col = |g: &dyn Fn(&Customer) -> f64| -> Arc<dyn Array> { Arc::new(Float64Array::from_iter_values(customers.iter().map(g))) };
+    let predicted = |g: fn(&clv::Prediction) -> f64| -> Arc<dyn Array> { Arc::new(Float64Array::from_iter_values(predictions.iter().map(g))) };
     let rows = RecordBatch::try_new(
         customer_schema.clone(),
         vec![
@@ -203,10 +201,10 @@ pub async fn clv_tables(ctx: &SessionContext, settings: &clv::Settings) -> Resul
             col(&|c| c.t_x),
             col(&|c| c.t),
             col(&|c| c.m),
-            col(&|c| bg.p_alive(c)),
-            col(&|c| bg.expected_purchases(settings.horizon(), c)),
-            col(&|c| gg.expected_average_value(c)),
-            col(&|c| clv::clv(&bg, &gg, c, settings)),
+            predicted(|p| p.p_alive),
+            predicted(|p| p.expected_purchases),
+            predicted(|p| p.expected_average_value),
+            predicted(|p| p.clv),
         ],
     )?;
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "lifetime value: predicted");
