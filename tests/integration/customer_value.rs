@@ -246,8 +246,16 @@ async fn derived(ctx: &datafusion::prelude::SessionContext, table: &str, select:
         _ => panic!("{t} is derived"),
     };
     let sql = sql_of(table);
-    for input in ["customer_monthly", "customer_receivables", "open_order_lines"] {
-        if sql.contains(input) && !ctx.table_exist(input).unwrap() {
+    // The derived tables it reads, and those they read, each before the tables reading it.
+    let inputs = ["customer_monthly", "customer_totals", "customer_receivables", "open_order_lines"];
+    let mut read = vec![sql.clone()];
+    for input in inputs.iter().rev() {
+        if read.iter().any(|s| s.contains(input)) {
+            read.push(sql_of(input));
+        }
+    }
+    for input in inputs {
+        if read.iter().any(|s| s.contains(input)) && !ctx.table_exist(input).unwrap() {
             ctx.register_table(input, ctx.sql(&sql_of(input)).await.unwrap().into_view()).unwrap();
         }
     }
