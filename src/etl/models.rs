@@ -43,23 +43,37 @@ pub fn summary_sql(settings: &clv::Settings) -> String {
     )
 }
 
+/// Where [`summary_from_value_sql`] reads each customer's first purchase day's revenue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstDays {
+    /// `customer_totals`' first_day_revenue: a row a customer.
+    Totals,
+    /// `customer_monthly`'s first_day_revenue, of the customer's first month's row (3 M rows at
+    /// 10 M order lines: 0.1 s).
+    Monthly,
+    /// fact_sales, by a join on the customer's first day (0.3 s; grouping every row by day took
+    /// 2.3–2.6 s).
+    Sales,
+}
+
 /// The same summary from `customer_value`, which the load derives from the same purchase days
 /// just before: x = repeat purchase days, t_x = last − first purchase, t = observation end − first
 /// purchase, m = (monetary − the first day's revenue) / x, the total in decimal as above. Only
-/// the first days' revenue is read elsewhere: from `customer_monthly`'s first_day_revenue when
-/// `monthly` (the customer's first month's row, 3 M rows at 10 M order lines: 0.1 s), else from
-/// fact_sales by a join on the customer's first day (0.3 s; grouping every row by day took
-/// 2.3–2.6 s). The same numbers either way. Only with the default observation end (the last
-/// order date, customer_value's).
-pub fn summary_from_value_sql(settings: &clv::Settings, monthly: bool) -> String {
+/// the first days' revenue is read elsewhere (`firsts`); the same numbers from each. Only with
+/// the default observation end (the last order date, customer_value's).
+pub fn summary_from_value_sql(settings: &clv::Settings, firsts: FirstDays) -> String {
     let days = settings.time_unit.days();
-    let firsts = if monthly {
-        "SELECT m.customer_id, m.first_day_revenue AS revenue
+    let firsts = match firsts {
+        FirstDays::Totals => "SELECT customer_id, first_day_revenue AS revenue FROM customer_totals",
+        FirstDays::Monthly => {
+            "SELECT m.customer_id, m.first_day_revenue AS revenue
     FROM customer_monthly m JOIN customer_value v ON m.customer_id = v.customer_id AND m.first_day = v.first_purchase"
-    } else {
+        }
+        FirstDays::Sales => {
         "SELECT s.customer_id, sum(s.revenue) AS revenue
     FROM fact_sales s JOIN customer_value v ON s.customer_id = v.customer_id AND s.order_date = v.first_purchase
     GROUP BY 1"
+        }
     };
     format!(
         "WITH firsts AS (
@@ -80,6 +94,9 @@ pub const VALUE_COLUMNS: [&str; 6] = ["customer_id", "purchase_days", "first_pur
 /// The columns of `customer_monthly` it reads the first days' revenue from, when it has them.
 pub const MONTHLY_COLUMNS: [&str; 3] = ["customer_id", "first_day", "first_day_revenue"];
 
+/// The columns of `customer_totals` it reads them from first.
+pub const TOTALS_COLUMNS: [&str; 2] = ["customer_id", "first_day_revenue"];
+
 /// The SQL of the models' summary in `ctx`: from customer_value when it has [`VALUE_COLUMNS`]
 /// and the settings keep the default observation end, else [`summary_sql`].
 async fn summary_source(ctx: &SessionContext, settings: &clv::Settings) -> String {
@@ -88,8 +105,14 @@ async fn summary_source(ctx: &SessionContext, settings: &clv::Settings) -> Strin
         && let Ok(value) = ctx.table("customer_value").await
         && has(&value, &VALUE_COLUMNS)
     {
-        let monthly = ctx.table("customer_monthly").await.is_ok_and(|m| has(&m, &MONTHLY_COLUMNS));
-        return summary_from_value_sql(settings, monthly);
+        let firsts = if ctx.table("customer_totals").await.is_ok_and(|m| has(&m, &TOTALS_COLUMNS)) {
+            FirstDays::Totals
+        } else if ctx.table("customer_monthly").await.is_ok_and(|m| has(&m, &MONTHLY_COLUMNS)) {
+            FirstDays::Monthly
+        } else {
+            FirstDays::Sales
+        };
+        return summary_from_value_sql(settings, firsts);
     }
     summary_sql(settings)
 }
