@@ -607,6 +607,79 @@ fn a_select_not_keyed_by_its_refresh_by_column_is_recomputed_in_full() {
     });
 }
 
+/// A table partitioned by a value tonight's rows move: each customer's last month bought, NULL
+/// until their second order. Refreshed by key, a customer who orders again leaves the partition
+/// they were in for November's — from a month (the by-partition path) and from the NULL
+/// partition (the whole-table path it falls back to) — and the table equals its SELECT.
+#[test]
+fn a_key_whose_partition_moves_leaves_its_old_partition() {
+    let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let project = incremental_project(dir.path(), true);
+    let last = "SELECT customer_id, \
+                CASE WHEN count(DISTINCT order_id) > 1 THEN CAST(date_trunc('month', max(order_date)) AS DATE) END AS last_month, \
+                count(*) AS lines FROM fact_sales GROUP BY customer_id";
+    std::fs::write(
+        project.transforms.join("customer_last.yaml"),
+        format!("version: 1\ntable: customer_last\nrefresh_by: {{ table: fact_sales, key: customer_id }}\nlayout: {{ partition_by: last_month }}\nsql: |\n  {last}\n"),
+    )
+    .unwrap();
+    let w = Warehouse::new(project.warehouse.clone());
+    block_on(async move {
+        load(&project, &w).await.unwrap();
+        let ctx = w.session().await.unwrap();
+        // Two customers last seen in a month other customers share, and one of several with a
+        // single order (NULL): each partition keeps rows after they leave.
+        let moved = sql(
+            &ctx,
+            "SELECT customer_id, CAST(last_month AS VARCHAR) AS month FROM customer_last \
+             WHERE last_month IN (SELECT last_month FROM customer_last WHERE last_month < DATE '2026-10-01' GROUP BY 1 HAVING count(*) > 2) \
+             ORDER BY last_month, customer_id LIMIT 2",
+        )
+        .await;
+        let single = sql(&ctx, "SELECT customer_id FROM customer_last WHERE last_month IS NULL ORDER BY 1 LIMIT 2").await;
+        assert_eq!((moved.len(), single.len()), (2, 2), "{moved:?} {single:?}");
+        assert_eq!(moved[0][1], moved[1][1]);
+        let (from, single) = (format!("last_month={}", moved[0][1]), single[0][0].clone());
+        drop(ctx);
+        let night = |day: u32, orders: &[(&str, &str)]| {
+            let mut o = String::from("order_id,customer_id,rep_id,channel,order_date,status,updated_at\n");
+            let mut l = String::from("order_id,line_no,product_id,quantity,unit_price,discount_pct\n");
+            for (id, customer) in orders {
+                o.push_str(&format!("{id},{customer},R004,online,2026-11-{day:02},completed,2026-11-{day:02} 10:00:00\n"));
+                l.push_str(&format!("{id},1,P0059,1,489.00,0\n"));
+            }
+            std::fs::write(project.sources.join(format!("orders_2026-11-{day:02}.csv")), o).unwrap();
+            std::fs::write(project.sources.join(format!("order_lines_2026-11-{day:02}.csv")), l).unwrap();
+        };
+        let transforms = crmcube::etl::TransformSet::load(&project).unwrap();
+        let november = "last_month=2026-11-01".to_string();
+
+        // Night 2: one customer leaves a month, one the NULL partition (the whole-table path).
+        night(2, &[("O9000001", moved[0][0].as_str()), ("O9000002", single.as_str())]);
+        let second = load(&project, &w).await.unwrap();
+        let c = table(&second, "customer_last");
+        assert_eq!((c.mode, c.read), ("incremental", 2), "{c:?}");
+        let (added, removed) = last_commit_partitions(&w, "customer_last");
+        assert_eq!(added, [from.clone(), november.clone(), "last_month=NULL".to_string()].into(), "written tonight");
+        assert_eq!(removed, [from.clone(), "last_month=NULL".to_string()].into(), "replaced tonight");
+        let ctx = w.session().await.unwrap();
+        equal_their_selects(&ctx, &transforms, &["customer_last"]).await;
+        drop(ctx);
+
+        // Night 3: the other customer leaves the same month (the by-partition path); November is
+        // rewritten with them.
+        night(5, &[("O9000003", moved[1][0].as_str())]);
+        let third = load(&project, &w).await.unwrap();
+        let c = table(&third, "customer_last");
+        assert_eq!((c.mode, c.read), ("incremental", 1), "{c:?}");
+        assert_eq!(last_commit_partitions(&w, "customer_last"), ([from.clone(), november.clone()].into(), [from.clone(), november].into()));
+        let ctx = w.session().await.unwrap();
+        equal_their_selects(&ctx, &transforms, &["customer_last"]).await;
+        let rows = sql(&ctx, &format!("SELECT CAST(last_month AS VARCHAR) AS month FROM customer_last WHERE customer_id IN ('{}', '{}', '{single}')", moved[0][0], moved[1][0])).await;
+        assert_eq!(rows, vec![vec!["2026-11-01".to_string()]; 3]);
+    });
+}
+
 /// A night of new orders under a small `--memory-limit`: the grown fact table and the tables
 /// made tonight are read back from their files instead of memory, and the warehouse ends as the
 /// same night without a limit leaves it, table for table.
