@@ -5,19 +5,32 @@
 //! derived table, after writing each table, and on both sides of the snapshot manifest. The
 //! crash tests kill a load at every one of them and check that the warehouse still opens at the
 //! previous snapshot and that the next load produces what an uninterrupted load produces.
-//! Without the variable a fault point costs one atomic increment.
+//! `CRMCUBE_FAULT_POINT=list` prints each point as it is reached (`fault point N: what`) and
+//! kills nothing, for a test that kills a load at chosen points. Without the variable a fault
+//! point costs one atomic increment.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-static TARGET: OnceLock<Option<u32>> = OnceLock::new();
+/// What `CRMCUBE_FAULT_POINT` asks for.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    /// Kill the process at the N-th point.
+    Kill(u32),
+    /// Print every point.
+    List,
+}
+
+static TARGET: OnceLock<Option<Target>> = OnceLock::new();
 static REACHED: AtomicU32 = AtomicU32::new(0);
 
 /// Marks a fault point; `what` names it in the message printed just before the kill.
 pub fn point(what: &str) {
-    let target = *TARGET.get_or_init(|| std::env::var("CRMCUBE_FAULT_POINT").ok().and_then(|v| v.parse().ok()));
+    let target = *TARGET.get_or_init(|| std::env::var("CRMCUBE_FAULT_POINT").ok().and_then(|v| if v == "list" { Some(Target::List) } else { v.parse().ok().map(Target::Kill) }));
     let n = REACHED.fetch_add(1, Ordering::SeqCst) + 1;
-    if target == Some(n) {
+    if target == Some(Target::List) {
+        eprintln!("fault point {n}: {what}");
+    } else if target == Some(Target::Kill(n)) {
         eprintln!("fault injection: killing the process at point {n} ({what})");
         let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
         // `kill` is missing or failed: abort rather than go on past the fault point.

@@ -11,10 +11,10 @@ use crmcube::warehouse::{Warehouse, content_checksum};
 use crate::common::{block_on, copy_dir, repo};
 
 /// Fault points of night 2's full load (see `crmcube::fault`): 8 sources extracted and cleaned,
-/// 10 derived tables and the customer history (dim_channel and dim_date recompute to the same rows
-/// for both nights and are kept, unwritten), 2 model tables fitted, 7 rollups built, 29 tables
-/// written (22 + the rollups), and both sides of the snapshot manifest.
-const FAULT_POINTS: u32 = 8 + 8 + 11 + 2 + 7 + 29 + 2;
+/// 12 derived tables and the customer history (dim_channel and dim_date recompute to the same rows
+/// for both nights and are kept, unwritten), 2 model tables fitted, 7 rollups built, 31 tables
+/// written (24 + the rollups), and both sides of the snapshot manifest.
+const FAULT_POINTS: u32 = 8 + 8 + 13 + 2 + 7 + 31 + 2;
 
 fn crmcube(project: &Path, args: &[&str], fault: Option<u32>) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_crmcube"));
@@ -26,7 +26,7 @@ fn crmcube(project: &Path, args: &[&str], fault: Option<u32>) -> std::process::O
 }
 
 /// Snapshot id and (rows, checksum) of every table the current snapshot names.
-fn state(warehouse: &Path) -> (u64, BTreeMap<String, (u64, String)>) {
+fn state(warehouse: &Path) -> Snapshot {
     let w = Warehouse::new(warehouse);
     block_on(async move {
         let snapshot = w.current().unwrap().expect("a snapshot");
@@ -54,41 +54,61 @@ fn project_with_sources(dir: &Path, seed: u64) -> std::path::PathBuf {
 /// With `points`, the load must have exactly that many; without, the points are counted until a
 /// load runs through. Returns the number of points.
 fn kill_at_every_point(tmp: &Path, night1: &Path, night2: &Path, points: Option<u32>) -> u32 {
-    assert!(crmcube(night1, &["load"], None).status.success());
-    let before = state(&night1.join("warehouse"));
-    // What an uninterrupted second night produces.
-    let reference = tmp.join("reference");
-    copy_dir(&night1.join("warehouse"), &reference.join("warehouse"));
-    let out = crmcube(night2, &["--warehouse", reference.join("warehouse").to_str().unwrap(), "load"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (reference_id, reference_tables) = state(&reference.join("warehouse"));
-    assert_eq!(reference_id, 2);
-    assert_ne!(reference_tables, before.1, "night 2 changes the warehouse");
-
+    let (before, reference, listed, _) = two_nights(tmp, night1, night2);
     let mut point = 1;
-    loop {
-        let warehouse = tmp.join(format!("killed-{point}"));
-        copy_dir(&night1.join("warehouse"), &warehouse);
-        let wh = warehouse.to_str().unwrap();
-        let out = crmcube(night2, &["--warehouse", wh, "load"], Some(point));
-        if out.status.success() {
-            // Past the load's last fault point: nothing was killed.
-            assert!(points.is_none_or(|n| n + 1 == point), "the load has {} fault points, not {points:?}", point - 1);
-            assert_eq!(state(&warehouse), (reference_id, reference_tables));
-            return point - 1;
-        }
-        assert_eq!(out.status.signal(), Some(9), "point {point}: the load was killed: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(state(&warehouse), before, "point {point}: readers still see snapshot 1, unchanged");
-        let out = crmcube(night2, &["--warehouse", wh, "load"], None);
-        assert!(out.status.success(), "point {point}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(String::from_utf8_lossy(&out.stderr).contains("stale load lock"), "point {point}: the dead load's lock is taken over");
-        let (id, tables) = state(&warehouse);
-        assert_eq!(id, 2, "point {point}");
-        assert_eq!(tables, reference_tables, "point {point}: the rerun equals an uninterrupted load");
-        std::fs::remove_dir_all(&warehouse).unwrap();
+    while killed_at(tmp, night1, night2, point, &before, &reference) {
         point += 1;
         assert!(points.is_none_or(|n| point <= n + 1), "more fault points than {points:?}");
     }
+    // Past the load's last fault point: nothing was killed.
+    assert!(points.is_none_or(|n| n + 1 == point), "the load has {} fault points, not {points:?}", point - 1);
+    assert_eq!(listed.len() as u32, point - 1, "the points listed are the points killed at: {listed:?}");
+    point - 1
+}
+
+/// Loads `night1`, then `night2` over a copy of its warehouse, uninterrupted: the state after
+/// night 1, after night 2 (the reference a killed and rerun night must equal), and night 2's
+/// fault points in order (what each marks, see `crmcube::fault`) and its `--json` report.
+fn two_nights(tmp: &Path, night1: &Path, night2: &Path) -> (Snapshot, Snapshot, Vec<String>, serde_json::Value) {
+    assert!(crmcube(night1, &["load"], None).status.success());
+    let before = state(&night1.join("warehouse"));
+    let reference = tmp.join("reference");
+    copy_dir(&night1.join("warehouse"), &reference.join("warehouse"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crmcube"));
+    let out = cmd.arg("--project").arg(night2).args(["--warehouse", reference.join("warehouse").to_str().unwrap(), "load", "--json"]).env("CRMCUBE_FAULT_POINT", "list").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let points: Vec<String> = String::from_utf8_lossy(&out.stderr).lines().filter_map(|l| l.split_once("fault point ")?.1.split_once(": ").map(|(_, what)| what.to_string())).collect();
+    let after = state(&reference.join("warehouse"));
+    assert_eq!(after.0, 2);
+    assert_ne!(after.1, before.1, "night 2 changes the warehouse");
+    (before, after, points, serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// A snapshot's id and its tables' (rows, checksum), as [`state`] reads them.
+type Snapshot = (u64, BTreeMap<String, (u64, String)>);
+
+/// Loads `night2` over a copy of night 1's warehouse, killed at fault point `point`: readers
+/// still see night 1 (`before`), and a rerun equals an uninterrupted night-2 load (`reference`).
+/// False when the load ran through (it has fewer points); it then equals the reference itself.
+fn killed_at(tmp: &Path, night1: &Path, night2: &Path, point: u32, before: &Snapshot, reference: &Snapshot) -> bool {
+    let warehouse = tmp.join(format!("killed-{point}"));
+    copy_dir(&night1.join("warehouse"), &warehouse);
+    let wh = warehouse.to_str().unwrap();
+    let out = crmcube(night2, &["--warehouse", wh, "load"], Some(point));
+    if out.status.success() {
+        assert_eq!(&state(&warehouse), reference);
+        return false;
+    }
+    assert_eq!(out.status.signal(), Some(9), "point {point}: the load was killed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(&state(&warehouse), before, "point {point}: readers still see snapshot 1, unchanged");
+    let out = crmcube(night2, &["--warehouse", wh, "load"], None);
+    assert!(out.status.success(), "point {point}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stale load lock"), "point {point}: the dead load's lock is taken over");
+    let (id, tables) = state(&warehouse);
+    assert_eq!(id, 2, "point {point}");
+    assert_eq!(tables, reference.1, "point {point}: the rerun equals an uninterrupted load");
+    std::fs::remove_dir_all(&warehouse).unwrap();
+    true
 }
 
 #[test]
@@ -106,9 +126,33 @@ fn a_load_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
 #[test]
 fn an_incremental_load_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
     let tmp = tempfile::Builder::new().prefix("crmcube-crash-incr").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (night1, night2) = incremental_nights(tmp.path());
+    let (night1, night2) = incremental_nights(tmp.path(), true);
     let points = kill_at_every_point(tmp.path(), &night1, &night2, None);
     assert!(points >= 20, "only {points} fault points");
+}
+
+/// A night of new orders only, killed at each fault point of the tables it appends to or
+/// refreshes by key and by partition (fact_sales, open_order_lines, customer_monthly from its
+/// files, customer_totals and customer_lifecycle from customer_monthly's refresh in memory) and
+/// of the rollups it appends to: readers keep night 1, and the rerun equals an uninterrupted
+/// night. The points are found by name, from a run that lists them.
+#[test]
+fn a_night_of_new_orders_killed_at_its_refreshes_by_key_leaves_the_last_good_snapshot() {
+    let tmp = tempfile::Builder::new().prefix("crmcube-crash-keys").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (night1, night2) = incremental_nights(tmp.path(), false);
+    let (before, reference, points, report) = two_nights(tmp.path(), &night1, &night2);
+    let tables = ["fact_sales", "open_order_lines", "customer_monthly", "customer_totals", "customer_lifecycle", "rollup_sales_month_region"];
+    let chosen: Vec<u32> = (1..).zip(&points).filter(|(_, what)| tables.iter().any(|t| what.ends_with(&format!(" {t}")))).map(|(n, _)| n).collect();
+    // A point after each is made and after each is written.
+    assert_eq!(chosen.len(), 2 * tables.len(), "{points:?}");
+    for point in chosen {
+        assert!(killed_at(tmp.path(), &night1, &night2, point, &before, &reference), "point {point} is reached");
+    }
+    // The night went the ways named above (the uninterrupted run's own report).
+    for t in tables {
+        let mode = report["tables"].as_array().unwrap().iter().find(|r| r["table"] == t).map(|r| r["mode"].clone());
+        assert_eq!(mode, Some("incremental".into()), "{t}: {report}");
+    }
 }
 
 /// Compaction after two incremental nights (appended tables have two files each), killed at
@@ -117,7 +161,7 @@ fn an_incremental_load_killed_at_any_fault_point_leaves_the_last_good_snapshot()
 #[test]
 fn a_compaction_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
     let tmp = tempfile::Builder::new().prefix("crmcube-crash-compact").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (night1, night2) = incremental_nights(tmp.path());
+    let (night1, night2) = incremental_nights(tmp.path(), true);
     let loaded = night1.join("warehouse");
     assert!(crmcube(&night1, &["load"], None).status.success());
     let out = crmcube(&night2, &["--warehouse", loaded.to_str().unwrap(), "load"], None);
@@ -158,8 +202,10 @@ fn a_compaction_killed_at_any_fault_point_leaves_the_last_good_snapshot() {
 }
 
 /// Night 1: a sample export loaded with customers, orders and order lines incremental. Night 2:
-/// the same project and exports plus tonight's files (a customer moved, a new order of two lines).
-fn incremental_nights(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+/// the same project and exports plus tonight's files: a new order of two lines, and, when
+/// `moved`, the customer moved and the order after every date of the export (else on its last
+/// order date, so that no dimension changes: new orders only).
+fn incremental_nights(tmp: &Path, moved: bool) -> (std::path::PathBuf, std::path::PathBuf) {
     let night1 = project_with_sources(tmp, 1);
     crate::common::nightly_transforms(&night1.join("transforms"), true);
     let night2 = tmp.join("night-2");
@@ -168,16 +214,22 @@ fn incremental_nights(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     copy_dir(&night1.join("exports"), &night2.join("exports"));
     std::fs::copy(night1.join("crmcube.yaml"), night2.join("crmcube.yaml")).unwrap();
     let exports = night2.join("exports");
-    std::fs::write(
-        exports.join("customers_2.csv"),
-        "customer_id,name,segment,region,province,city,credit_limit,email,signup_date,updated_at\n\
-         C000001,Moved,smb,West,Sichuan,Chengdu,1000.00,m@example.com,2023-01-16,2099-01-01 00:00:00\n",
-    )
-    .unwrap();
+    let date = if moved {
+        std::fs::write(
+            exports.join("customers_2.csv"),
+            "customer_id,name,segment,region,province,city,credit_limit,email,signup_date,updated_at\n\
+             C000001,Moved,smb,West,Sichuan,Chengdu,1000.00,m@example.com,2023-01-16,2099-01-01 00:00:00\n",
+        )
+        .unwrap();
+        "2099-01-02".to_string()
+    } else {
+        let orders = std::fs::read_to_string(exports.join("orders.csv")).unwrap();
+        let iso = |d: &&str| d.len() == 10 && d.as_bytes()[4] == b'-' && d.as_bytes()[7] == b'-';
+        orders.lines().skip(1).filter_map(|l| l.split(',').nth(4)).filter(iso).max().unwrap().to_string()
+    };
     std::fs::write(
         exports.join("orders_2.csv"),
-        "order_id,customer_id,rep_id,channel,order_date,status,updated_at\n\
-         O9000001,C000001,R001,online,2099-01-02,completed,2099-01-02 10:00:00\n",
+        format!("order_id,customer_id,rep_id,channel,order_date,status,updated_at\nO9000001,C000001,R001,online,{date},completed,{date} 10:00:00\n"),
     )
     .unwrap();
     std::fs::write(
