@@ -29,6 +29,15 @@ fn incremental_project(dir: &Path, incremental: bool) -> Project {
     Project::open(dir).unwrap()
 }
 
+/// [`incremental_project`] with one more derived table, `table`, `refresh_by` fact_sales'
+/// customer_id: its `sql`, and `more` YAML lines.
+fn with_table(dir: &Path, table: &str, more: &str, sql: &str) -> Project {
+    let project = incremental_project(dir, true);
+    let yaml = format!("version: 1\ntable: {table}\nrefresh_by: {{ table: fact_sales, key: customer_id }}\n{more}sql: |\n  {sql}\n");
+    std::fs::write(project.transforms.join(format!("{table}.yaml")), yaml).unwrap();
+    project
+}
+
 /// The second night's files: the mover in region West (and a corrected name), a new customer,
 /// three new orders with their lines, and one of the mover's old orders re-exported cancelled.
 /// Returns the revenue (cents) of the new orders' lines by customer.
@@ -580,13 +589,8 @@ fn a_night_of_new_orders_only_appends_the_sales_facts() {
 #[test]
 fn a_select_not_keyed_by_its_refresh_by_column_is_recomputed_in_full() {
     let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let project = incremental_project(dir.path(), true);
     let ranked = "SELECT customer_id, row_number() OVER (ORDER BY sum(revenue) DESC, customer_id) AS revenue_rank FROM fact_sales GROUP BY customer_id";
-    std::fs::write(
-        project.transforms.join("sales_rank.yaml"),
-        format!("version: 1\ntable: sales_rank\nrefresh_by: {{ table: fact_sales, key: customer_id }}\nsql: |\n  {ranked}\n"),
-    )
-    .unwrap();
+    let project = with_table(dir.path(), "sales_rank", "", ranked);
     let w = Warehouse::new(project.warehouse.clone());
     block_on(async move {
         load(&project, &w).await.unwrap();
@@ -618,15 +622,10 @@ fn a_select_not_keyed_by_its_refresh_by_column_is_recomputed_in_full() {
 #[test]
 fn a_key_whose_partition_moves_leaves_its_old_partition() {
     let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let project = incremental_project(dir.path(), true);
     let last = "SELECT customer_id, \
                 CASE WHEN count(DISTINCT order_id) > 1 THEN CAST(date_trunc('month', max(order_date)) AS DATE) END AS last_month, \
                 count(*) AS lines FROM fact_sales GROUP BY customer_id";
-    std::fs::write(
-        project.transforms.join("customer_last.yaml"),
-        format!("version: 1\ntable: customer_last\nrefresh_by: {{ table: fact_sales, key: customer_id }}\nlayout: {{ partition_by: last_month }}\nsql: |\n  {last}\n"),
-    )
-    .unwrap();
+    let project = with_table(dir.path(), "customer_last", "layout: { partition_by: last_month }\n", last);
     let w = Warehouse::new(project.warehouse.clone());
     block_on(async move {
         load(&project, &w).await.unwrap();
