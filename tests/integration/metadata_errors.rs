@@ -93,7 +93,7 @@ fn check(t: &crate::common::TestProject) -> (Option<i32>, String, String) {
 #[test]
 fn check_plans_the_derived_tables_and_names_a_broken_select_at_its_file() {
     let t = test_project();
-    break_file(&t.project.transforms.join("customer_value.yaml"), "sum(margin) AS margin", "sum(margn) AS margin");
+    break_file(&t.project.transforms.join("customer_value.yaml"), "purchase_days, monetary, margin", "purchase_days, monetary, margn");
     break_file(&t.project.transforms.join("credit_exposure.yaml"), "FROM customer_receivables", "FROM customer_receivable");
     let sql_line = |file: &str| std::fs::read_to_string(t.project.transforms.join(file)).unwrap().lines().position(|l| l.starts_with("sql:")).unwrap() + 1;
     let (code, _, err) = check(&t);

@@ -35,7 +35,7 @@ fn loading_the_same_exports_twice_is_a_no_op_and_a_fresh_load_is_identical() {
         assert_eq!(w.snapshots().unwrap().len(), 1);
         assert!(second.tables.iter().all(|t| t.mode == "unchanged" && t.read == 0), "{:?}", second.tables);
         assert_eq!(before, checksums(&w).await);
-        assert_eq!(before.len(), 32, "twenty-one tables, a history, the quarantine, two model tables and seven rollups");
+        assert_eq!(before.len(), 34, "twenty-three tables, a history, the quarantine, two model tables and seven rollups");
 
         let fresh = load(&p, &w2).await.unwrap();
         assert_eq!(before, checksums(&w2).await, "row counts and content checksums of every table");
