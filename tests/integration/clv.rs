@@ -36,15 +36,20 @@ async fn the_loads_bgnbd_and_gamma_gamma_agree_with_the_lifetimes_package() {
     )
     .await;
     assert_eq!(wrong_means, [["0"]]);
-    // The load reads the inputs from customer_value; from the sales alone (what a project
-    // without customer_value, or with another observation end, uses) they are the same numbers.
+    // The load reads the inputs from customer_value and customer_totals; from the sales alone
+    // (what a project without customer_value, or with another observation end, uses), and with
+    // the first days' revenue from customer_monthly or from the sales (a project without
+    // customer_totals), they are the same numbers.
+    use crmcube::etl::models::{FirstDays, summary_from_value_sql, summary_sql};
     let settings = crmcube::analytics::clv::Settings::default();
-    let from_sales = format!(
-        "SELECT count(*) FROM ({}) s JOIN customer_clv c ON c.customer_id = s.customer_id
-         WHERE s.x = c.repeat_purchases AND s.t_x = c.recency AND s.t = c.age AND s.m = c.mean_repeat_value",
-        crmcube::etl::models::summary_sql(&settings)
-    );
-    assert_eq!(sql(&ctx, &from_sales).await, sql(&ctx, "SELECT count(*) FROM customer_clv").await);
+    let firsts = [FirstDays::Totals, FirstDays::Monthly, FirstDays::Sales];
+    for summary in std::iter::once(summary_sql(&settings)).chain(firsts.map(|f| summary_from_value_sql(&settings, f))) {
+        let same = format!(
+            "SELECT count(*) FROM ({summary}) s JOIN customer_clv c ON c.customer_id = s.customer_id
+             WHERE s.x = c.repeat_purchases AND s.t_x = c.recency AND s.t = c.age AND s.m = c.mean_repeat_value"
+        );
+        assert_eq!(sql(&ctx, &same).await, sql(&ctx, "SELECT count(*) FROM customer_clv").await, "{summary}");
+    }
     let Some(python) = python() else { return };
     let model = &sql(&ctx, "SELECT r, alpha, a, b, p, q, v, customers, time_unit, horizon, horizon_months, monthly_discount FROM clv_model").await[0];
     // The sample project's defaults: weeks, 12 months ahead, 1 % a month.
