@@ -471,7 +471,7 @@ struct Refreshed {
     keys: datafusion::prelude::DataFrame,
     /// The table's rows of those keys, as the refresh computed them (in its SELECT's types):
     /// kept when another table is `refresh_by` this one and memory allows (see
-    /// [`Run::refreshed_rows`]).
+    /// [`Run::remember_refresh`]).
     rows: Option<(SchemaRef, Vec<RecordBatch>)>,
 }
 
@@ -540,7 +540,7 @@ impl<'a> Run<'a> {
         let started = Instant::now();
         let all = self.ctx.read_batches(crate::warehouse::with_empty(&schema, rows.clone()))?;
         let prints = in_table(name, crate::rollup::partitions::prints_by(all.clone(), column).await)?;
-        let mut now: BTreeMap<String, String> = prints.iter().map(|p| (p.text().unwrap_or(NULL_PARTITION).to_string(), p.print().text())).collect();
+        let mut now: BTreeMap<String, String> = prints.iter().map(|p| (partition_of(p), p.print().text())).collect();
         now.insert(COLUMNS_PRINT.into(), crate::warehouse::columns_print(&schema));
         let previous = self.previous_entry(name).filter(|e| e.spec.as_deref() == spec && spec.is_some() && e.partitions.get(COLUMNS_PRINT) == now.get(COLUMNS_PRINT));
         if let Some(entry) = previous
@@ -610,12 +610,12 @@ impl<'a> Run<'a> {
             let fresh = self.ctx.read_batches(crate::warehouse::with_empty(schema, fresh.to_vec()))?;
             let mut now = stored.clone();
             for p in prints_by(old, column).await? {
-                let at = p.text().unwrap_or(NULL_PARTITION).to_string();
+                let at = partition_of(&p);
                 let Some(less) = now.get(&at).and_then(|s| s.less(p.print())) else { return Ok(None) };
                 now.insert(at, less);
             }
             for p in prints_by(fresh.clone(), column).await? {
-                let at = p.text().unwrap_or(NULL_PARTITION).to_string();
+                let at = partition_of(&p);
                 let more = now.get(&at).copied().unwrap_or_default() + p.print();
                 now.insert(at, more);
             }
@@ -655,11 +655,13 @@ impl<'a> Run<'a> {
         result
     }
 
-    /// The rows a refresh by key of `name` computed, kept for the tables `refresh_by` it (see
-    /// [`Refreshed::rows`]); None when no table is, or the memory limit leaves no room.
-    fn refreshed_rows(&mut self, set: &TransformSet, name: &str, schema: SchemaRef, rows: Vec<RecordBatch>) -> Option<(SchemaRef, Vec<RecordBatch>)> {
+    /// Records tonight's refresh of `name` by `key` (the `keys` recomputed, as `rows`) for the
+    /// tables `refresh_by` it. The rows are kept only when some table is, and the memory limit
+    /// leaves room (see [`Refreshed::rows`]).
+    fn remember_refresh(&mut self, set: &TransformSet, name: &str, key: &str, keys: datafusion::prelude::DataFrame, schema: SchemaRef, rows: Vec<RecordBatch>) {
         let driving = set.transforms.iter().any(|t| matches!(&t.body, TransformBody::Derived { refresh_by: Some(by), .. } if by.table == name));
-        (driving && self.try_keep(crate::warehouse::memory_size(&rows))).then_some((schema, rows))
+        let rows = (driving && self.try_keep(crate::warehouse::memory_size(&rows))).then_some((schema, rows));
+        self.refreshed.insert(name.to_string(), Refreshed { key: key.to_string(), keys, rows });
     }
 
     /// Whether `bytes` more of tables may stay in memory for the tables read after them
@@ -1216,8 +1218,7 @@ impl<'a> Run<'a> {
             tracing::info!(table = %name, version, rows, "written");
             self.entries.insert(name.to_string(), TableEntry { version, rows, spec: Some(fingerprint.to_string()), watermark: None, partitions: prints });
             self.read_from_files(name, version).await?;
-            let rows = self.refreshed_rows(set, name, schema, fresh);
-            self.refreshed.insert(name.to_string(), Refreshed { key: key.to_string(), keys: touched, rows });
+            self.remember_refresh(set, name, key, touched, schema, fresh);
             return Ok(true);
         }
 
@@ -1231,8 +1232,7 @@ impl<'a> Run<'a> {
         self.ctx.deregister_table(previous.as_str())?;
         let rows = in_schema(&schema, rows.map_err(|e| derived_error(set, name, e))?)?;
         tracing::info!(table = name, keys, rows = count_rows(&rows), "refreshed by key");
-        let kept = self.refreshed_rows(set, name, schema.clone(), fresh);
-        self.refreshed.insert(name.to_string(), Refreshed { key: key.to_string(), keys: touched, rows: kept });
+        self.remember_refresh(set, name, key, touched, schema.clone(), fresh);
         self.made(t, "incremental", recomputed, started, fingerprint, schema, rows).await?;
         Ok(true)
     }
@@ -1561,6 +1561,11 @@ fn in_schema(schema: &SchemaRef, rows: Vec<RecordBatch>) -> Result<Vec<RecordBat
 
 /// A NULL partition's name among a partitioned table's prints (a date or integer never reads so).
 const NULL_PARTITION: &str = "NULL";
+
+/// The name among the prints of the partition `p` prints.
+fn partition_of(p: &crate::rollup::partitions::KeyPrint) -> String {
+    p.text().unwrap_or(NULL_PARTITION).to_string()
+}
 /// The columns' names and types, among a partitioned table's prints: rows print by their values
 /// alone, so a renamed column or a changed type would otherwise pass for unchanged rows.
 const COLUMNS_PRINT: &str = "#columns";
