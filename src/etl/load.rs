@@ -572,8 +572,9 @@ impl<'a> Run<'a> {
     /// in); only the partitions whose print moved are read — their kept rows, from those
     /// partitions' files — and replaced. Returns the version, the rows and the prints; None when
     /// the previous version's prints cannot serve (another transform, other columns, a newer
-    /// version that changed rows, a NULL or unreadable partition value, prints that do not add
-    /// up), and the caller reads every row as for any refresh.
+    /// version that changed rows, a partition value whose text does not read back, prints that
+    /// do not add up, a failed replace), and the caller reads every row as for any refresh. The
+    /// NULL partition is replaced like any other (`partitions_filter` names it).
     #[allow(clippy::too_many_arguments)]
     async fn refresh_partitions(
         &self,
@@ -632,9 +633,6 @@ impl<'a> Run<'a> {
             if changed.is_empty() {
                 tracing::debug!(table = name, partitions = now.len(), ms, "partitions printed by the keys' rows: none changed, nothing written");
                 return Ok(Some((entry.version, rows, texts)));
-            }
-            if changed.iter().any(|k| k.as_str() == NULL_PARTITION) {
-                return Ok(None);
             }
             let Some(which) = partitions_filter(schema, column, &changed)? else { return Ok(None) };
             let kept = before.filter(which.clone())?.join(touched.clone(), JoinType::LeftAnti, &[key], &[TOUCHED], None)?;

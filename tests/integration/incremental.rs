@@ -616,9 +616,9 @@ fn a_select_not_keyed_by_its_refresh_by_column_is_recomputed_in_full() {
 
 /// A table partitioned by a value tonight's rows move: each customer's last month bought, NULL
 /// until their second order. Refreshed by key, a customer who orders again leaves the partition
-/// they were in for November's — from a month, and from the NULL partition (a change the
-/// by-partition path leaves to the whole-table path; the commit does not tell the two apart) —
-/// and the table equals its SELECT.
+/// they were in for November's — from a month, and from the NULL partition — and the table
+/// equals its SELECT. (The commit does not tell the by-partition path from its whole-table
+/// fallback: the test checks the rows, not the path.)
 #[test]
 fn a_key_whose_partition_moves_leaves_its_old_partition() {
     let dir = tempfile::Builder::new().prefix("crmcube-nightly").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
