@@ -17,10 +17,15 @@ use crate::common::{block_on, copy_dir, repo};
 const FAULT_POINTS: u32 = 8 + 8 + 13 + 2 + 7 + 31 + 2;
 
 fn crmcube(project: &Path, args: &[&str], fault: Option<u32>) -> std::process::Output {
+    crmcube_faulting(project, args, fault.map(|n| n.to_string()).as_deref())
+}
+
+/// `crmcube` with `CRMCUBE_FAULT_POINT` set to `fault`: a point's number, or `list`.
+fn crmcube_faulting(project: &Path, args: &[&str], fault: Option<&str>) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_crmcube"));
     cmd.arg("--project").arg(project).args(args);
-    if let Some(n) = fault {
-        cmd.env("CRMCUBE_FAULT_POINT", n.to_string());
+    if let Some(fault) = fault {
+        cmd.env("CRMCUBE_FAULT_POINT", fault);
     }
     cmd.output().unwrap()
 }
@@ -74,8 +79,7 @@ fn two_nights(tmp: &Path, night1: &Path, night2: &Path) -> (Snapshot, Snapshot, 
     let before = state(&night1.join("warehouse"));
     let reference = tmp.join("reference");
     copy_dir(&night1.join("warehouse"), &reference.join("warehouse"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crmcube"));
-    let out = cmd.arg("--project").arg(night2).args(["--warehouse", reference.join("warehouse").to_str().unwrap(), "load", "--json"]).env("CRMCUBE_FAULT_POINT", "list").output().unwrap();
+    let out = crmcube_faulting(night2, &["--warehouse", reference.join("warehouse").to_str().unwrap(), "load", "--json"], Some("list"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let points: Vec<String> = String::from_utf8_lossy(&out.stderr).lines().filter_map(|l| l.split_once("fault point ")?.1.split_once(": ").map(|(_, what)| what.to_string())).collect();
     let after = state(&reference.join("warehouse"));
